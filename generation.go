@@ -1,0 +1,140 @@
+package hsm
+
+import (
+	"context"
+	"fmt"
+	"sync/atomic"
+)
+
+// State is the provider's state as far as admitting operations goes.
+type State uint32
+
+const (
+	// StateHealthy: operations of the current generation are admitted.
+	StateHealthy State = iota
+	// StateUnavailable: operations fail fast with ErrUnavailable; a
+	// re-initialization is needed (or failed and must be retried).
+	StateUnavailable
+	// StateReinitializing: a re-initialization is draining calls in flight
+	// or re-opening the library; operations fail fast with ErrUnavailable.
+	StateReinitializing
+	// StateClosed: Close was called; everything fails with ErrClosed.
+	StateClosed
+)
+
+func (s State) String() string {
+	switch s {
+	case StateHealthy:
+		return "healthy"
+	case StateUnavailable:
+		return "unavailable"
+	case StateReinitializing:
+		return "reinitializing"
+	case StateClosed:
+		return "closed"
+	}
+	return fmt.Sprintf("State(%d)", uint32(s))
+}
+
+const stateBits = 8
+
+// gate admits operations of one generation and counts them while they are
+// inside the PKCS#11 library, so that a re-initialization can wait until
+// none is before it calls C_Finalize.
+//
+// The generation and the state live in one atomic word, so that the hot path
+// is one load and a compare: an operation of generation g is admitted only
+// when the word equals g<<stateBits|StateHealthy.
+type gate struct {
+	word     atomic.Uint64
+	inflight atomic.Int64
+	// wake gets a token when the last operation leaves while the gate is
+	// not healthy (someone may be draining).
+	wake chan struct{}
+}
+
+func newGate() *gate { return &gate{wake: make(chan struct{}, 1)} }
+
+func pack(gen uint64, s State) uint64 { return gen<<stateBits | uint64(s) }
+
+func unpack(w uint64) (uint64, State) { return w >> stateBits, State(w & (1<<stateBits - 1)) }
+
+// load returns the current generation and state.
+func (g *gate) load() (uint64, State) { return unpack(g.word.Load()) }
+
+// set publishes a new generation and state. Callers hold the provider's
+// life mutex: set is the only writer.
+func (g *gate) set(gen uint64, s State) { g.word.Store(pack(gen, s)) }
+
+// enter admits an operation of generation gen. On success the operation is
+// counted in flight and must call exit exactly once. On failure it returns
+// the word that refused it, for the caller to turn into the right error.
+func (g *gate) enter(gen uint64) (ok bool, refused uint64) {
+	want := pack(gen, StateHealthy)
+	if w := g.word.Load(); w != want { // fast refusal: no write at all
+		return false, w
+	}
+	g.inflight.Add(1)
+	// Re-check after counting ourselves: a drainer that closed the gate
+	// before our increment will see it, one that closes it after will see
+	// our count and wait for us.
+	if w := g.word.Load(); w != want {
+		g.exit()
+		return false, w
+	}
+	return true, 0
+}
+
+// exit ends an operation admitted by enter.
+func (g *gate) exit() {
+	if g.inflight.Add(-1) == 0 {
+		if _, s := g.load(); s != StateHealthy {
+			select {
+			case g.wake <- struct{}{}:
+			default:
+			}
+		}
+	}
+}
+
+// drain waits until no operation is in flight. The gate must already refuse
+// new ones (state not healthy). It returns ctx's error if ctx ends first.
+func (g *gate) drain(ctx context.Context) error {
+	for g.inflight.Load() != 0 {
+		select {
+		case <-g.wake:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+// inFlight returns the number of operations currently admitted.
+func (g *gate) inFlight() int64 { return g.inflight.Load() }
+
+// keyErrors are the refusals of one operation of one key, built when the key
+// is looked up, so that a refusal allocates nothing.
+type keyErrors struct {
+	closed, stale, unavailable error
+}
+
+func newKeyErrors(op string, gen uint64) keyErrors {
+	return keyErrors{
+		closed:      &Error{Op: op, Generation: gen, Err: ErrClosed},
+		stale:       &Error{Op: op, Generation: gen, Err: ErrStaleKey},
+		unavailable: &Error{Op: op, Generation: gen, Err: ErrUnavailable},
+	}
+}
+
+func (e *keyErrors) pick(gen uint64, refused uint64) error {
+	g, s := unpack(refused)
+	switch {
+	case s == StateClosed:
+		return e.closed
+	case g != gen:
+		return e.stale
+	default:
+		return e.unavailable
+	}
+}

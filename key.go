@@ -1,0 +1,428 @@
+package hsm
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/asn1"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"math/big"
+
+	"github.com/miekg/pkcs11"
+)
+
+// PKCS#11 3.0 constants that miekg/pkcs11 v1.1.2 does not define.
+const (
+	ckkECEdwards = 0x40   // CKK_EC_EDWARDS
+	ckmEdDSA     = 0x1057 // CKM_EDDSA
+)
+
+// KeyRef selects a private key on the token by CKA_ID, CKA_LABEL or both.
+// Exactly one private key must match.
+type KeyRef struct {
+	ID    []byte
+	Label string
+}
+
+// String describes the reference, e.g. `label "tls" id 0102`.
+func (r KeyRef) String() string {
+	switch {
+	case len(r.ID) > 0 && r.Label != "":
+		return fmt.Sprintf("label %q id %s", r.Label, hex.EncodeToString(r.ID))
+	case len(r.ID) > 0:
+		return "id " + hex.EncodeToString(r.ID)
+	case r.Label != "":
+		return fmt.Sprintf("label %q", r.Label)
+	}
+	return "empty key reference"
+}
+
+type keyKind int
+
+const (
+	kindRSA keyKind = iota + 1
+	kindECDSA
+	kindEd25519
+)
+
+func (k keyKind) String() string {
+	switch k {
+	case kindRSA:
+		return "RSA"
+	case kindECDSA:
+		return "ECDSA"
+	case kindEd25519:
+		return "Ed25519"
+	}
+	return "unknown"
+}
+
+// key is a private key found in one generation. Its handle is used only
+// after the gate admitted an operation of gen, which guarantees that the
+// library is still the instance the handle came from.
+type key struct {
+	p      *Provider
+	in     *instance
+	gen    uint64
+	handle pkcs11.ObjectHandle
+	ref    KeyRef // the key's own CKA_ID and CKA_LABEL
+	kind   keyKind
+	pub    crypto.PublicKey
+	// size is the signature size for ECDSA (2 × the order's byte length)
+	// and Ed25519, the modulus length in bytes for RSA.
+	size       int
+	canSign    bool
+	canDecrypt bool
+
+	signErrs    keyErrors
+	decryptErrs keyErrors
+}
+
+// lookup finds the private key ref in the current generation.
+func (p *Provider) lookup(ref KeyRef) (*key, error) {
+	const op = "find key"
+	if len(ref.ID) == 0 && ref.Label == "" {
+		return nil, opErr(op, p.Generation(), ErrKeyNotFound, "empty KeyRef: set ID, Label or both")
+	}
+	gen, _ := p.gate.load()
+	if ok, w := p.gate.enter(gen); !ok {
+		errs := newKeyErrors(op, gen)
+		return nil, errs.pick(gen, w)
+	}
+	defer p.gate.exit()
+	in := p.inst.Load()
+	s, err := in.borrow()
+	if err != nil {
+		return nil, borrowErr(op, gen, err)
+	}
+	k, err := in.find(s, ref)
+	in.giveBack(s, err)
+	if err != nil {
+		if _, isErr := err.(*Error); !isErr {
+			err = p11err(op, gen, err)
+		}
+		return nil, err
+	}
+	k.p = p
+	k.signErrs = newKeyErrors("sign", gen)
+	k.decryptErrs = newKeyErrors("decrypt", gen)
+	return k, nil
+}
+
+func borrowErr(op string, gen uint64, err error) error {
+	switch err {
+	case errClosing:
+		return &Error{Op: op, Generation: gen, Err: ErrUnavailable}
+	case ErrBusy:
+		return &Error{Op: op, Generation: gen, Err: ErrBusy}
+	}
+	return p11err(op+": open session", gen, err)
+}
+
+// findObjects returns up to max+1 handles matching tmpl, so that callers can
+// tell "exactly max" from "more".
+func (in *instance) findObjects(s pkcs11.SessionHandle, tmpl []*pkcs11.Attribute, max int) ([]pkcs11.ObjectHandle, error) {
+	if err := in.ctx.FindObjectsInit(s, tmpl); err != nil {
+		return nil, err
+	}
+	objs, _, err := in.ctx.FindObjects(s, max+1)
+	if ferr := in.ctx.FindObjectsFinal(s); err == nil {
+		err = ferr
+	}
+	return objs, err
+}
+
+func refTemplate(class uint, id []byte, label string) []*pkcs11.Attribute {
+	t := []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, class)}
+	if len(id) > 0 {
+		t = append(t, pkcs11.NewAttribute(pkcs11.CKA_ID, id))
+	}
+	if label != "" {
+		t = append(t, pkcs11.NewAttribute(pkcs11.CKA_LABEL, label))
+	}
+	return t
+}
+
+func (in *instance) find(s pkcs11.SessionHandle, ref KeyRef) (*key, error) {
+	const op = "find key"
+	objs, err := in.findObjects(s, refTemplate(pkcs11.CKO_PRIVATE_KEY, ref.ID, ref.Label), 1)
+	if err != nil {
+		return nil, err
+	}
+	switch len(objs) {
+	case 0:
+		return nil, opErr(op, in.gen, ErrKeyNotFound, "no private key with %s", ref)
+	case 1:
+	default:
+		return nil, opErr(op, in.gen, ErrAmbiguousKey, "several private keys with %s", ref)
+	}
+	h := objs[0]
+	attrs, err := in.ctx.GetAttributeValue(s, h, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_SIGN, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, nil),
+	})
+	if err != nil {
+		return nil, err
+	}
+	k := &key{in: in, gen: in.gen, handle: h}
+	var keyType uint
+	for _, a := range attrs {
+		switch a.Type {
+		case pkcs11.CKA_KEY_TYPE:
+			keyType = ulong(a.Value)
+		case pkcs11.CKA_ID:
+			k.ref.ID = bytes.Clone(a.Value)
+		case pkcs11.CKA_LABEL:
+			k.ref.Label = string(a.Value)
+		case pkcs11.CKA_SIGN:
+			k.canSign = len(a.Value) == 1 && a.Value[0] != 0
+		case pkcs11.CKA_DECRYPT:
+			k.canDecrypt = len(a.Value) == 1 && a.Value[0] != 0
+		}
+	}
+	switch keyType {
+	case pkcs11.CKK_RSA:
+		k.kind = kindRSA
+		err = in.rsaPublic(s, k)
+	case pkcs11.CKK_EC:
+		k.kind = kindECDSA
+		err = in.ecPublic(s, k)
+	case ckkECEdwards:
+		k.kind = kindEd25519
+		err = in.ecPublic(s, k)
+	default:
+		return nil, opErr(op, in.gen, ErrUnsupportedKey, "%s has key type 0x%x; only RSA, EC and Ed25519 keys are supported", ref, keyType)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return k, nil
+}
+
+// ulong decodes a CK_ULONG attribute value (native byte order and size).
+func ulong(b []byte) uint {
+	var v uint
+	switch len(b) {
+	case 8:
+		for i := 7; i >= 0; i-- {
+			v = v<<8 | uint(b[i])
+		}
+	case 4:
+		for i := 3; i >= 0; i-- {
+			v = v<<8 | uint(b[i])
+		}
+	}
+	return v
+}
+
+func (in *instance) rsaPublic(s pkcs11.SessionHandle, k *key) error {
+	get := func(h pkcs11.ObjectHandle) (*rsa.PublicKey, error) {
+		attrs, err := in.ctx.GetAttributeValue(s, h, []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_MODULUS, nil),
+			pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, nil),
+		})
+		if err != nil {
+			return nil, err
+		}
+		n := new(big.Int).SetBytes(attrs[0].Value)
+		e := new(big.Int).SetBytes(attrs[1].Value)
+		if n.Sign() == 0 || !e.IsInt64() || e.Int64() < 3 || e.Int64() > 1<<31-1 {
+			return nil, fmt.Errorf("RSA key %s has an unusable modulus or exponent", k.ref)
+		}
+		return &rsa.PublicKey{N: n, E: int(e.Int64())}, nil
+	}
+	// Most tokens expose the modulus and exponent on the private key.
+	pub, err := get(k.handle)
+	if err != nil {
+		h, perr := in.publicHandle(s, k, pkcs11.CKK_RSA)
+		if perr != nil {
+			return perr
+		}
+		if pub, err = get(h); err != nil {
+			return err
+		}
+	}
+	if pub.N.BitLen() < 1024 {
+		return opErr("find key", in.gen, ErrUnsupportedKey, "RSA key %s has %d bits; at least 1024 are required", k.ref, pub.N.BitLen())
+	}
+	k.pub = pub
+	k.size = (pub.N.BitLen() + 7) / 8
+	return nil
+}
+
+// publicHandle finds the public key object of k: same CKA_ID (or, for a key
+// without one, same CKA_LABEL) and key type.
+func (in *instance) publicHandle(s pkcs11.SessionHandle, k *key, keyType uint) (pkcs11.ObjectHandle, error) {
+	label := ""
+	if len(k.ref.ID) == 0 {
+		label = k.ref.Label
+	}
+	tmpl := append(refTemplate(pkcs11.CKO_PUBLIC_KEY, k.ref.ID, label), pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, keyType))
+	objs, err := in.findObjects(s, tmpl, 1)
+	if err != nil {
+		return 0, err
+	}
+	switch len(objs) {
+	case 0:
+		return 0, opErr("find key", in.gen, ErrKeyNotFound, "no public key object with %s for the private key", KeyRef{ID: k.ref.ID, Label: label})
+	case 1:
+		return objs[0], nil
+	}
+	return 0, opErr("find key", in.gen, ErrAmbiguousKey, "several public key objects with %s", KeyRef{ID: k.ref.ID, Label: label})
+}
+
+var (
+	oidP256    = asn1.ObjectIdentifier{1, 2, 840, 10045, 3, 1, 7}
+	oidP384    = asn1.ObjectIdentifier{1, 3, 132, 0, 34}
+	oidP521    = asn1.ObjectIdentifier{1, 3, 132, 0, 35}
+	oidEd25519 = asn1.ObjectIdentifier{1, 3, 101, 112}
+)
+
+// ecPublic reads the curve from the private key and the point from the
+// public key object (or a certificate with the same CKA_ID).
+func (in *instance) ecPublic(s pkcs11.SessionHandle, k *key) error {
+	attrs, err := in.ctx.GetAttributeValue(s, k.handle, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, nil)})
+	if err != nil {
+		return err
+	}
+	params := attrs[0].Value
+	var curve elliptic.Curve
+	if k.kind == kindECDSA {
+		if curve, err = curveOf(params); err != nil {
+			return opErr("find key", in.gen, ErrUnsupportedKey, "%s: %v", k.ref, err)
+		}
+	} else if !isEd25519Params(params) {
+		return opErr("find key", in.gen, ErrUnsupportedKey, "%s: Edwards curve parameters %x are not Ed25519 (Ed448 is not supported)", k.ref, params)
+	}
+
+	keyType := uint(pkcs11.CKK_EC)
+	if k.kind == kindEd25519 {
+		keyType = ckkECEdwards
+	}
+	h, herr := in.publicHandle(s, k, keyType)
+	if herr != nil {
+		pub, cerr := in.certPublic(s, k)
+		if cerr != nil {
+			return herr
+		}
+		return k.setECPublic(pub)
+	}
+	attrs, err = in.ctx.GetAttributeValue(s, h, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_EC_POINT, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, nil),
+	})
+	if err != nil {
+		return err
+	}
+	if !bytes.Equal(attrs[1].Value, params) {
+		return opErr("find key", in.gen, ErrUnsupportedKey, "%s: public key object has other curve parameters than the private key", k.ref)
+	}
+	rawLen := ed25519.PublicKeySize
+	if curve != nil {
+		rawLen = 1 + 2*((curve.Params().BitSize+7)/8)
+	}
+	point := ecPoint(attrs[0].Value, rawLen)
+	if k.kind == kindEd25519 {
+		if len(point) != ed25519.PublicKeySize {
+			return opErr("find key", in.gen, ErrUnsupportedKey, "%s: Ed25519 public key is %d bytes, want 32", k.ref, len(point))
+		}
+		return k.setECPublic(ed25519.PublicKey(bytes.Clone(point)))
+	}
+	pub, err := ecdsa.ParseUncompressedPublicKey(curve, point)
+	if err != nil {
+		return opErr("find key", in.gen, ErrUnsupportedKey, "%s: public point: %v", k.ref, err)
+	}
+	return k.setECPublic(pub)
+}
+
+func (k *key) setECPublic(pub crypto.PublicKey) error {
+	switch pub := pub.(type) {
+	case *ecdsa.PublicKey:
+		if k.kind != kindECDSA {
+			break
+		}
+		k.pub = pub
+		k.size = 2 * ((pub.Curve.Params().N.BitLen() + 7) / 8)
+		return nil
+	case ed25519.PublicKey:
+		if k.kind != kindEd25519 {
+			break
+		}
+		k.pub = pub
+		k.size = ed25519.SignatureSize
+		return nil
+	}
+	return opErr("find key", k.gen, ErrUnsupportedKey, "%s: public key of type %T does not fit a %v private key", k.ref, pub, k.kind)
+}
+
+// certPublic returns the public key of the certificate with k's CKA_ID.
+func (in *instance) certPublic(s pkcs11.SessionHandle, k *key) (crypto.PublicKey, error) {
+	if len(k.ref.ID) == 0 {
+		return nil, errors.New("no CKA_ID")
+	}
+	objs, err := in.findObjects(s, refTemplate(pkcs11.CKO_CERTIFICATE, k.ref.ID, ""), 1)
+	if err != nil || len(objs) != 1 {
+		return nil, errors.New("no unique certificate")
+	}
+	attrs, err := in.ctx.GetAttributeValue(s, objs[0], []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)})
+	if err != nil {
+		return nil, err
+	}
+	cert, err := x509.ParseCertificate(attrs[0].Value)
+	if err != nil {
+		return nil, err
+	}
+	return cert.PublicKey, nil
+}
+
+func curveOf(params []byte) (elliptic.Curve, error) {
+	var oid asn1.ObjectIdentifier
+	if rest, err := asn1.Unmarshal(params, &oid); err != nil || len(rest) != 0 {
+		return nil, fmt.Errorf("EC parameters %x are not a named curve", params)
+	}
+	switch {
+	case oid.Equal(oidP256):
+		return elliptic.P256(), nil
+	case oid.Equal(oidP384):
+		return elliptic.P384(), nil
+	case oid.Equal(oidP521):
+		return elliptic.P521(), nil
+	}
+	return nil, fmt.Errorf("curve %v is not supported (P-256, P-384, P-521 are)", oid)
+}
+
+// isEd25519Params accepts the two encodings of PKCS#11 3.0: the RFC 8410
+// OID and the PrintableString "edwards25519" (what SoftHSM writes).
+func isEd25519Params(params []byte) bool {
+	var oid asn1.ObjectIdentifier
+	if rest, err := asn1.Unmarshal(params, &oid); err == nil && len(rest) == 0 {
+		return oid.Equal(oidEd25519)
+	}
+	var name string
+	if rest, err := asn1.Unmarshal(params, &name); err == nil && len(rest) == 0 {
+		return name == "edwards25519"
+	}
+	return false
+}
+
+// ecPoint unwraps CKA_EC_POINT, which the standard says is a DER OCTET
+// STRING but some tokens return raw. A value of the raw length is raw.
+func ecPoint(v []byte, rawLen int) []byte {
+	if len(v) == rawLen {
+		return v
+	}
+	var inner []byte
+	if rest, err := asn1.Unmarshal(v, &inner); err == nil && len(rest) == 0 {
+		return inner
+	}
+	return v
+}

@@ -1,0 +1,109 @@
+package hsm
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// Reinitialize re-initializes the PKCS#11 library: it stops admitting
+// operations (they fail fast with ErrUnavailable), waits up to
+// Config.DrainTimeout for calls in flight, calls C_Finalize and
+// C_Initialize, finds the token again by its selector (it must have the same
+// serial number as at Open), logs in and moves to the next generation. Keys
+// of earlier generations then fail with ErrStaleKey; look them up again.
+//
+// Concurrent calls share one re-initialization. A call made while the
+// provider is already past the generation it was in when the call began
+// returns nil at once, so a stampede of callers that all saw the same outage
+// causes one re-initialization. Callers that know which generation failed
+// should use ReinitializeFrom.
+//
+// If calls are still in flight after DrainTimeout, it returns an error
+// wrapping ErrDrainTimeout and does not finalize. If the HSM is still down,
+// it returns the error; in both cases the provider stays unavailable and a
+// later call may succeed.
+//
+// ctx bounds how long this caller waits; it does not cancel the shared
+// re-initialization, which other callers may be waiting for.
+func (p *Provider) Reinitialize(ctx context.Context) error {
+	return p.ReinitializeFrom(ctx, p.Generation())
+}
+
+// ReinitializeFrom re-initializes the library if it is still in generation
+// failed, the generation in which the caller saw an operation fail (see
+// Error.Generation). If the provider has already moved past failed, it
+// returns nil without doing anything. Otherwise it behaves as Reinitialize.
+func (p *Provider) ReinitializeFrom(ctx context.Context, failed uint64) error {
+	if gen, s := p.gate.load(); s == StateClosed {
+		return &Error{Op: "reinitialize", Generation: gen, Err: ErrClosed}
+	} else if gen > failed {
+		return nil
+	}
+	ch := p.flights.DoChan("reinit", func() (any, error) {
+		return nil, p.reinitialize(failed)
+	})
+	select {
+	case r := <-ch:
+		return r.Err
+	case <-ctx.Done():
+		return &Error{Op: "reinitialize", Generation: p.Generation(), Err: ctx.Err()}
+	}
+}
+
+// Reinitializations returns how many re-initializations have succeeded
+// since Open.
+func (p *Provider) Reinitializations() uint64 { return p.reinits.Load() }
+
+// reinitialize does the work of one re-initialization, unless the provider
+// has already moved past generation failed.
+func (p *Provider) reinitialize(failed uint64) error {
+	const op = "reinitialize"
+	p.life.Lock()
+	defer p.life.Unlock()
+	gen, state := p.gate.load()
+	switch {
+	case state == StateClosed:
+		return &Error{Op: op, Generation: gen, Err: ErrClosed}
+	case gen > failed:
+		return nil
+	}
+	start := time.Now()
+	p.log.Warn("hsm: re-initializing the PKCS#11 library", "module", p.modPath, "generation", gen)
+
+	// Stop admitting operations of this generation and wake those waiting
+	// for a session, then wait for the calls inside the library.
+	p.gate.set(gen, StateReinitializing)
+	if in := p.inst.Load(); in != nil {
+		in.stop()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.DrainTimeout)
+	err := p.gate.drain(ctx)
+	cancel()
+	if err != nil {
+		p.gate.set(gen, StateUnavailable)
+		err = &Error{Op: op, Generation: gen,
+			Err: fmt.Errorf("%w: %d calls in flight after %v; not finalizing", ErrDrainTimeout, p.gate.inFlight(), p.cfg.DrainTimeout)}
+		p.log.Error("hsm: re-initialization gave up", "generation", gen, "err", err)
+		return err
+	}
+
+	// Nothing is inside the library: every handle of this generation dies
+	// here, and no code path can reach one again (the gate refuses gen).
+	p.inst.Store(nil)
+	p.finalize()
+	if p.testHookFinalized != nil {
+		p.testHookFinalized()
+	}
+	in, err := p.start(gen + 1)
+	if err != nil {
+		p.gate.set(gen, StateUnavailable)
+		p.log.Error("hsm: re-initialization failed; provider unavailable", "generation", gen, "err", err)
+		return err
+	}
+	p.inst.Store(in)
+	p.gate.set(gen+1, StateHealthy)
+	p.reinits.Add(1)
+	p.log.Info("hsm: re-initialized", "generation", gen+1, "took", time.Since(start))
+	return nil
+}

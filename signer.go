@@ -1,0 +1,290 @@
+package hsm
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/rsa"
+	"encoding/asn1"
+	"fmt"
+	"io"
+	"math/big"
+
+	"github.com/miekg/pkcs11"
+)
+
+// Signer is a private key on the token, found in one generation of the
+// PKCS#11 library. It implements crypto.Signer with the semantics of
+// crypto/rsa, crypto/ecdsa and crypto/ed25519. Once the provider has moved to
+// a later generation, Sign fails with ErrStaleKey and makes no PKCS#11 call.
+// Safe for concurrent use.
+type Signer struct{ k *key }
+
+// Signer looks up the private key ref in the current generation. Exactly one
+// private key must match (ErrKeyNotFound, ErrAmbiguousKey), it must allow
+// signing, and its public key must be readable from the private key object,
+// its public key object (same CKA_ID) or a certificate with the same CKA_ID.
+// It makes a few PKCS#11 calls and may block as long as they do.
+func (p *Provider) Signer(ref KeyRef) (*Signer, error) {
+	k, err := p.lookup(ref)
+	if err != nil {
+		return nil, err
+	}
+	if !k.canSign {
+		return nil, opErr("find key", k.gen, ErrUnsupportedKey, "%s does not allow signing (CKA_SIGN is false)", k.ref)
+	}
+	return &Signer{k}, nil
+}
+
+// Public returns the public key: *rsa.PublicKey, *ecdsa.PublicKey or
+// ed25519.PublicKey. It makes no PKCS#11 call.
+func (s *Signer) Public() crypto.PublicKey { return s.k.pub }
+
+// Generation returns the generation of the PKCS#11 library the key was found
+// in.
+func (s *Signer) Generation() uint64 { return s.k.gen }
+
+// KeyRef returns the key's own CKA_ID and CKA_LABEL as read from the token.
+func (s *Signer) KeyRef() KeyRef { return s.k.ref }
+
+// String describes the key without secrets, e.g.
+// `hsm.Signer{ECDSA P-256, label "tls" id 01, generation 2}`.
+func (s *Signer) String() string {
+	return fmt.Sprintf("hsm.Signer{%s, %s, generation %d}", s.k.describe(), s.k.ref, s.k.gen)
+}
+
+func (k *key) describe() string {
+	switch pub := k.pub.(type) {
+	case *rsa.PublicKey:
+		return fmt.Sprintf("RSA-%d", pub.N.BitLen())
+	case *ecdsa.PublicKey:
+		return "ECDSA " + pub.Curve.Params().Name
+	}
+	return k.kind.String()
+}
+
+// pubOrderBits returns the bit length of an ECDSA key's group order.
+func (k *key) pubOrderBits() int { return k.pub.(*ecdsa.PublicKey).Curve.Params().N.BitLen() }
+
+// Sign signs digest with the key, exactly as crypto.Signer defines:
+//   - RSA: PKCS #1 v1.5 over the digest of opts.HashFunc() (crypto.Hash(0)
+//     signs the input as given, as rsa.SignPKCS1v15 does), or RSASSA-PSS when
+//     opts is *rsa.PSSOptions (rsa.PSSSaltLengthAuto, PSSSaltLengthEqualsHash
+//     or an explicit salt length).
+//   - ECDSA: the signature in ASN.1 DER, as ecdsa.SignASN1 produces. When
+//     opts.HashFunc() is not zero the digest must have its length.
+//   - Ed25519: digest is the whole message and opts.HashFunc() must be 0;
+//     Ed25519ph and Ed25519ctx are not supported.
+//
+// rand is ignored: the token uses its own generator. Sign fails without any
+// PKCS#11 call when opts is nil or does not fit the key or digest
+// (ErrInvalidOptions), when the key is stale (ErrStaleKey), the provider
+// unavailable (ErrUnavailable) or closed (ErrClosed). It blocks for the
+// duration of the PKCS#11 calls, and up to Config.SessionWaitTimeout for a
+// free session. Safe for concurrent use.
+func (s *Signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return s.k.sign(digest, opts)
+}
+
+func (k *key) sign(digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	const op = "sign"
+	if ok, w := k.p.gate.enter(k.gen); !ok {
+		return nil, k.signErrs.pick(k.gen, w)
+	}
+	defer k.p.gate.exit()
+	if !k.canSign {
+		return nil, opErr(op, k.gen, ErrUnsupportedKey, "%s does not allow signing (CKA_SIGN is false)", k.ref)
+	}
+	mech, input, err := k.signMechanism(digest, opts)
+	if err != nil {
+		return nil, &Error{Op: op, Generation: k.gen, Err: err}
+	}
+	sig, err := k.call(op, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle) ([]byte, error) {
+		if err := ctx.SignInit(s, mech, k.handle); err != nil {
+			return nil, err
+		}
+		return ctx.Sign(s, input)
+	})
+	if err != nil {
+		return nil, err
+	}
+	if k.kind == kindECDSA {
+		return k.ecdsaDER(sig)
+	}
+	if len(sig) != k.size {
+		return nil, opErr(op, k.gen, fmt.Errorf("token returned a %d-byte signature, want %d", len(sig), k.size), "")
+	}
+	return sig, nil
+}
+
+// call runs f on a session of the key's generation. The caller must have
+// been admitted by the gate for k.gen.
+func (k *key) call(op string, f func(*pkcs11.Ctx, pkcs11.SessionHandle) ([]byte, error)) ([]byte, error) {
+	s, err := k.in.borrow()
+	if err != nil {
+		return nil, borrowErr(op, k.gen, err)
+	}
+	out, err := f(k.in.ctx, s)
+	k.in.giveBack(s, err)
+	if err != nil {
+		return nil, p11err(op, k.gen, err)
+	}
+	return out, nil
+}
+
+func errOpts(format string, args ...any) error {
+	return fmt.Errorf("%w: "+format, append([]any{ErrInvalidOptions}, args...)...)
+}
+
+// signMechanism validates opts and digest for the key and returns the
+// mechanism and the data to pass to C_Sign.
+func (k *key) signMechanism(digest []byte, opts crypto.SignerOpts) ([]*pkcs11.Mechanism, []byte, error) {
+	if opts == nil {
+		return nil, nil, errOpts("opts is nil: pass the hash the digest was made with (e.g. crypto.SHA256), *rsa.PSSOptions, or crypto.Hash(0) for Ed25519")
+	}
+	switch k.kind {
+	case kindRSA:
+		if pss, ok := opts.(*rsa.PSSOptions); ok {
+			return k.pssMechanism(digest, pss)
+		}
+		return k.pkcs1Mechanism(digest, opts.HashFunc())
+	case kindECDSA:
+		return k.ecdsaMechanism(digest, opts.HashFunc())
+	case kindEd25519:
+		if eo, ok := opts.(*ed25519.Options); ok && (eo.Hash != 0 || eo.Context != "") {
+			return nil, nil, errOpts("Ed25519ph and Ed25519ctx are not supported, only pure Ed25519 (ed25519.Options with Hash 0 and no Context)")
+		}
+		if h := opts.HashFunc(); h != 0 {
+			return nil, nil, errOpts("Ed25519 signs the whole message: opts.HashFunc() must be crypto.Hash(0), not %v", h)
+		}
+		return []*pkcs11.Mechanism{pkcs11.NewMechanism(ckmEdDSA, nil)}, digest, nil
+	}
+	return nil, nil, fmt.Errorf("%w: %v", ErrUnsupportedKey, k.kind)
+}
+
+// DigestInfo prefixes of PKCS #1 v1.5, as in crypto/rsa.
+var pkcs1Prefix = map[crypto.Hash][]byte{
+	crypto.MD5:        {0x30, 0x20, 0x30, 0x0c, 0x06, 0x08, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x02, 0x05, 0x05, 0x00, 0x04, 0x10},
+	crypto.SHA1:       {0x30, 0x21, 0x30, 0x09, 0x06, 0x05, 0x2b, 0x0e, 0x03, 0x02, 0x1a, 0x05, 0x00, 0x04, 0x14},
+	crypto.SHA224:     {0x30, 0x2d, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x04, 0x05, 0x00, 0x04, 0x1c},
+	crypto.SHA256:     {0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05, 0x00, 0x04, 0x20},
+	crypto.SHA384:     {0x30, 0x41, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x02, 0x05, 0x00, 0x04, 0x30},
+	crypto.SHA512:     {0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x03, 0x05, 0x00, 0x04, 0x40},
+	crypto.SHA512_224: {0x30, 0x2d, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x05, 0x05, 0x00, 0x04, 0x1c},
+	crypto.SHA512_256: {0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x06, 0x05, 0x00, 0x04, 0x20},
+	crypto.SHA3_224:   {0x30, 0x2d, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x07, 0x05, 0x00, 0x04, 0x1c},
+	crypto.SHA3_256:   {0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x08, 0x05, 0x00, 0x04, 0x20},
+	crypto.SHA3_384:   {0x30, 0x41, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x09, 0x05, 0x00, 0x04, 0x30},
+	crypto.SHA3_512:   {0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x0a, 0x05, 0x00, 0x04, 0x40},
+	crypto.MD5SHA1:    {}, // TLS 1.0/1.1: no DigestInfo
+	crypto.RIPEMD160:  {0x30, 0x20, 0x30, 0x08, 0x06, 0x06, 0x28, 0xcf, 0x06, 0x03, 0x00, 0x31, 0x04, 0x14},
+}
+
+func checkDigest(digest []byte, h crypto.Hash) error {
+	if h == 0 {
+		return nil
+	}
+	if !h.Available() && h.Size() == 0 {
+		return errOpts("hash %v is not supported", h)
+	}
+	if len(digest) != h.Size() {
+		return errOpts("digest is %d bytes, %v digests are %d", len(digest), h, h.Size())
+	}
+	return nil
+}
+
+func (k *key) pkcs1Mechanism(digest []byte, h crypto.Hash) ([]*pkcs11.Mechanism, []byte, error) {
+	var input []byte
+	if h == 0 {
+		if len(digest) == 0 {
+			return nil, nil, errOpts("empty input for PKCS #1 v1.5 with crypto.Hash(0)")
+		}
+		input = digest
+	} else {
+		prefix, ok := pkcs1Prefix[h]
+		if !ok {
+			return nil, nil, errOpts("hash %v is not supported for RSA PKCS #1 v1.5", h)
+		}
+		if err := checkDigest(digest, h); err != nil {
+			return nil, nil, err
+		}
+		input = make([]byte, 0, len(prefix)+len(digest))
+		input = append(append(input, prefix...), digest...)
+	}
+	if len(input)+11 > k.size {
+		return nil, nil, errOpts("%d bytes of DigestInfo do not fit a %d-bit RSA key (rsa.ErrMessageTooLong)", len(input), k.size*8)
+	}
+	return []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS, nil)}, input, nil
+}
+
+// hashMechs maps a hash to its PKCS#11 digest mechanism and MGF1 function,
+// for PSS and OAEP.
+var hashMechs = map[crypto.Hash][2]uint{
+	crypto.SHA1:   {pkcs11.CKM_SHA_1, pkcs11.CKG_MGF1_SHA1},
+	crypto.SHA224: {pkcs11.CKM_SHA224, pkcs11.CKG_MGF1_SHA224},
+	crypto.SHA256: {pkcs11.CKM_SHA256, pkcs11.CKG_MGF1_SHA256},
+	crypto.SHA384: {pkcs11.CKM_SHA384, pkcs11.CKG_MGF1_SHA384},
+	crypto.SHA512: {pkcs11.CKM_SHA512, pkcs11.CKG_MGF1_SHA512},
+}
+
+func (k *key) pssMechanism(digest []byte, o *rsa.PSSOptions) ([]*pkcs11.Mechanism, []byte, error) {
+	h := o.HashFunc()
+	m, ok := hashMechs[h]
+	if !ok {
+		return nil, nil, errOpts("hash %v is not supported for RSA-PSS (SHA-1, SHA-224, SHA-256, SHA-384, SHA-512 are)", h)
+	}
+	if err := checkDigest(digest, h); err != nil {
+		return nil, nil, err
+	}
+	bits := k.pub.(*rsa.PublicKey).N.BitLen()
+	maxSalt := (bits-1+7)/8 - 2 - h.Size()
+	if maxSalt < 0 {
+		return nil, nil, errOpts("a %d-bit RSA key is too small for PSS with %v", bits, h)
+	}
+	var salt int
+	switch {
+	case o.SaltLength == rsa.PSSSaltLengthAuto:
+		salt = maxSalt // what rsa.SignPSS does for PSSSaltLengthAuto
+	case o.SaltLength == rsa.PSSSaltLengthEqualsHash:
+		salt = h.Size()
+	case o.SaltLength < 0:
+		return nil, nil, errOpts("PSS salt length %d is invalid", o.SaltLength)
+	default:
+		salt = o.SaltLength
+	}
+	if salt > maxSalt {
+		return nil, nil, errOpts("PSS salt length %d is too long for a %d-bit key with %v (at most %d)", salt, bits, h, maxSalt)
+	}
+	params := pkcs11.NewPSSParams(m[0], m[1], uint(salt))
+	return []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_PSS, params)}, digest, nil
+}
+
+func (k *key) ecdsaMechanism(digest []byte, h crypto.Hash) ([]*pkcs11.Mechanism, []byte, error) {
+	if len(digest) == 0 {
+		return nil, nil, errOpts("empty digest")
+	}
+	if err := checkDigest(digest, h); err != nil {
+		return nil, nil, err
+	}
+	// ECDSA uses the leftmost bits of a digest longer than the order
+	// (ecdsa.SignASN1 does the same). For P-256 and P-384 those are whole
+	// bytes; no standard digest is longer than P-521's order.
+	if n := k.size / 2; len(digest) > n && k.pubOrderBits()%8 == 0 {
+		digest = digest[:n]
+	}
+	return []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_ECDSA, nil)}, digest, nil
+}
+
+// ecdsaDER converts the token's r||s into the ASN.1 DER form of
+// ecdsa.SignASN1.
+func (k *key) ecdsaDER(sig []byte) ([]byte, error) {
+	if len(sig) != k.size {
+		return nil, opErr("sign", k.gen, fmt.Errorf("token returned a %d-byte ECDSA signature, want %d", len(sig), k.size), "")
+	}
+	r := new(big.Int).SetBytes(sig[:k.size/2])
+	s := new(big.Int).SetBytes(sig[k.size/2:])
+	if r.Sign() == 0 || s.Sign() == 0 {
+		return nil, opErr("sign", k.gen, fmt.Errorf("token returned an ECDSA signature with a zero component"), "")
+	}
+	return asn1.Marshal(struct{ R, S *big.Int }{r, s})
+}
