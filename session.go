@@ -2,6 +2,7 @@ package hsm
 
 import (
 	"errors"
+	"sync"
 	"time"
 
 	"github.com/miekg/pkcs11"
@@ -29,6 +30,11 @@ type instance struct {
 	// wake operations waiting for a session.
 	closing chan struct{}
 	wait    time.Duration
+
+	// oaepSoft records the OAEP parameter shapes (oaepShape) whose
+	// CKM_RSA_PKCS_OAEP this token refused, to go straight to the software
+	// decoding next time.
+	oaepSoft sync.Map
 }
 
 func newInstance(ctx *pkcs11.Ctx, gen uint64, slot uint, token pkcs11.TokenInfo, login pkcs11.SessionHandle, maxSessions int, wait time.Duration) *instance {

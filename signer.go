@@ -229,6 +229,9 @@ var hashMechs = map[crypto.Hash][2]uint{
 
 func (k *key) pssMechanism(digest []byte, o *rsa.PSSOptions) ([]*pkcs11.Mechanism, []byte, error) {
 	h := o.HashFunc()
+	if h == 0 {
+		return nil, nil, errOpts("rsa.PSSOptions.Hash is not set: name the hash the digest was made with")
+	}
 	m, ok := hashMechs[h]
 	if !ok {
 		return nil, nil, errOpts("hash %v is not supported for RSA-PSS (SHA-1, SHA-224, SHA-256, SHA-384, SHA-512 are)", h)
