@@ -136,11 +136,23 @@ func TestPublicKeys(t *testing.T) {
 		label string
 		check func(crypto.PublicKey) bool
 	}{
-		{"rsa2048", func(k crypto.PublicKey) bool { r, ok := k.(*rsa.PublicKey); return ok && r.N.BitLen() == 2048 && r.E == 65537 }},
+		{"rsa2048", func(k crypto.PublicKey) bool {
+			r, ok := k.(*rsa.PublicKey)
+			return ok && r.N.BitLen() == 2048 && r.E == 65537
+		}},
 		{"rsa3072", func(k crypto.PublicKey) bool { r, ok := k.(*rsa.PublicKey); return ok && r.N.BitLen() == 3072 }},
-		{"p256", func(k crypto.PublicKey) bool { e, ok := k.(*ecdsa.PublicKey); return ok && e.Curve.Params().Name == "P-256" }},
-		{"p384", func(k crypto.PublicKey) bool { e, ok := k.(*ecdsa.PublicKey); return ok && e.Curve.Params().Name == "P-384" }},
-		{"p521", func(k crypto.PublicKey) bool { e, ok := k.(*ecdsa.PublicKey); return ok && e.Curve.Params().Name == "P-521" }},
+		{"p256", func(k crypto.PublicKey) bool {
+			e, ok := k.(*ecdsa.PublicKey)
+			return ok && e.Curve.Params().Name == "P-256"
+		}},
+		{"p384", func(k crypto.PublicKey) bool {
+			e, ok := k.(*ecdsa.PublicKey)
+			return ok && e.Curve.Params().Name == "P-384"
+		}},
+		{"p521", func(k crypto.PublicKey) bool {
+			e, ok := k.(*ecdsa.PublicKey)
+			return ok && e.Curve.Params().Name == "P-521"
+		}},
 		{"ed25519", func(k crypto.PublicKey) bool { e, ok := k.(ed25519.PublicKey); return ok && len(e) == 32 }},
 	}
 	for _, tt := range tests {
