@@ -1,0 +1,258 @@
+package hsm
+
+import (
+	"crypto"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/ce46d8f2/hsm/internal/softhsmtest"
+	"github.com/miekg/pkcs11"
+)
+
+func TestOpenErrors(t *testing.T) {
+	tok := sharedToken(t)
+	notModule := filepath.Join(t.TempDir(), "not-a-module.so")
+	if err := os.WriteFile(notModule, []byte("this is text, not ELF"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	slot := 7
+	tests := []struct {
+		name   string
+		cfg    Config
+		target error
+		says   string
+	}{
+		{"no path", Config{TokenLabel: tok.Label, PIN: tok.PIN}, ErrConfig, "Path"},
+		{"no selector", Config{Path: softhsmtest.SoftHSMModule, PIN: tok.PIN}, ErrConfig, "no token selector"},
+		{"two selectors", Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label, SlotNumber: &slot, PIN: tok.PIN}, ErrConfig, "TokenLabel SlotNumber"},
+		{"no PIN", Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label}, ErrConfig, "PIN is empty"},
+		{"negative sessions", Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label, PIN: tok.PIN, MaxSessions: -1}, ErrConfig, "MaxSessions"},
+		{"missing module", Config{Path: "/nonexistent/libnothing.so", TokenLabel: tok.Label, PIN: tok.PIN}, ErrConfig, "no such file"},
+		{"not a module", Config{Path: notModule, TokenLabel: tok.Label, PIN: tok.PIN}, ErrConfig, "could not be loaded as a PKCS#11 module"},
+		{"directory", Config{Path: t.TempDir(), TokenLabel: tok.Label, PIN: tok.PIN}, ErrConfig, "not a regular file"},
+		{"unknown label", Config{Path: softhsmtest.SoftHSMModule, TokenLabel: "no-such-token", PIN: tok.PIN}, ErrTokenNotFound, `label "no-such-token"`},
+		{"unknown serial", Config{Path: softhsmtest.SoftHSMModule, TokenSerial: "0000000000000000", PIN: tok.PIN}, ErrTokenNotFound, "serial"},
+		{"wrong PIN", Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label, PIN: "9999"}, ErrPIN, "CKR_PIN_INCORRECT"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p, err := Open(tt.cfg)
+			if err == nil {
+				p.Close()
+				t.Fatal("Open succeeded")
+			}
+			e := wantErr(t, err, tt.target)
+			if e.Op == "" || !strings.HasPrefix(err.Error(), "hsm: ") || !strings.Contains(err.Error(), tt.says) {
+				t.Errorf("error %q: want op set, prefix hsm: and %q", err, tt.says)
+			}
+			if strings.Contains(err.Error(), tok.PIN) && tt.cfg.PIN != "" {
+				t.Errorf("error %q shows the PIN", err)
+			}
+			t.Log(err)
+		})
+	}
+	// After every failure the module is free again: a good Open works.
+	openToken(t, tok)
+}
+
+func TestOpenWrongPINIsCallerError(t *testing.T) {
+	tok := sharedToken(t)
+	_, err := Open(Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label, PIN: "0000"})
+	var p11 pkcs11.Error
+	if !errors.As(err, &p11) || p11 != pkcs11.CKR_PIN_INCORRECT {
+		t.Fatalf("errors.As pkcs11.Error: %v", err)
+	}
+	if c := Classify(err); c != ClassCaller {
+		t.Fatalf("Classify = %v, want caller", c)
+	}
+	if IsDeviceLost(err) {
+		t.Fatal("a PIN error is classified as device loss")
+	}
+}
+
+func TestOpenSelectors(t *testing.T) {
+	tok := sharedToken(t)
+	p := openToken(t, tok, func(c *Config) { c.TokenLabel = ""; c.TokenSerial = tok.Serial })
+	label, serial, _, _ := p.TokenInfo()
+	if label != tok.Label || serial != tok.Serial {
+		t.Fatalf("TokenInfo = %q %q, want %q %q", label, serial, tok.Label, tok.Serial)
+	}
+	in := p.inst.Load()
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	slot := int(in.slot)
+	q := openToken(t, tok, func(c *Config) { c.TokenLabel = ""; c.SlotNumber = &slot })
+	if label, _, _, _ := q.TokenInfo(); label != tok.Label {
+		t.Fatalf("slot %d holds %q", slot, label)
+	}
+}
+
+func TestModuleOwnedOnce(t *testing.T) {
+	tok := sharedToken(t)
+	p := openToken(t, tok)
+	// The same file under another name is the same module.
+	link := filepath.Join(t.TempDir(), "alias.so")
+	if err := os.Symlink(softhsmtest.SoftHSMModule, link); err != nil {
+		t.Fatal(err)
+	}
+	for _, path := range []string{softhsmtest.SoftHSMModule, link} {
+		_, err := Open(Config{Path: path, TokenLabel: tok.Label, PIN: tok.PIN})
+		wantErr(t, err, ErrModuleInUse)
+	}
+	// The refused Opens did not disturb the owner.
+	s := mustSigner(t, p, "p256")
+	d := sha256.Sum256(nil)
+	if _, err := s.Sign(nil, d[:], crypto.SHA256); err != nil {
+		t.Fatal(err)
+	}
+	// Once closed, the module can be opened again (C_Initialize after
+	// C_Finalize in one process).
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	q := openToken(t, tok, func(c *Config) { c.Path = link })
+	s = mustSigner(t, q, "p256")
+	if _, err := s.Sign(nil, d[:], crypto.SHA256); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestLookup(t *testing.T) {
+	p := openShared(t)
+	tests := []struct {
+		name   string
+		ref    KeyRef
+		target error
+		label  string
+	}{
+		{"label", KeyRef{Label: "p384"}, nil, "p384"},
+		{"id", KeyRef{ID: []byte{3}}, nil, "p384"},
+		{"both", KeyRef{ID: []byte{3}, Label: "p384"}, nil, "p384"},
+		{"both, ID of another key", KeyRef{ID: []byte{2}, Label: "p384"}, ErrKeyNotFound, ""},
+		{"unknown label", KeyRef{Label: "nope"}, ErrKeyNotFound, ""},
+		{"unknown id", KeyRef{ID: []byte{0xEE}}, ErrKeyNotFound, ""},
+		{"empty", KeyRef{}, ErrKeyNotFound, ""},
+		{"ambiguous label", KeyRef{Label: "dup"}, ErrAmbiguousKey, ""},
+		{"ambiguity resolved by id", KeyRef{ID: []byte{0x11}, Label: "dup"}, nil, "dup"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s, err := p.Signer(tt.ref)
+			if tt.target != nil {
+				e := wantErr(t, err, tt.target)
+				if e.Op != "find key" || e.Generation != 1 {
+					t.Errorf("error fields %+v", e)
+				}
+				t.Log(err)
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if s.KeyRef().Label != tt.label {
+				t.Fatalf("found %v, want label %q", s.KeyRef(), tt.label)
+			}
+		})
+	}
+}
+
+func TestClose(t *testing.T) {
+	tok := sharedToken(t)
+	p, err := Open(Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label, PIN: tok.PIN})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := mustSigner(t, p, "p256")
+	d, err := p.Decrypter(KeyRef{Label: "rsa2048"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		if err := p.Close(); err != nil {
+			t.Fatalf("Close #%d: %v", i+1, err)
+		}
+	}
+	if p.State() != StateClosed {
+		t.Fatalf("State = %v", p.State())
+	}
+	digest := sha256.Sum256(nil)
+	_, err = s.Sign(nil, digest[:], crypto.SHA256)
+	wantErr(t, err, ErrClosed)
+	_, err = d.Decrypt(nil, make([]byte, 256), nil)
+	wantErr(t, err, ErrClosed)
+	_, err = p.Signer(KeyRef{Label: "p256"})
+	wantErr(t, err, ErrClosed)
+	wantErr(t, p.Reinitialize(t.Context()), ErrClosed)
+	wantErr(t, p.ReinitializeFrom(t.Context(), 1), ErrClosed)
+}
+
+func TestSecretsNotPrinted(t *testing.T) {
+	cfg := Config{Path: "/lib/x.so", TokenLabel: "tok", PIN: "s3cr3t-pin"}
+	for _, f := range []string{"%v", "%+v", "%#v", "%s", "%q"} {
+		if out := fmt.Sprintf(f, cfg); strings.Contains(out, "s3cr3t") {
+			t.Errorf("%s prints the PIN: %s", f, out)
+		}
+		if out := fmt.Sprintf(f, &cfg); strings.Contains(out, "s3cr3t") {
+			t.Errorf("%s of *Config prints the PIN: %s", f, out)
+		}
+	}
+}
+
+func TestErrorModel(t *testing.T) {
+	err := p11err("sign", 3, pkcs11.Error(pkcs11.CKR_DEVICE_ERROR))
+	if got, want := err.Error(), "hsm: sign (generation 3): CKR_DEVICE_ERROR (0x30)"; got != want {
+		t.Errorf("Error() = %q, want %q", got, want)
+	}
+	wrapped := fmt.Errorf("handshake: %w", err)
+	var e *Error
+	if !errors.As(wrapped, &e) || e.Op != "sign" || e.Code != 0x30 || e.Generation != 3 {
+		t.Fatalf("errors.As: %+v", e)
+	}
+	if !errors.Is(wrapped, ErrDeviceLost) || !IsDeviceLost(wrapped) {
+		t.Error("device error does not match ErrDeviceLost")
+	}
+	// Old pkg/errors-style wrapping (Cause), as crypto11 v1.2 used.
+	if Classify(causer{pkcs11.Error(pkcs11.CKR_TOKEN_NOT_PRESENT)}) != ClassDeviceLost {
+		t.Error("Classify does not see through Cause()")
+	}
+	classes := map[uint]Class{
+		pkcs11.CKR_DEVICE_ERROR:             ClassDeviceLost,
+		pkcs11.CKR_DEVICE_REMOVED:           ClassDeviceLost,
+		pkcs11.CKR_TOKEN_NOT_PRESENT:        ClassDeviceLost,
+		pkcs11.CKR_TOKEN_NOT_RECOGNIZED:     ClassDeviceLost,
+		pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED: ClassDeviceLost,
+		pkcs11.CKR_SESSION_HANDLE_INVALID:   ClassSuspect,
+		pkcs11.CKR_SESSION_CLOSED:           ClassSuspect,
+		pkcs11.CKR_GENERAL_ERROR:            ClassSuspect,
+		pkcs11.CKR_FUNCTION_FAILED:          ClassSuspect,
+		pkcs11.CKR_OPERATION_ACTIVE:         ClassSession,
+		pkcs11.CKR_MECHANISM_INVALID:        ClassCaller,
+		pkcs11.CKR_DATA_LEN_RANGE:           ClassCaller,
+		pkcs11.CKR_KEY_TYPE_INCONSISTENT:    ClassCaller,
+		pkcs11.CKR_PIN_INCORRECT:            ClassCaller,
+		pkcs11.CKR_PIN_LOCKED:               ClassCaller,
+	}
+	for code, want := range classes {
+		if got := Classify(p11err("x", 1, pkcs11.Error(code))); got != want {
+			t.Errorf("Classify(%s) = %v, want %v", CodeName(code), got, want)
+		}
+	}
+	if Classify(nil) != ClassNone || Classify(ErrKeyNotFound) != ClassNone {
+		t.Error("non-PKCS#11 errors must classify as none")
+	}
+	pin := p11err("login", 1, pkcs11.Error(pkcs11.CKR_PIN_LOCKED))
+	if !errors.Is(pin, ErrPIN) || errors.Is(pin, ErrDeviceLost) {
+		t.Error("PIN code does not match ErrPIN only")
+	}
+}
+
+type causer struct{ err error }
+
+func (c causer) Error() string { return "wrapped: " + c.err.Error() }
+func (c causer) Cause() error  { return c.err }
