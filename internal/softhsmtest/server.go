@@ -3,11 +3,13 @@ package softhsmtest
 import (
 	"bytes"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -26,19 +28,24 @@ type Server struct {
 	log  bytes.Buffer
 }
 
-// StartServer starts p11-kit server for tok and stops it when the test ends.
-// It fails the test when p11-kit is not installed in CI, skips it elsewhere.
+// running guards the one socket of the test binary.
+var running sync.Mutex
+
+// StartServer starts p11-kit server for tok on the test binary's socket
+// (the address Main put in P11_KIT_SERVER_ADDRESS) and stops it when the test
+// ends. One server runs at a time: a second StartServer waits for the first
+// to stop. It fails the test when p11-kit is not installed in CI, skips it
+// elsewhere.
 func StartServer(t testing.TB, tok *Token) *Server {
 	t.Helper()
 	RequireRemote(t)
-	d, err := os.MkdirTemp("", "p11kit-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(d) })
-	s := &Server{t: t, tok: tok, sock: filepath.Join(d, "sock")}
+	running.Lock()
+	s := &Server{t: t, tok: tok, sock: socketPath()}
+	t.Cleanup(func() {
+		s.stop()
+		running.Unlock()
+	})
 	s.start()
-	t.Cleanup(s.stop)
 	return s
 }
 
@@ -69,9 +76,6 @@ func (s *Server) Address() string { return "unix:path=" + s.sock }
 // Module is the PKCS#11 module a client loads: p11-kit's client.
 func (s *Server) Module() string { return ClientModule }
 
-// Setenv points p11-kit-client.so at this server for the rest of the test.
-func (s *Server) Setenv(t testing.TB) { t.Setenv("P11_KIT_SERVER_ADDRESS", s.Address()) }
-
 func (s *Server) start() {
 	s.t.Helper()
 	_ = os.Remove(s.sock)
@@ -84,9 +88,13 @@ func (s *Server) start() {
 		s.t.Fatalf("softhsmtest: start p11-kit server: %v", err)
 	}
 	s.cmd = cmd
+	// The socket file appears at bind(), before listen(); p11-kit-client
+	// turns a refused connection into an empty slot list. Wait until a
+	// connection is accepted.
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		if fi, err := os.Stat(s.sock); err == nil && fi.Mode()&os.ModeSocket != 0 {
+		if c, err := net.Dial("unix", s.sock); err == nil {
+			c.Close()
 			return
 		}
 		if time.Now().After(deadline) {

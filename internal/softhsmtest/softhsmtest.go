@@ -34,7 +34,8 @@ var (
 	counter atomic.Uint64
 )
 
-// Main sets up the SoftHSM2 configuration for the test binary, runs the
+// Main sets up the SoftHSM2 configuration for the test binary (SOFTHSM2_CONF)
+// and the address of its p11-kit server (P11_KIT_SERVER_ADDRESS), runs the
 // tests and cleans up. Use it as: func TestMain(m *testing.M) { os.Exit(softhsmtest.Main(m)) }
 func Main(m *testing.M) int {
 	d, err := os.MkdirTemp("", "softhsmtest-")
@@ -43,11 +44,11 @@ func Main(m *testing.M) int {
 		return 2
 	}
 	defer os.RemoveAll(d)
+	dir = d
 	if err := configure(d); err != nil {
 		fmt.Fprintln(os.Stderr, "softhsmtest:", err)
 		return 2
 	}
-	dir = d
 	return m.Run()
 }
 
@@ -61,8 +62,16 @@ func configure(d string) error {
 	if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {
 		return err
 	}
-	return os.Setenv("SOFTHSM2_CONF", conf)
+	if err := os.Setenv("SOFTHSM2_CONF", conf); err != nil {
+		return err
+	}
+	// p11-kit-client.so reads the server address once, when it is loaded
+	// (C_GetFunctionList), and a module is loaded once per process: every
+	// Server of the test binary listens on this one socket.
+	return os.Setenv("P11_KIT_SERVER_ADDRESS", "unix:path="+socketPath())
 }
+
+func socketPath() string { return filepath.Join(dir, "p11-kit.sock") }
 
 // Require skips the test when SoftHSM2 or its tools are not installed, and
 // fails it instead when running in CI (CI=true), where they must be.
