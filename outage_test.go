@@ -45,6 +45,20 @@ func openRemote(t *testing.T, mod ...func(*Config)) *remote {
 	return r
 }
 
+func (r *remote) kill(t *testing.T) {
+	t.Helper()
+	if err := r.srv.Kill(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (r *remote) restart(t *testing.T) {
+	t.Helper()
+	if err := r.srv.Restart(); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestOutageThroughRemoting(t *testing.T) {
 	r := openRemote(t)
 	p := r.p
@@ -57,7 +71,7 @@ func TestOutageThroughRemoting(t *testing.T) {
 		}
 	}
 
-	r.srv.Kill()
+	r.kill(t)
 	start := time.Now()
 	_, err := ec.Sign(nil, digest[:], crypto.SHA256)
 	took := time.Since(start)
@@ -71,7 +85,7 @@ func TestOutageThroughRemoting(t *testing.T) {
 	t.Logf("kill -> %v in %v", err, took)
 
 	// The HSM comes back, but the library does not recover by itself.
-	r.srv.Restart()
+	r.restart(t)
 	_, err = ec.Sign(nil, digest[:], crypto.SHA256)
 	if !IsDeviceLost(err) {
 		t.Fatalf("after restart, before re-initialization: %v; DESIGN.md says the library stays broken", err)
@@ -189,7 +203,7 @@ func TestOutageStampede(t *testing.T) {
 		})
 	}
 	ready.Wait() // every worker has signed once
-	r.srv.Kill()
+	r.kill(t)
 	for lost.Load() < workers {
 		select {
 		case err := <-fail:
@@ -198,7 +212,7 @@ func TestOutageStampede(t *testing.T) {
 			time.Sleep(time.Millisecond)
 		}
 	}
-	r.srv.Restart()
+	r.restart(t)
 	close(back)
 	wg.Wait()
 	close(fail)
@@ -288,7 +302,7 @@ func TestReinitializeWhileDown(t *testing.T) {
 	r := openRemote(t)
 	p := r.p
 	s := mustSigner(t, p, "ec")
-	r.srv.Kill()
+	r.kill(t)
 	for range 2 {
 		err := p.Reinitialize(t.Context())
 		if err == nil {
@@ -306,7 +320,7 @@ func TestReinitializeWhileDown(t *testing.T) {
 		_, err = s.Sign(nil, digest[:], crypto.SHA256)
 		wantErr(t, err, ErrUnavailable)
 	}
-	r.srv.Restart()
+	r.restart(t)
 	if err := p.Reinitialize(t.Context()); err != nil {
 		t.Fatal(err)
 	}

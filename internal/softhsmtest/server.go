@@ -20,54 +20,46 @@ import (
 // round trip over a Unix socket to a p11-kit-remote process that runs
 // SoftHSM. The server runs in a session of its own (setsid), so that Kill,
 // Pause and Resume reach it and every per-connection child it started.
+//
+// A Server is not safe for concurrent use.
 type Server struct {
-	t    testing.TB
 	tok  *Token
 	sock string
 	cmd  *exec.Cmd
 	log  bytes.Buffer
 }
 
-// running guards the one socket of the test binary.
+// running guards the one socket of the process.
 var running sync.Mutex
 
-// StartServer starts p11-kit server for tok on the test binary's socket
-// (the address Main put in P11_KIT_SERVER_ADDRESS) and stops it when the test
-// ends. One server runs at a time: a second StartServer waits for the first
-// to stop. It fails the test when p11-kit is not installed in CI, skips it
-// elsewhere.
+// Serve starts p11-kit server for tok on the process's socket (the address
+// Setup put in P11_KIT_SERVER_ADDRESS). One server runs at a time: a second
+// Serve waits until the first is stopped with Stop.
+func Serve(tok *Token) (*Server, error) {
+	if dir == "" {
+		return nil, fmt.Errorf("softhsmtest: Setup has not run")
+	}
+	running.Lock()
+	s := &Server{tok: tok, sock: socketPath()}
+	if err := s.start(); err != nil {
+		running.Unlock()
+		return nil, err
+	}
+	return s, nil
+}
+
+// StartServer is Serve for tests: it stops the server when the test ends,
+// fails the test on error, and skips it where p11-kit is not installed
+// (outside CI).
 func StartServer(t testing.TB, tok *Token) *Server {
 	t.Helper()
 	RequireRemote(t)
-	running.Lock()
-	s := &Server{t: t, tok: tok, sock: socketPath()}
-	t.Cleanup(func() {
-		s.stop()
-		running.Unlock()
-	})
-	s.start()
+	s, err := Serve(tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Stop)
 	return s
-}
-
-// RequireRemote is Require plus p11-kit's server and client module.
-func RequireRemote(t testing.TB) {
-	t.Helper()
-	Require(t)
-	var missing []string
-	if _, err := exec.LookPath("p11-kit"); err != nil {
-		missing = append(missing, "p11-kit")
-	}
-	if _, err := os.Stat(ClientModule); err != nil {
-		missing = append(missing, ClientModule)
-	}
-	if len(missing) == 0 {
-		return
-	}
-	msg := "softhsmtest: not installed: " + strings.Join(missing, ", ") + " (package p11-kit); run `make deps`"
-	if os.Getenv("CI") == "true" {
-		t.Fatal(msg)
-	}
-	t.Skip(msg)
 }
 
 // Address is the value for P11_KIT_SERVER_ADDRESS.
@@ -76,8 +68,7 @@ func (s *Server) Address() string { return "unix:path=" + s.sock }
 // Module is the PKCS#11 module a client loads: p11-kit's client.
 func (s *Server) Module() string { return ClientModule }
 
-func (s *Server) start() {
-	s.t.Helper()
+func (s *Server) start() error {
 	_ = os.Remove(s.sock)
 	cmd := exec.Command("p11-kit", "server", "-f", "-n", s.sock, "-p", SoftHSMModule, "pkcs11:token="+s.tok.Label)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
@@ -85,7 +76,7 @@ func (s *Server) start() {
 	cmd.Stdout = &s.log
 	cmd.Stderr = &s.log
 	if err := cmd.Start(); err != nil {
-		s.t.Fatalf("softhsmtest: start p11-kit server: %v", err)
+		return fmt.Errorf("softhsmtest: start p11-kit server: %w", err)
 	}
 	s.cmd = cmd
 	// The socket file appears at bind(), before listen(); p11-kit-client
@@ -95,11 +86,11 @@ func (s *Server) start() {
 	for {
 		if c, err := net.Dial("unix", s.sock); err == nil {
 			c.Close()
-			return
+			return nil
 		}
 		if time.Now().After(deadline) {
-			s.stop()
-			s.t.Fatalf("softhsmtest: p11-kit server did not create %s in 10s; output:\n%s", s.sock, s.log.String())
+			s.kill()
+			return fmt.Errorf("softhsmtest: p11-kit server did not accept on %s in 10s; output:\n%s", s.sock, s.log.String())
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -151,24 +142,30 @@ func (s *Server) signal(sig syscall.Signal) int {
 }
 
 // Kill sends SIGKILL to every process of the server's session: the HSM is
-// gone, connections break. It returns once the server has exited.
-func (s *Server) Kill() {
-	s.t.Helper()
+// gone, connections break. It returns once they have all exited.
+func (s *Server) Kill() error {
 	if s.cmd == nil {
-		return
+		return nil
 	}
+	sid := s.kill()
+	deadline := time.Now().Add(5 * time.Second)
+	for len(sessionPids(sid)) > 0 {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("softhsmtest: processes of session %d survive SIGKILL: %v", sid, sessionPids(sid))
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	return nil
+}
+
+// kill signals the session and reaps the server; it returns the session id.
+func (s *Server) kill() int {
 	s.signal(syscall.SIGCONT) // a stopped process would not die until continued
 	s.signal(syscall.SIGKILL)
 	_ = s.cmd.Wait()
 	sid := s.cmd.Process.Pid
 	s.cmd = nil
-	deadline := time.Now().Add(5 * time.Second)
-	for len(sessionPids(sid)) > 0 {
-		if time.Now().After(deadline) {
-			s.t.Fatalf("softhsmtest: processes of session %d survive SIGKILL: %v", sid, sessionPids(sid))
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+	return sid
 }
 
 // Pause stops (SIGSTOP) every process of the server's session: calls in
@@ -181,25 +178,27 @@ func (s *Server) Resume() int { return s.signal(syscall.SIGCONT) }
 
 // Restart kills the server if it runs and starts a new one on the same
 // socket: the HSM is back.
-func (s *Server) Restart() {
-	s.t.Helper()
-	s.Kill()
-	s.start()
-}
-
-// Running reports whether the server process is up.
-func (s *Server) Running() bool { return s.cmd != nil }
-
-func (s *Server) stop() {
-	if s.cmd != nil {
-		s.signal(syscall.SIGCONT)
-		s.signal(syscall.SIGKILL)
-		_ = s.cmd.Wait()
-		s.cmd = nil
+func (s *Server) Restart() error {
+	if err := s.Kill(); err != nil {
+		return err
 	}
+	return s.start()
 }
 
-// String names the server for test logs.
+// Stop kills the server and frees the socket for the next Serve. Calling it
+// twice is harmless.
+func (s *Server) Stop() {
+	if s.sock == "" {
+		return
+	}
+	if s.cmd != nil {
+		s.kill()
+	}
+	s.sock = ""
+	running.Unlock()
+}
+
+// String names the server for logs.
 func (s *Server) String() string {
 	return fmt.Sprintf("p11-kit server for token %q at %s", s.tok.Label, s.sock)
 }

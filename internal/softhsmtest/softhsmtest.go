@@ -1,10 +1,10 @@
-// Package softhsmtest creates throw-away SoftHSM2 tokens for tests, and
-// serves them through p11-kit remoting (see Server) so that tests can kill,
+// Package softhsmtest creates throw-away SoftHSM2 tokens, and serves them
+// through p11-kit remoting (see Server) so that tests and the demo can kill,
 // pause and restart the "HSM".
 //
-// Every test binary that uses it calls Main from its TestMain: Main creates
-// a token directory and a softhsm2.conf in a temporary directory and sets
-// SOFTHSM2_CONF before any module is loaded, and removes them afterwards.
+// Setup must run before any PKCS#11 module is loaded: it writes a
+// softhsm2.conf and sets SOFTHSM2_CONF and P11_KIT_SERVER_ADDRESS. Test
+// binaries call Main from their TestMain, which does that and cleans up.
 //
 // Tokens and keys are made by OpenSC's pkcs11-tool and softhsm2-util, in
 // their own processes, so that the process under test stays the only user
@@ -14,6 +14,7 @@ package softhsmtest
 import (
 	"bytes"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -30,13 +31,14 @@ const (
 )
 
 var (
-	dir     string // set by Main
+	dir     string // set by Setup
 	counter atomic.Uint64
 )
 
-// Main sets up the SoftHSM2 configuration for the test binary (SOFTHSM2_CONF)
-// and the address of its p11-kit server (P11_KIT_SERVER_ADDRESS), runs the
-// tests and cleans up. Use it as: func TestMain(m *testing.M) { os.Exit(softhsmtest.Main(m)) }
+// Main sets up a temporary SoftHSM2 configuration for the test binary, runs
+// the tests and removes it. Use it as:
+//
+//	func TestMain(m *testing.M) { os.Exit(softhsmtest.Main(m)) }
 func Main(m *testing.M) int {
 	d, err := os.MkdirTemp("", "softhsmtest-")
 	if err != nil {
@@ -44,17 +46,21 @@ func Main(m *testing.M) int {
 		return 2
 	}
 	defer os.RemoveAll(d)
-	dir = d
-	if err := configure(d); err != nil {
+	if err := Setup(d); err != nil {
 		fmt.Fprintln(os.Stderr, "softhsmtest:", err)
 		return 2
 	}
 	return m.Run()
 }
 
-func configure(d string) error {
+// Setup makes directory d the home of this process's tokens: it writes
+// d/softhsm2.conf with a token directory d/tokens and sets SOFTHSM2_CONF. It
+// also sets P11_KIT_SERVER_ADDRESS to d/p11-kit.sock: p11-kit-client.so
+// reads it once, when it is loaded (C_GetFunctionList), and a module is
+// loaded once per process, so every Server of the process listens there.
+func Setup(d string) error {
 	tokens := filepath.Join(d, "tokens")
-	if err := os.Mkdir(tokens, 0o700); err != nil {
+	if err := os.MkdirAll(tokens, 0o700); err != nil {
 		return err
 	}
 	conf := filepath.Join(d, "softhsm2.conf")
@@ -65,21 +71,15 @@ func configure(d string) error {
 	if err := os.Setenv("SOFTHSM2_CONF", conf); err != nil {
 		return err
 	}
-	// p11-kit-client.so reads the server address once, when it is loaded
-	// (C_GetFunctionList), and a module is loaded once per process: every
-	// Server of the test binary listens on this one socket.
+	dir = d
 	return os.Setenv("P11_KIT_SERVER_ADDRESS", "unix:path="+socketPath())
 }
 
 func socketPath() string { return filepath.Join(dir, "p11-kit.sock") }
 
-// Require skips the test when SoftHSM2 or its tools are not installed, and
-// fails it instead when running in CI (CI=true), where they must be.
-func Require(t testing.TB) {
-	t.Helper()
-	if dir == "" {
-		t.Fatal("softhsmtest: call softhsmtest.Main from TestMain")
-	}
+// Missing returns what is not installed of SoftHSM2 and OpenSC's tools
+// (with remote, of p11-kit too), or nil.
+func Missing(remote bool) []string {
 	var missing []string
 	if _, err := os.Stat(SoftHSMModule); err != nil {
 		missing = append(missing, SoftHSMModule+" (package softhsm2)")
@@ -89,6 +89,30 @@ func Require(t testing.TB) {
 			missing = append(missing, tool)
 		}
 	}
+	if remote {
+		if _, err := exec.LookPath("p11-kit"); err != nil {
+			missing = append(missing, "p11-kit")
+		}
+		if _, err := os.Stat(ClientModule); err != nil {
+			missing = append(missing, ClientModule+" (package p11-kit-modules)")
+		}
+	}
+	return missing
+}
+
+// Require skips the test when SoftHSM2 or its tools are not installed, and
+// fails it instead when running in CI (CI=true), where they must be.
+func Require(t testing.TB) { require(t, false) }
+
+// RequireRemote is Require plus p11-kit's server and client module.
+func RequireRemote(t testing.TB) { require(t, true) }
+
+func require(t testing.TB, remote bool) {
+	t.Helper()
+	if dir == "" {
+		t.Fatal("softhsmtest: call softhsmtest.Main from TestMain")
+	}
+	missing := Missing(remote)
 	if len(missing) == 0 {
 		return
 	}
@@ -99,7 +123,7 @@ func Require(t testing.TB) {
 	t.Skip(msg)
 }
 
-// Token is a SoftHSM2 token made for a test.
+// Token is a SoftHSM2 token.
 type Token struct {
 	Label  string
 	Serial string
@@ -107,11 +131,12 @@ type Token struct {
 	SOPIN  string
 }
 
-// NewToken initializes a fresh token with a unique label starting with
+// CreateToken initializes a fresh token with a unique label starting with
 // prefix, user PIN "1234" and SO PIN "5678".
-func NewToken(t testing.TB, prefix string) *Token {
-	t.Helper()
-	Require(t)
+func CreateToken(prefix string) (*Token, error) {
+	if dir == "" {
+		return nil, errors.New("softhsmtest: Setup has not run")
+	}
 	tok := &Token{
 		Label: fmt.Sprintf("%s-%d-%d", prefix, os.Getpid(), counter.Add(1)),
 		PIN:   "1234",
@@ -120,14 +145,23 @@ func NewToken(t testing.TB, prefix string) *Token {
 	if len(tok.Label) > 32 {
 		tok.Label = tok.Label[len(tok.Label)-32:]
 	}
-	run(t, "softhsm2-util", "--init-token", "--free", "--label", tok.Label, "--pin", tok.PIN, "--so-pin", tok.SOPIN)
-	tok.Serial = tok.findSerial(t)
-	return tok
+	if _, err := run("softhsm2-util", "--init-token", "--free", "--label", tok.Label, "--pin", tok.PIN, "--so-pin", tok.SOPIN); err != nil {
+		return nil, err
+	}
+	out, err := run("pkcs11-tool", "--module", SoftHSMModule, "--list-token-slots")
+	if err != nil {
+		return nil, err
+	}
+	if tok.Serial = serialOf(out, tok.Label); tok.Serial == "" {
+		return nil, fmt.Errorf("softhsmtest: token %q not listed by pkcs11-tool:\n%s", tok.Label, out)
+	}
+	return tok, nil
 }
 
-func (tok *Token) findSerial(t testing.TB) string {
-	out := run(t, "pkcs11-tool", "--module", SoftHSMModule, "--list-token-slots")
-	var label string
+// serialOf finds the serial number of the token labelled label in the
+// output of pkcs11-tool --list-token-slots.
+func serialOf(out, label string) string {
+	var cur string
 	for _, line := range strings.Split(out, "\n") {
 		k, v, ok := strings.Cut(line, ":")
 		if !ok {
@@ -135,14 +169,13 @@ func (tok *Token) findSerial(t testing.TB) string {
 		}
 		switch strings.TrimSpace(k) {
 		case "token label":
-			label = strings.TrimSpace(v)
+			cur = strings.TrimSpace(v)
 		case "serial num":
-			if label == tok.Label {
+			if cur == label {
 				return strings.TrimSpace(v)
 			}
 		}
 	}
-	t.Fatalf("softhsmtest: token %q not listed by pkcs11-tool:\n%s", tok.Label, out)
 	return ""
 }
 
@@ -159,10 +192,9 @@ const (
 	Ed25519 KeyType = "EC:edwards25519"
 )
 
-// GenerateKey generates a key pair of type typ on the token, with the given
+// Generate generates a key pair of type typ on the token, with the given
 // CKA_ID and CKA_LABEL on both halves.
-func (tok *Token) GenerateKey(t testing.TB, typ KeyType, id []byte, label string) {
-	t.Helper()
+func (tok *Token) Generate(typ KeyType, id []byte, label string) error {
 	args := []string{"--keypairgen", "--key-type", string(typ)}
 	if len(id) > 0 {
 		args = append(args, "--id", hex.EncodeToString(id))
@@ -170,42 +202,81 @@ func (tok *Token) GenerateKey(t testing.TB, typ KeyType, id []byte, label string
 	if label != "" {
 		args = append(args, "--label", label)
 	}
-	tok.Tool(t, args...)
+	_, err := tok.Tool(args...)
+	return err
 }
 
-// DeleteKeyPair deletes the private and public key with CKA_ID id.
-func (tok *Token) DeleteKeyPair(t testing.TB, id []byte) {
-	t.Helper()
+// Delete deletes the private and public key with CKA_ID id.
+func (tok *Token) Delete(id []byte) error {
 	for _, typ := range []string{"privkey", "pubkey"} {
-		tok.Tool(t, "--delete-object", "--type", typ, "--id", hex.EncodeToString(id))
+		if _, err := tok.Tool("--delete-object", "--type", typ, "--id", hex.EncodeToString(id)); err != nil {
+			return err
+		}
 	}
+	return nil
 }
 
-// ChangePIN changes the user PIN.
-func (tok *Token) ChangePIN(t testing.TB, newPIN string) {
-	t.Helper()
-	tok.Tool(t, "--change-pin", "--new-pin", newPIN)
+// SetPIN changes the user PIN.
+func (tok *Token) SetPIN(newPIN string) error {
+	if _, err := tok.Tool("--change-pin", "--new-pin", newPIN); err != nil {
+		return err
+	}
 	tok.PIN = newPIN
+	return nil
 }
 
 // Tool runs pkcs11-tool against the token directly (not through p11-kit),
 // logged in with the user PIN, and returns its output.
-func (tok *Token) Tool(t testing.TB, args ...string) string {
-	t.Helper()
+func (tok *Token) Tool(args ...string) (string, error) {
 	base := []string{"--module", SoftHSMModule, "--token-label", tok.Label, "--login", "--pin", tok.PIN}
-	return run(t, "pkcs11-tool", append(base, args...)...)
+	return run("pkcs11-tool", append(base, args...)...)
 }
 
-func run(t testing.TB, name string, args ...string) string {
+// NewToken is CreateToken for tests: it fails the test on error, and skips
+// it where SoftHSM2 is not installed (outside CI).
+func NewToken(t testing.TB, prefix string) *Token {
 	t.Helper()
+	Require(t)
+	tok, err := CreateToken(prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
+// GenerateKey is Generate for tests.
+func (tok *Token) GenerateKey(t testing.TB, typ KeyType, id []byte, label string) {
+	t.Helper()
+	if err := tok.Generate(typ, id, label); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// DeleteKeyPair is Delete for tests.
+func (tok *Token) DeleteKeyPair(t testing.TB, id []byte) {
+	t.Helper()
+	if err := tok.Delete(id); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// ChangePIN is SetPIN for tests.
+func (tok *Token) ChangePIN(t testing.TB, newPIN string) {
+	t.Helper()
+	if err := tok.SetPIN(newPIN); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func run(name string, args ...string) (string, error) {
 	cmd := exec.Command(name, args...)
 	var out bytes.Buffer
 	cmd.Stdout = &out
 	cmd.Stderr = &out
 	if err := cmd.Run(); err != nil {
-		t.Fatalf("softhsmtest: %s %s: %v\n%s", name, strings.Join(redact(args), " "), err, out.String())
+		return out.String(), fmt.Errorf("softhsmtest: %s %s: %w\n%s", name, strings.Join(redact(args), " "), err, out.String())
 	}
-	return out.String()
+	return out.String(), nil
 }
 
 // redact hides PINs in a logged command line.
