@@ -1,0 +1,224 @@
+package hsm_test
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"math/big"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"sync"
+	"time"
+
+	"github.com/ce46d8f2/hsm"
+	"github.com/ce46d8f2/hsm/internal/softhsmtest"
+	jose "github.com/go-jose/go-jose/v4"
+	"github.com/go-jose/go-jose/v4/cryptosigner"
+)
+
+// exampleConfig returns the Config of a SoftHSM2 token with an EC P-256 key
+// labelled "tls" and a P-384 key labelled "ca", made once for all examples.
+// In an application the Config comes from its configuration.
+var exampleConfig = sync.OnceValue(func() hsm.Config {
+	tok, err := softhsmtest.CreateToken("example")
+	if err != nil {
+		log.Fatal(err)
+	}
+	for _, k := range []struct {
+		typ   softhsmtest.KeyType
+		id    byte
+		label string
+	}{{softhsmtest.P256, 1, "tls"}, {softhsmtest.P384, 2, "ca"}} {
+		if err := tok.Generate(k.typ, []byte{k.id}, k.label); err != nil {
+			log.Fatal(err)
+		}
+	}
+	return hsm.Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label, PIN: tok.PIN}
+})
+
+func Example() {
+	p, err := hsm.Open(exampleConfig())
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer p.Close()
+
+	signer, err := p.Signer(hsm.KeyRef{Label: "tls"})
+	if err != nil {
+		log.Fatal(err)
+	}
+	digest := sha256.Sum256([]byte("hello"))
+	sig, err := signer.Sign(rand.Reader, digest[:], crypto.SHA256)
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("verified:", ecdsa.VerifyASN1(signer.Public().(*ecdsa.PublicKey), digest[:], sig))
+	// Output: verified: true
+}
+
+// A key in the HSM serves TLS: crypto/tls calls Sign for every handshake.
+func Example_tlsServer() {
+	p, err := hsm.Open(exampleConfig())
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer p.Close()
+	key, err := p.Signer(hsm.KeyRef{Label: "tls"})
+	if err != nil {
+		log.Fatal(err)
+	}
+
+	// A self-signed certificate for the HSM key, signed by the HSM key.
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "hsm.example"},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+		NotBefore:    time.Now().Add(-time.Minute),
+		NotAfter:     time.Now().Add(time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		log.Fatal(err)
+	}
+
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprint(w, "hello over TLS")
+	}))
+	srv.TLS = &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}}
+	srv.StartTLS()
+	defer srv.Close()
+
+	cert, _ := x509.ParseCertificate(der)
+	roots := x509.NewCertPool()
+	roots.AddCert(cert)
+	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}}
+	resp, err := client.Get(srv.URL)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	fmt.Println(string(body), resp.TLS.Version == tls.VersionTLS13)
+	// Output: hello over TLS true
+}
+
+// An HSM key as a certificate authority: x509.CreateCertificate signs with it.
+func Example_certificateAuthority() {
+	p, err := hsm.Open(exampleConfig())
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer p.Close()
+	caKey, err := p.Signer(hsm.KeyRef{Label: "ca"})
+	if err != nil {
+		log.Fatal(err)
+	}
+
+	caTmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "Example HSM CA"},
+		NotBefore:             time.Now().Add(-time.Minute),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, caKey.Public(), caKey)
+	if err != nil {
+		log.Fatal(err)
+	}
+	ca, _ := x509.ParseCertificate(caDER)
+
+	leafKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	leafTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(2),
+		Subject:      pkix.Name{CommonName: "service.example"},
+		DNSNames:     []string{"service.example"},
+		NotBefore:    time.Now().Add(-time.Minute),
+		NotAfter:     time.Now().Add(time.Hour),
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	leafDER, err := x509.CreateCertificate(rand.Reader, leafTmpl, ca, &leafKey.PublicKey, caKey)
+	if err != nil {
+		log.Fatal(err)
+	}
+	leaf, _ := x509.ParseCertificate(leafDER)
+
+	roots := x509.NewCertPool()
+	roots.AddCert(ca)
+	_, err = leaf.Verify(x509.VerifyOptions{Roots: roots, DNSName: "service.example"})
+	fmt.Println("leaf verifies:", err == nil, leaf.SignatureAlgorithm)
+	// Output: leaf verifies: true ECDSA-SHA384
+}
+
+// An HSM key signs a JWS (JWT) through go-jose's opaque signer.
+func Example_jws() {
+	p, err := hsm.Open(exampleConfig())
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer p.Close()
+	key, err := p.Signer(hsm.KeyRef{Label: "tls"})
+	if err != nil {
+		log.Fatal(err)
+	}
+
+	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: cryptosigner.Opaque(key)}, nil)
+	if err != nil {
+		log.Fatal(err)
+	}
+	obj, err := signer.Sign([]byte(`{"sub":"alice","iss":"hsm.example"}`))
+	if err != nil {
+		log.Fatal(err)
+	}
+	compact, _ := obj.CompactSerialize()
+
+	parsed, err := jose.ParseSigned(compact, []jose.SignatureAlgorithm{jose.ES256})
+	if err != nil {
+		log.Fatal(err)
+	}
+	payload, err := parsed.Verify(key.Public())
+	fmt.Println(string(payload), err)
+	// Output: {"sub":"alice","iss":"hsm.example"} <nil>
+}
+
+// After a re-initialization, keys of the earlier generation fail fast with
+// ErrStaleKey, without touching the HSM; look them up again.
+func ExampleProvider_Reinitialize() {
+	p, err := hsm.Open(exampleConfig())
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer p.Close()
+	old, _ := p.Signer(hsm.KeyRef{Label: "tls"})
+
+	// Typically after an error for which hsm.IsDeviceLost is true; pass
+	// the generation the error carries (hsm.Error.Generation).
+	if err := p.ReinitializeFrom(context.Background(), old.Generation()); err != nil {
+		log.Fatal(err)
+	}
+
+	digest := sha256.Sum256([]byte("hello"))
+	_, err = old.Sign(rand.Reader, digest[:], crypto.SHA256)
+	fmt.Println(errors.Is(err, hsm.ErrStaleKey), err)
+
+	fresh, _ := p.Signer(hsm.KeyRef{Label: "tls"})
+	_, err = fresh.Sign(rand.Reader, digest[:], crypto.SHA256)
+	fmt.Println(fresh.Generation(), err)
+	// Output:
+	// true hsm: sign (generation 1): key belongs to an earlier generation of the PKCS#11 library; look it up again
+	// 2 <nil>
+}
