@@ -72,6 +72,7 @@ func (d *Decrypter) Decrypt(rand io.Reader, ciphertext []byte, opts crypto.Decry
 	switch o := opts.(type) {
 	case nil:
 		out, err = k.decryptPKCS1(ciphertext, 0, rand)
+	//lint:ignore SA1019 crypto.Decrypter still defines PKCS #1 v1.5 decryption, and crypto/tls's RSA key exchange uses it.
 	case *rsa.PKCS1v15DecryptOptions:
 		if o.SessionKeyLen < 0 || o.SessionKeyLen > k.size-11 {
 			return nil, opErr(op, k.gen, ErrInvalidOptions, "SessionKeyLen %d does not fit a %d-byte modulus", o.SessionKeyLen, k.size)

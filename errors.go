@@ -3,6 +3,7 @@ package hsm
 import (
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/miekg/pkcs11"
 )
@@ -114,10 +115,8 @@ func (e *Error) Error() string {
 	if len(cause) > 5 && cause[:5] == "hsm: " {
 		cause = cause[5:]
 	}
-	if e.Code != 0 {
-		if _, ok := e.Err.(pkcs11.Error); ok {
-			cause = CodeName(e.Code)
-		}
+	if e.Code != 0 { // "pkcs11: 0x30: CKR_DEVICE_ERROR" reads "CKR_DEVICE_ERROR (0x30)"
+		cause = strings.Replace(cause, pkcs11.Error(e.Code).Error(), CodeName(e.Code), 1)
 	}
 	return msg + ": " + cause
 }

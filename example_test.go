@@ -186,7 +186,7 @@ func Example_jws() {
 	}
 	compact, _ := obj.CompactSerialize()
 
-	parsed, err := jose.ParseSigned(compact, []jose.SignatureAlgorithm{jose.ES256})
+	parsed, err := jose.ParseSignedCompact(compact, []jose.SignatureAlgorithm{jose.ES256})
 	if err != nil {
 		log.Fatal(err)
 	}

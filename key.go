@@ -122,7 +122,7 @@ func borrowErr(op string, gen uint64, err error) error {
 	case ErrBusy:
 		return &Error{Op: op, Generation: gen, Err: ErrBusy}
 	}
-	return p11err(op+": open session", gen, err)
+	return p11err(op, gen, fmt.Errorf("open session: %w", err))
 }
 
 // findObjects returns up to max+1 handles matching tmpl, so that callers can

@@ -21,7 +21,6 @@ package hsm
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -434,9 +433,4 @@ func (in *instance) stop() {
 	default:
 		close(in.closing)
 	}
-}
-
-// errIsCtx reports whether err is a context error.
-func errIsCtx(err error) bool {
-	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
 }

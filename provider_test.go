@@ -209,6 +209,10 @@ func TestErrorModel(t *testing.T) {
 	if got, want := err.Error(), "hsm: sign (generation 3): CKR_DEVICE_ERROR (0x30)"; got != want {
 		t.Errorf("Error() = %q, want %q", got, want)
 	}
+	if got, want := p11err("sign", 3, fmt.Errorf("open session: %w", pkcs11.Error(pkcs11.CKR_DEVICE_ERROR))).Error(),
+		"hsm: sign (generation 3): open session: CKR_DEVICE_ERROR (0x30)"; got != want {
+		t.Errorf("Error() = %q, want %q", got, want)
+	}
 	wrapped := fmt.Errorf("handshake: %w", err)
 	var e *Error
 	if !errors.As(wrapped, &e) || e.Op != "sign" || e.Code != 0x30 || e.Generation != 3 {

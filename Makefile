@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` and `make test`.
+GO ?= go
+STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
+
+.PHONY: demo test deps check fuzz
+
+## demo: create a SoftHSM2 token, sign, re-initialize, kill and restart a "network HSM", recover
+demo: deps
+	$(GO) run ./cmd/hsmdemo
+
+## test: the whole suite, race detector on (real SoftHSM2 and p11-kit, nothing skips)
+test: deps
+	$(GO) test -race -count=1 -timeout 9m ./...
+
+## deps: install softhsm2, p11-kit and opensc when missing
+deps:
+	@sh scripts/install-deps.sh
+
+## check: go vet, gofmt, staticcheck
+check:
+	$(GO) vet ./...
+	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	$(GO) run $(STATICCHECK) ./...
+
+## fuzz: run the fuzz targets for a while each
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzUnpadOAEP -fuzztime 30s .

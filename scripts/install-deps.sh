@@ -1,0 +1,29 @@
+#!/bin/sh
+# Installs the system packages hsm's demo and tests need, if missing:
+# softhsm2 (the token), p11-kit (remoting: the "network HSM"), opensc
+# (pkcs11-tool, to make tokens and keys). Debian/Ubuntu; apt-get as root,
+# through sudo otherwise.
+set -eu
+
+need=""
+[ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null 2>&1 || need="$need softhsm2"
+command -v p11-kit >/dev/null 2>&1 && [ -e /usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so ] || need="$need p11-kit p11-kit-modules"
+command -v pkcs11-tool >/dev/null 2>&1 || need="$need opensc"
+[ -z "$need" ] && exit 0
+
+if ! command -v apt-get >/dev/null 2>&1; then
+	echo "install-deps: missing:$need; this script knows only apt-get (Debian, Ubuntu)" >&2
+	exit 1
+fi
+if [ "$(id -u)" = 0 ]; then
+	sudo=""
+elif command -v sudo >/dev/null 2>&1; then
+	sudo="sudo"
+else
+	echo "install-deps: missing:$need; run as root or install sudo" >&2
+	exit 1
+fi
+echo "install-deps: installing$need" >&2
+$sudo apt-get update -qq
+# shellcheck disable=SC2086
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $need >/dev/null
