@@ -61,9 +61,11 @@ func (d *Decrypter) Decrypt(rand io.Reader, ciphertext []byte, opts crypto.Decry
 	const op = "decrypt"
 	k := d.k
 	if ok, w := k.p.gate.enter(k.gen); !ok {
+		k.p.health.refused.Add(1)
 		return nil, k.decryptErrs.pick(k.gen, w)
 	}
 	defer k.p.gate.exit()
+	k.p.health.ops.Add(1)
 
 	var (
 		out []byte

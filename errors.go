@@ -264,6 +264,22 @@ func isPINCode(code uint) bool {
 	return false
 }
 
+// causedBy returns an error matching both what and why (errors.Is, As),
+// reading "what: why" without a second "hsm: " prefix.
+func causedBy(what, why error) error {
+	if why == nil {
+		return what
+	}
+	return chain{what, why}
+}
+
+type chain struct{ what, why error }
+
+func (c chain) Error() string {
+	return c.what.Error() + ": " + strings.TrimPrefix(c.why.Error(), "hsm: ")
+}
+func (c chain) Unwrap() []error { return []error{c.what, c.why} }
+
 // p11err wraps a PKCS#11 failure of op in generation gen. A nil err stays nil.
 func p11err(op string, gen uint64, err error) error {
 	if err == nil {

@@ -20,6 +20,12 @@ const (
 	StateReinitializing
 	// StateClosed: Close was called; everything fails with ErrClosed.
 	StateClosed
+	// StateFailed: a re-initialization hit an error that retrying cannot
+	// fix: the token rejected the PIN (retrying could lock it), or a token
+	// with another serial number answers to the selector. Operations fail
+	// fast with ErrUnavailable, automatic recovery has stopped, LastError
+	// says why; an explicit Reinitialize tries once more.
+	StateFailed
 )
 
 func (s State) String() string {
@@ -32,6 +38,8 @@ func (s State) String() string {
 		return "reinitializing"
 	case StateClosed:
 		return "closed"
+	case StateFailed:
+		return "failed"
 	}
 	return fmt.Sprintf("State(%d)", uint32(s))
 }

@@ -8,3 +8,5 @@ require (
 )
 
 require github.com/go-jose/go-jose/v4 v4.1.9
+
+require go.uber.org/goleak v1.3.0

@@ -92,17 +92,21 @@ func (p *Provider) lookup(ref KeyRef) (*key, error) {
 	}
 	gen, _ := p.gate.load()
 	if ok, w := p.gate.enter(gen); !ok {
+		p.health.refused.Add(1)
 		errs := newKeyErrors(op, gen)
 		return nil, errs.pick(gen, w)
 	}
 	defer p.gate.exit()
+	p.health.ops.Add(1)
 	in := p.inst.Load()
 	s, err := in.borrow()
 	if err != nil {
+		p.observe(gen, err)
 		return nil, borrowErr(op, gen, err)
 	}
 	k, err := in.find(s, ref)
 	in.giveBack(s, err)
+	p.observe(gen, err)
 	if err != nil {
 		if _, isErr := err.(*Error); !isErr {
 			err = p11err(op, gen, err)

@@ -77,9 +77,38 @@ type Config struct {
 	// Luna). Zero means DefaultDrainTimeout.
 	DrainTimeout time.Duration
 
-	// Logger receives state changes (re-initializations, failures to
-	// re-initialize). Nil means no logging.
+	// Logger receives state changes (HSM lost, re-initialized, failed),
+	// never a line per failed operation; failed re-initializations are
+	// logged at most once a minute. Nil means no logging.
 	Logger *slog.Logger
+
+	// ProbeInterval is how often the provider checks, while healthy, that
+	// the token is present with the same serial and still logged in. An
+	// operation that fails with a suspect code (see Classify) triggers a
+	// probe at once. Zero means DefaultProbeInterval; negative disables the
+	// periodic probe (suspect codes still trigger one).
+	ProbeInterval time.Duration
+	// ProbeTimeout bounds a probe; a probe without an answer, or no call
+	// completing for this long while every session is busy, means the HSM
+	// hangs and the provider becomes unavailable. Zero means
+	// DefaultProbeTimeout.
+	ProbeTimeout time.Duration
+
+	// DisableAutoRecovery stops the provider from re-initializing by itself
+	// when it becomes unavailable; call Reinitialize instead.
+	DisableAutoRecovery bool
+	// RecoveryBackoffMin and RecoveryBackoffMax bound the wait between two
+	// automatic re-initializations that fail: it starts at the minimum and
+	// doubles up to the maximum, with jitter. Zero means
+	// DefaultRecoveryBackoffMin and DefaultRecoveryBackoffMax; the maximum
+	// is how late, at worst, recovery notices that the HSM is back.
+	RecoveryBackoffMin, RecoveryBackoffMax time.Duration
+
+	// OnStateChange, if set, is called for every change of State, in order,
+	// from a goroutine of the provider (never with a lock held: it may call
+	// the provider). A slow callback does not slow the provider; changes
+	// it falls behind on are counted in Stats.EventsDropped.
+	OnStateChange func(StateChange)
 }
 
 // String describes the configuration without the PIN.
@@ -130,8 +159,23 @@ func (c *Config) validate() error {
 		return fmt.Errorf("%w: PIN is empty (set NoLogin for tokens that need no login)", ErrConfig)
 	case c.MaxSessions < 0:
 		return fmt.Errorf("%w: MaxSessions %d is negative", ErrConfig, c.MaxSessions)
-	case c.DrainTimeout < 0 || c.SessionWaitTimeout < 0:
+	case c.DrainTimeout < 0 || c.SessionWaitTimeout < 0 || c.ProbeTimeout < 0 || c.RecoveryBackoffMin < 0 || c.RecoveryBackoffMax < 0:
 		return fmt.Errorf("%w: negative timeout", ErrConfig)
+	}
+	if c.ProbeInterval == 0 {
+		c.ProbeInterval = DefaultProbeInterval
+	}
+	if c.ProbeTimeout == 0 {
+		c.ProbeTimeout = DefaultProbeTimeout
+	}
+	if c.RecoveryBackoffMin == 0 {
+		c.RecoveryBackoffMin = DefaultRecoveryBackoffMin
+	}
+	if c.RecoveryBackoffMax == 0 {
+		c.RecoveryBackoffMax = DefaultRecoveryBackoffMax
+	}
+	if c.RecoveryBackoffMax < c.RecoveryBackoffMin {
+		return fmt.Errorf("%w: RecoveryBackoffMax %v is below RecoveryBackoffMin %v", ErrConfig, c.RecoveryBackoffMax, c.RecoveryBackoffMin)
 	}
 	if c.MaxSessions == 0 {
 		c.MaxSessions = DefaultMaxSessions
@@ -225,6 +269,7 @@ type Provider struct {
 
 	flights singleflight.Group
 	reinits atomic.Uint64
+	health  health
 
 	// testHookFinalized, if set, runs inside a re-initialization right
 	// after C_Finalize and before C_Initialize. Tests use it to change the
@@ -247,8 +292,7 @@ func Open(cfg Config) (*Provider, error) {
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
 	}
-	p.life.Lock()
-	defer p.life.Unlock()
+	p.health.init()
 	in, err := p.start(1)
 	if err != nil {
 		releaseModule(abs)
@@ -257,22 +301,31 @@ func Open(cfg Config) (*Provider, error) {
 	p.serial = in.token.SerialNumber
 	p.inst.Store(in)
 	p.gate.set(1, StateHealthy)
+	if cfg.OnStateChange != nil {
+		p.health.events = make(chan StateChange, 256)
+		p.health.notifyDone = make(chan struct{})
+		go p.notify()
+	}
+	go p.monitor()
 	return p, nil
 }
 
 // start initializes the library and sets up generation gen. On failure the
 // library is left finalized. Called with p.life held.
 func (p *Provider) start(gen uint64) (*instance, error) {
-	const op = "open"
+	op := "open"
+	if gen > 1 {
+		op = "reinitialize"
+	}
 	if err := p.ctx.Initialize(); err != nil {
 		if code, _ := CodeOf(err); code == pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED {
 			return nil, &Error{Op: op, Code: code, Generation: gen,
 				Err: fmt.Errorf("%w: %s was initialized by other code in this process (%w)", ErrModuleInUse, p.modPath, err)}
 		}
-		return nil, p11err("initialize", gen, err)
+		return nil, p11err(op, gen, fmt.Errorf("C_Initialize: %w", err))
 	}
 	p.initialized = true
-	in, err := p.setup(gen)
+	in, err := p.setup(op, gen)
 	if err != nil {
 		p.finalize()
 		return nil, err
@@ -280,8 +333,7 @@ func (p *Provider) start(gen uint64) (*instance, error) {
 	return in, nil
 }
 
-func (p *Provider) setup(gen uint64) (*instance, error) {
-	const op = "open"
+func (p *Provider) setup(op string, gen uint64) (*instance, error) {
 	slot, token, err := p.findToken(gen)
 	if err != nil {
 		return nil, err
@@ -299,6 +351,15 @@ func (p *Provider) setup(gen uint64) (*instance, error) {
 		// Provider initialized the library itself, moments ago.
 		if code, _ := CodeOf(err); err != nil && code != pkcs11.CKR_USER_ALREADY_LOGGED_IN {
 			return nil, p11err("login", gen, err)
+		}
+		// Self-test: the session must now be a user session.
+		si, err := p.ctx.GetSessionInfo(login)
+		if err != nil {
+			return nil, p11err("login", gen, err)
+		}
+		if si.State != pkcs11.CKS_RW_USER_FUNCTIONS && si.State != pkcs11.CKS_RO_USER_FUNCTIONS {
+			return nil, &Error{Op: "login", Generation: gen, Code: pkcs11.CKR_USER_NOT_LOGGED_IN,
+				Err: fmt.Errorf("C_Login succeeded but the session is not logged in (state %d): %w", si.State, pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN))}
 		}
 	}
 	maxSessions := p.cfg.MaxSessions
@@ -399,13 +460,16 @@ func (p *Provider) TokenInfo() (label, serial, model, manufacturer string) {
 // to finish. Once Close has returned nil, later calls return nil. Safe for
 // concurrent use; it waits for a re-initialization in progress.
 func (p *Provider) Close() error {
+	p.stopBackground()
 	p.life.Lock()
 	defer p.life.Unlock()
 	if p.closeDone {
 		return nil
 	}
-	gen, _ := p.gate.load()
-	p.gate.set(gen, StateClosed)
+	gen, st := p.gate.load()
+	if st != StateClosed {
+		p.setState(gen, StateClosed, nil)
+	}
 	if in := p.inst.Load(); in != nil {
 		in.stop()
 	}
@@ -422,15 +486,10 @@ func (p *Provider) Close() error {
 	p.inst.Store(nil)
 	p.closeDone = true
 	releaseModule(p.modPath)
+	p.closeEvents()
 	return nil
 }
 
-// stop wakes the operations of this generation that wait for a session.
-// Called with the provider's life mutex held, at most once per instance.
-func (in *instance) stop() {
-	select {
-	case <-in.closing:
-	default:
-		close(in.closing)
-	}
-}
+// stop wakes the operations of this generation that wait for a session:
+// the generation no longer admits operations. Safe to call more than once.
+func (in *instance) stop() { in.closeOnce.Do(func() { close(in.closing) }) }

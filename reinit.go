@@ -2,6 +2,7 @@ package hsm
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 )
@@ -73,7 +74,7 @@ func (p *Provider) reinitialize(failed uint64) error {
 
 	// Stop admitting operations of this generation and wake those waiting
 	// for a session, then wait for the calls inside the library.
-	p.gate.set(gen, StateReinitializing)
+	p.setState(gen, StateReinitializing, nil)
 	if in := p.inst.Load(); in != nil {
 		in.stop()
 	}
@@ -81,10 +82,10 @@ func (p *Provider) reinitialize(failed uint64) error {
 	err := p.gate.drain(ctx)
 	cancel()
 	if err != nil {
-		p.gate.set(gen, StateUnavailable)
 		err = &Error{Op: op, Generation: gen,
 			Err: fmt.Errorf("%w: %d calls in flight after %v; not finalizing", ErrDrainTimeout, p.gate.inFlight(), p.cfg.DrainTimeout)}
-		p.log.Error("hsm: re-initialization gave up", "generation", gen, "err", err)
+		p.health.reinitFailures.Add(1)
+		p.setState(gen, StateUnavailable, err)
 		return err
 	}
 
@@ -97,13 +98,18 @@ func (p *Provider) reinitialize(failed uint64) error {
 	}
 	in, err := p.start(gen + 1)
 	if err != nil {
-		p.gate.set(gen, StateUnavailable)
-		p.log.Error("hsm: re-initialization failed; provider unavailable", "generation", gen, "err", err)
+		p.health.reinitFailures.Add(1)
+		if errors.Is(err, ErrPIN) || errors.Is(err, ErrTokenChanged) {
+			// Retrying cannot help, and retrying a PIN can lock the token.
+			p.setState(gen, StateFailed, err)
+		} else {
+			p.setState(gen, StateUnavailable, err)
+		}
 		return err
 	}
 	p.inst.Store(in)
-	p.gate.set(gen+1, StateHealthy)
 	p.reinits.Add(1)
+	p.setState(gen+1, StateHealthy, nil)
 	p.log.Info("hsm: re-initialized", "generation", gen+1, "took", time.Since(start))
 	return nil
 }

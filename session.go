@@ -3,6 +3,7 @@ package hsm
 import (
 	"errors"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/miekg/pkcs11"
@@ -30,6 +31,10 @@ type instance struct {
 	// wake operations waiting for a session.
 	closing chan struct{}
 	wait    time.Duration
+	// lastDone is when a call of this generation last completed (unix
+	// nanoseconds), to tell a hung HSM from a busy one.
+	lastDone  atomic.Int64
+	closeOnce sync.Once
 
 	// oaepSoft records the OAEP parameter shapes (oaepShape) whose
 	// CKM_RSA_PKCS_OAEP this token refused, to go straight to the software
@@ -48,6 +53,7 @@ func newInstance(ctx *pkcs11.Ctx, gen uint64, slot uint, token pkcs11.TokenInfo,
 	for range maxSessions {
 		in.slots <- struct{}{}
 	}
+	in.lastDone.Store(time.Now().UnixNano())
 	return in
 }
 
@@ -89,6 +95,7 @@ func (in *instance) borrow() (pkcs11.SessionHandle, error) {
 // giveBack ends an operation's use of session s. opErr is the operation's
 // error: a session whose state is in doubt is not pooled again.
 func (in *instance) giveBack(s pkcs11.SessionHandle, opErr error) {
+	in.lastDone.Store(time.Now().UnixNano())
 	code, _ := CodeOf(opErr)
 	switch {
 	case code == pkcs11.CKR_SESSION_HANDLE_INVALID, code == pkcs11.CKR_SESSION_CLOSED,

@@ -89,9 +89,11 @@ func (s *Signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 func (k *key) sign(digest []byte, opts crypto.SignerOpts) ([]byte, error) {
 	const op = "sign"
 	if ok, w := k.p.gate.enter(k.gen); !ok {
+		k.p.health.refused.Add(1)
 		return nil, k.signErrs.pick(k.gen, w)
 	}
 	defer k.p.gate.exit()
+	k.p.health.ops.Add(1)
 	if !k.canSign {
 		return nil, opErr(op, k.gen, ErrUnsupportedKey, "%s does not allow signing (CKA_SIGN is false)", k.ref)
 	}
@@ -122,10 +124,12 @@ func (k *key) sign(digest []byte, opts crypto.SignerOpts) ([]byte, error) {
 func (k *key) call(op string, f func(*pkcs11.Ctx, pkcs11.SessionHandle) ([]byte, error)) ([]byte, error) {
 	s, err := k.in.borrow()
 	if err != nil {
+		k.p.observe(k.gen, err)
 		return nil, borrowErr(op, k.gen, err)
 	}
 	out, err := f(k.in.ctx, s)
 	k.in.giveBack(s, err)
+	k.p.observe(k.gen, err)
 	if err != nil {
 		return nil, p11err(op, k.gen, err)
 	}

@@ -225,6 +225,26 @@ func (tok *Token) SetPIN(newPIN string) error {
 	return nil
 }
 
+// Replace deletes the token and initializes a new one under the same label,
+// with the same PINs: a different token (another serial number) answers to
+// the old label.
+func (tok *Token) Replace() error {
+	if _, err := run("softhsm2-util", "--delete-token", "--token", tok.Label); err != nil {
+		return err
+	}
+	if _, err := run("softhsm2-util", "--init-token", "--free", "--label", tok.Label, "--pin", tok.PIN, "--so-pin", tok.SOPIN); err != nil {
+		return err
+	}
+	out, err := run("pkcs11-tool", "--module", SoftHSMModule, "--list-token-slots")
+	if err != nil {
+		return err
+	}
+	if tok.Serial = serialOf(out, tok.Label); tok.Serial == "" {
+		return fmt.Errorf("softhsmtest: replaced token %q not listed", tok.Label)
+	}
+	return nil
+}
+
 // Tool runs pkcs11-tool against the token directly (not through p11-kit),
 // logged in with the user PIN, and returns its output.
 func (tok *Token) Tool(args ...string) (string, error) {

@@ -1,0 +1,465 @@
+package hsm
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/ce46d8f2/hsm/internal/softhsmtest"
+)
+
+// openAuto is openRemote with automatic recovery on.
+func openAuto(t *testing.T, mod ...func(*Config)) (*remote, *eventLog) {
+	t.Helper()
+	ev := &eventLog{}
+	r := openRemote(t, append([]func(*Config){func(c *Config) {
+		c.DisableAutoRecovery = false
+		c.OnStateChange = ev.add
+	}}, mod...)...)
+	return r, ev
+}
+
+// eventLog records the StateChanges delivered to OnStateChange.
+type eventLog struct {
+	mu  sync.Mutex
+	evs []StateChange
+}
+
+func (l *eventLog) add(ev StateChange) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.evs = append(l.evs, ev)
+}
+
+func (l *eventLog) all() []StateChange {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]StateChange(nil), l.evs...)
+}
+
+// first waits for the first change to state to at or after since (events
+// are delivered asynchronously) and returns it; it fails the test after 10s.
+func (l *eventLog) first(t *testing.T, to State, since time.Time) StateChange {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		for _, ev := range l.all() {
+			if ev.To == to && !ev.At.Before(since) {
+				return ev
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no change to %v since %v delivered to OnStateChange", to, since)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// waitState waits until p is in state want, failing after limit.
+func waitState(t *testing.T, p *Provider, want State, limit time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for p.State() != want {
+		if time.Now().After(deadline) {
+			t.Fatalf("state %v after %v, want %v (last error: %v)", p.State(), limit, want, p.LastError())
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestAutomaticRecovery: 32 goroutines sign continuously through p11-kit;
+// the server's whole process session is killed. Every goroutine sees
+// ErrUnavailable, fast; the server is restarted and the provider recovers
+// by itself, with exactly one re-initialization per outage; every goroutine
+// signs again.
+func TestAutomaticRecovery(t *testing.T) {
+	r, events := openAuto(t)
+	p := r.p
+	const workers = 32
+	type worker struct {
+		sawUnavailable atomic.Bool
+		signedAfter    atomic.Bool
+	}
+	ws := make([]worker, workers)
+	var lossAt atomic.Int64    // unix nanos of the first loss seen, 0 before
+	var slowest atomic.Int64   // longest call after the loss, nanos
+	var recovered atomic.Int64 // unix nanos of the recovery, 0 before
+	var bad atomic.Value
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Go(func() {
+			var s *Signer
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if s == nil {
+					var err error
+					if s, err = p.Signer(KeyRef{Label: "ec"}); err != nil {
+						if !errors.Is(err, ErrUnavailable) && !IsDeviceLost(err) {
+							bad.Store(fmt.Errorf("lookup: %w", err))
+						}
+						time.Sleep(time.Millisecond)
+						continue
+					}
+				}
+				digest := sha256.Sum256(fmt.Appendf(nil, "%d %d", w, i))
+				start := time.Now()
+				sig, err := s.Sign(nil, digest[:], crypto.SHA256)
+				took := time.Since(start)
+				if l := lossAt.Load(); l != 0 && start.UnixNano() > l+int64(time.Millisecond) && recovered.Load() == 0 {
+					for {
+						old := slowest.Load()
+						if int64(took) <= old || slowest.CompareAndSwap(old, int64(took)) {
+							break
+						}
+					}
+				}
+				switch {
+				case err == nil:
+					if !ecdsa.VerifyASN1(s.Public().(*ecdsa.PublicKey), digest[:], sig) {
+						bad.Store(errors.New("signature does not verify"))
+					}
+					if recovered.Load() != 0 && s.Generation() > 1 {
+						ws[w].signedAfter.Store(true)
+					}
+				case errors.Is(err, ErrUnavailable):
+					lossAt.CompareAndSwap(0, time.Now().UnixNano())
+					ws[w].sawUnavailable.Store(true)
+					time.Sleep(time.Millisecond)
+				case IsDeviceLost(err):
+					lossAt.CompareAndSwap(0, time.Now().UnixNano())
+				case errors.Is(err, ErrStaleKey):
+					s = nil
+				default:
+					bad.Store(fmt.Errorf("unexpected: %w", err))
+				}
+			}
+		})
+	}
+	defer func() {
+		close(stop)
+		wg.Wait()
+	}()
+
+	time.Sleep(100 * time.Millisecond) // all signing
+	killAt := time.Now()
+	r.kill(t)
+	killTook := time.Since(killAt)
+	waitState(t, p, StateUnavailable, 5*time.Second)
+	lost := events.first(t, StateUnavailable, killAt)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		all := true
+		for i := range ws {
+			all = all && ws[i].sawUnavailable.Load()
+		}
+		if all {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("not every goroutine saw ErrUnavailable")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond) // the HSM stays down a while: failed re-initializations
+
+	restartAt := time.Now()
+	r.restart(t)
+	if err := p.WaitHealthy(contextWithTimeout(t, 10*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	healthy := events.first(t, StateHealthy, restartAt)
+	recovered.Store(time.Now().UnixNano())
+	deadline = time.Now().Add(5 * time.Second)
+	for {
+		all := true
+		for i := range ws {
+			all = all && ws[i].signedAfter.Load()
+		}
+		if all {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("not every goroutine signed again after recovery")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if err, _ := bad.Load().(error); err != nil {
+		t.Fatal(err)
+	}
+	st := p.Stats()
+	if st.Reinitializations != 1 || st.Generation != 2 {
+		t.Fatalf("%d re-initializations, generation %d; want exactly 1 for one outage", st.Reinitializations, st.Generation)
+	}
+	slow := time.Duration(slowest.Load())
+	t.Logf("kill (SIGKILL to the session, reaped in %v) -> unavailable %v; slowest call while unavailable %v; restart -> healthy %v; failed re-initializations while down %d; errors %v",
+		killTook, lost.At.Sub(killAt), slow, healthy.At.Sub(restartAt), st.ReinitializationFailures, st.ErrorsByCode)
+	if slow > 50*time.Millisecond {
+		t.Errorf("a call took %v while the provider was unavailable; they must fail fast", slow)
+	}
+	if d := healthy.At.Sub(restartAt); d > p.cfg.RecoveryBackoffMax+2*time.Second {
+		t.Errorf("recovery took %v after the HSM came back", d)
+	}
+
+	// A second outage: again exactly one re-initialization.
+	r.kill(t)
+	waitState(t, p, StateUnavailable, 5*time.Second)
+	r.restart(t)
+	if err := p.WaitHealthy(contextWithTimeout(t, 10*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if n := p.Reinitializations(); n != 2 {
+		t.Fatalf("%d re-initializations after two outages", n)
+	}
+}
+
+func contextWithTimeout(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(t.Context(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// TestHungHSMRecovers: the HSM stops answering with a call in flight. A
+// probe finds it hung and makes the provider unavailable; re-initializations
+// time out draining and never finalize under the stuck call; when the HSM
+// answers again the call completes and the provider recovers by itself.
+func TestHungHSMRecovers(t *testing.T) {
+	r, events := openAuto(t, func(c *Config) {
+		c.ProbeInterval = 50 * time.Millisecond
+		c.ProbeTimeout = 200 * time.Millisecond
+		c.DrainTimeout = 300 * time.Millisecond
+	})
+	p := r.p
+	s := mustSigner(t, p, "ec")
+	digest := sha256.Sum256([]byte("hung"))
+	r.srv.Pause()
+	hung := make(chan error, 1)
+	go func() {
+		sig, err := s.Sign(nil, digest[:], crypto.SHA256)
+		if err == nil && !ecdsa.VerifyASN1(s.Public().(*ecdsa.PublicKey), digest[:], sig) {
+			err = errors.New("signature does not verify")
+		}
+		hung <- err
+	}()
+	pausedAt := time.Now()
+	waitState(t, p, StateUnavailable, 5*time.Second)
+	ev := events.first(t, StateUnavailable, pausedAt)
+	if !errors.Is(ev.Err, ErrHung) {
+		t.Fatalf("unavailable because of %v, want ErrHung", ev.Err)
+	}
+	// Let a few re-initializations give up on the drain.
+	deadline := time.Now().Add(10 * time.Second)
+	for p.Stats().ReinitializationFailures < 2 {
+		if time.Now().After(deadline) {
+			t.Fatal("no re-initialization attempts while hung")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	p.life.Lock()
+	finalized := !p.initialized
+	p.life.Unlock()
+	if finalized || p.Generation() != 1 {
+		t.Fatalf("finalized=%v generation=%d with a call in flight", finalized, p.Generation())
+	}
+	if !errors.Is(p.LastError(), ErrDrainTimeout) && !errors.Is(p.LastError(), ErrHung) {
+		t.Fatalf("last error %v", p.LastError())
+	}
+	_, err := s.Sign(nil, digest[:], crypto.SHA256)
+	wantErr(t, err, ErrUnavailable)
+
+	resumeAt := time.Now()
+	r.srv.Resume()
+	if err := <-hung; err != nil {
+		t.Fatalf("the call in flight: %v", err)
+	}
+	if err := p.WaitHealthy(contextWithTimeout(t, 10*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	healthy := events.first(t, StateHealthy, resumeAt)
+	t.Logf("pause -> unavailable %v; resume -> healthy %v; drain time-outs %d", ev.At.Sub(pausedAt), healthy.At.Sub(resumeAt), p.Stats().ReinitializationFailures)
+	if _, err := mustSigner(t, p, "ec").Sign(nil, digest[:], crypto.SHA256); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestWrongPINAfterOutage: the PIN is changed while the HSM is down. The
+// re-initialization's login fails once; the provider latches in StateFailed
+// with a clear error and does not retry (retrying would lock the token).
+func TestWrongPINAfterOutage(t *testing.T) {
+	r, _ := openAuto(t)
+	p := r.p
+	s := mustSigner(t, p, "ec")
+	r.kill(t)
+	digest := sha256.Sum256(nil)
+	if _, err := s.Sign(nil, digest[:], crypto.SHA256); !IsDeviceLost(err) {
+		t.Fatalf("after kill: %v", err)
+	}
+	r.tok.ChangePIN(t, "4321") // the provider still has "1234"
+	r.restart(t)
+	waitState(t, p, StateFailed, 10*time.Second)
+	err := p.WaitHealthy(t.Context())
+	if !errors.Is(err, ErrPIN) || !errors.Is(p.LastError(), ErrPIN) || !strings.Contains(err.Error(), "CKR_PIN_INCORRECT") ||
+		strings.Count(err.Error(), "hsm: ") != 1 {
+		t.Fatalf("WaitHealthy: %v; LastError: %v; want a PIN error", err, p.LastError())
+	}
+	t.Log(err)
+	failures := p.Stats().ReinitializationFailures
+	time.Sleep(3 * p.cfg.RecoveryBackoffMax) // several backoff periods
+	if now := p.Stats().ReinitializationFailures; now != failures || p.State() != StateFailed {
+		t.Fatalf("re-initialization retried after a PIN error: %d -> %d failures, state %v", failures, now, p.State())
+	}
+	_, err = s.Sign(nil, digest[:], crypto.SHA256)
+	wantErr(t, err, ErrUnavailable)
+	// The token is not locked: the new PIN logs in.
+	if _, err := r.tok.Tool("--list-objects"); err != nil {
+		t.Fatalf("login with the new PIN: %v", err)
+	}
+}
+
+// TestOtherTokenSameLabel: while the HSM is down the token is replaced by
+// another one with the same label. Recovery refuses it.
+func TestOtherTokenSameLabel(t *testing.T) {
+	r, _ := openAuto(t)
+	p := r.p
+	oldSerial := r.tok.Serial
+	r.kill(t)
+	mustSignerOrLost(t, p)
+	if err := r.tok.Replace(); err != nil {
+		t.Fatal(err)
+	}
+	if r.tok.Serial == oldSerial {
+		t.Fatal("replacement token has the same serial")
+	}
+	r.restart(t)
+	waitState(t, p, StateFailed, 10*time.Second)
+	if err := p.LastError(); !errors.Is(err, ErrTokenChanged) || !strings.Contains(err.Error(), oldSerial) {
+		t.Fatalf("LastError %v, want ErrTokenChanged naming serial %s", err, oldSerial)
+	}
+	t.Log(p.LastError())
+	_, err := p.Signer(KeyRef{Label: "ec"})
+	wantErr(t, err, ErrUnavailable)
+}
+
+// mustSignerOrLost makes one call after a kill so that the provider notices.
+func mustSignerOrLost(t *testing.T, p *Provider) {
+	t.Helper()
+	if _, err := p.Signer(KeyRef{Label: "ec"}); !IsDeviceLost(err) {
+		t.Fatalf("lookup after kill: %v, want device lost", err)
+	}
+}
+
+// TestSuspectCodeProbes: an operation failing with a suspect code (SoftHSM
+// reports bad PKCS #1 padding as CKR_GENERAL_ERROR) makes the provider
+// probe the token at once; the token is fine, so it stays healthy.
+func TestSuspectCodeProbes(t *testing.T) {
+	p := openShared(t, func(c *Config) { c.ProbeInterval = -1 })
+	d, err := p.Decrypter(KeyRef{Label: "rsa2048"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	garbage := make([]byte, 256)
+	garbage[0] = 1
+	_, err = d.Decrypt(nil, garbage, nil)
+	wantErr(t, err, ErrDecryption)
+	if Classify(err) != ClassSuspect {
+		t.Fatalf("class %v", Classify(err))
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for p.Stats().Probes == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("no probe after a suspect code")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	for p.health.probing.Load() {
+		time.Sleep(time.Millisecond)
+	}
+	st := p.Stats()
+	if st.State != StateHealthy || st.ProbeFailures != 0 {
+		t.Fatalf("after probe: %+v", st)
+	}
+	if st.ErrorsByCode["CKR_GENERAL_ERROR (0x5)"] != 1 {
+		t.Fatalf("errors by code: %v", st.ErrorsByCode)
+	}
+}
+
+func TestStatsAndReadiness(t *testing.T) {
+	p := openShared(t)
+	h := p.ReadyHandler()
+	get := func() (int, string) {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/ready", nil))
+		b, _ := io.ReadAll(rec.Body)
+		return rec.Code, string(b)
+	}
+	if code, body := get(); code != http.StatusOK || body != "healthy generation 1\n" {
+		t.Fatalf("ready: %d %q", code, body)
+	}
+	s := mustSigner(t, p, "p256")
+	digest := sha256.Sum256(nil)
+	for range 5 {
+		if _, err := s.Sign(nil, digest[:], crypto.SHA256); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := p.Reinitialize(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	_, _ = s.Sign(nil, digest[:], crypto.SHA256) // stale: refused
+	st := p.Stats()
+	if st.Operations != 6 || st.Refused != 1 || st.Reinitializations != 1 || st.Generation != 2 || st.State != StateHealthy {
+		t.Fatalf("stats %+v", st)
+	}
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if code, body := get(); code != http.StatusServiceUnavailable || !strings.HasPrefix(body, "closed") {
+		t.Fatalf("after close: %d %q", code, body)
+	}
+}
+
+// TestNoGoroutinesAfterClose: the monitor, the notifier and probes end with
+// Close, also after an outage and a recovery.
+func TestNoGoroutinesAfterClose(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	func() {
+		var calls atomic.Int64
+		tok := sharedToken(t)
+		p, err := Open(Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label, PIN: tok.PIN,
+			ProbeInterval: 5 * time.Millisecond, OnStateChange: func(StateChange) { calls.Add(1) }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := p.Reinitialize(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(30 * time.Millisecond) // some probes
+		if err := p.Close(); err != nil {
+			t.Fatal(err)
+		}
+		// healthy -> reinitializing -> healthy -> closed
+		if calls.Load() != 3 {
+			t.Fatalf("%d state changes delivered, want 3", calls.Load())
+		}
+		if p.Stats().Probes == 0 {
+			t.Fatal("no probes ran")
+		}
+	}()
+}
