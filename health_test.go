@@ -10,6 +10,8 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -462,4 +464,84 @@ func TestNoGoroutinesAfterClose(t *testing.T) {
 			t.Fatal("no probes ran")
 		}
 	}()
+}
+
+// osThreads returns the number of OS threads of this process.
+func osThreads(t *testing.T) int {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if n, ok := strings.CutPrefix(line, "Threads:"); ok {
+			v, err := strconv.Atoi(strings.TrimSpace(n))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return v
+		}
+	}
+	t.Fatal("no Threads line in /proc/self/status")
+	return 0
+}
+
+// TestHungHSMBoundsThreads: with the HSM hung, callers beyond MaxSessions
+// do not enter the PKCS#11 library (each would pin an OS thread): they
+// wait at most SessionWaitTimeout (ErrBusy), or fail at once once the hang
+// is detected (ErrUnavailable).
+func TestHungHSMBoundsThreads(t *testing.T) {
+	r, _ := openAuto(t, func(c *Config) {
+		c.SessionWaitTimeout = 100 * time.Millisecond
+		c.ProbeInterval = 50 * time.Millisecond
+		c.ProbeTimeout = time.Second
+	})
+	p := r.p
+	s := mustSigner(t, p, "ec")
+	digest := sha256.Sum256(nil)
+	r.srv.Pause()
+	defer r.srv.Resume()
+	go func() { _, _ = s.Sign(nil, digest[:], crypto.SHA256) }() // the one call that hangs
+	for p.gate.inFlight() == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	time.Sleep(20 * time.Millisecond)
+	before := osThreads(t)
+
+	const callers = 50
+	errs := make(chan error, callers)
+	start := time.Now()
+	for range callers {
+		go func() {
+			_, err := s.Sign(nil, digest[:], crypto.SHA256)
+			errs <- err
+		}()
+	}
+	var busy, unavailable int
+	deadline := time.After(5 * time.Second)
+	for range callers {
+		var err error
+		select {
+		case err = <-errs:
+		case <-deadline:
+			t.Fatalf("callers beyond MaxSessions still blocked after 5s; OS threads grew by %d", osThreads(t)-before)
+		}
+		switch {
+		case errors.Is(err, ErrBusy):
+			busy++
+		case errors.Is(err, ErrUnavailable):
+			unavailable++
+		default:
+			t.Fatalf("caller beyond MaxSessions: %v", err)
+		}
+	}
+	took := time.Since(start)
+	grew := osThreads(t) - before
+	t.Logf("%d callers beyond the bound: %d ErrBusy, %d ErrUnavailable, all back in %v; OS threads grew by %d", callers, busy, unavailable, took, grew)
+	if took > 2*time.Second {
+		t.Errorf("callers beyond the bound took %v", took)
+	}
+	if grew > 10 {
+		t.Errorf("OS threads grew by %d for %d blocked callers: they entered the library", grew, callers)
+	}
 }

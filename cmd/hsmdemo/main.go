@@ -3,9 +3,12 @@
 //
 //  1. Directly on SoftHSM2: sign, re-initialize the PKCS#11 library, watch
 //     the old key fail fast with ErrStaleKey, look it up again, sign again.
-//  2. Through p11-kit remoting, the way a network HSM is reached: kill the
-//     HSM, see every call fail with CKR_DEVICE_ERROR even after the HSM is
-//     back, re-initialize once, and sign again with the same key.
+//  2. Through p11-kit remoting, the way a network HSM is reached, recovery
+//     by hand: kill the HSM, see the first call fail with CKR_DEVICE_ERROR
+//     and the rest fail fast, restart it, re-initialize once, sign again.
+//  3. The same outage with automatic recovery: the provider notices, fails
+//     fast while the HSM is gone, and is healthy again shortly after it
+//     returns, without any code of the application.
 //
 // It needs softhsm2, p11-kit and opensc (make deps installs them) and exits
 // non-zero if anything does not behave as described.
@@ -57,8 +60,11 @@ func run() error {
 	if err := direct(tok); err != nil {
 		return fmt.Errorf("part 1: %w", err)
 	}
-	if err := remote(tok); err != nil {
+	if err := manual(tok); err != nil {
 		return fmt.Errorf("part 2: %w", err)
+	}
+	if err := automatic(tok); err != nil {
+		return fmt.Errorf("part 3: %w", err)
 	}
 	fmt.Println("\nAll good: no stale handle was ever used, and the key survived the outage.")
 	return nil
@@ -121,19 +127,26 @@ func direct(tok *softhsmtest.Token) error {
 	return nil
 }
 
-func remote(tok *softhsmtest.Token) error {
-	fmt.Println("== Part 2: the same token as a network HSM (p11-kit server + p11-kit-client.so) ==")
+// remoteConfig is the Config for tok served by p11-kit.
+func remoteConfig(srv *softhsmtest.Server, tok *softhsmtest.Token) hsm.Config {
+	return hsm.Config{
+		Path: srv.Module(), TokenLabel: tok.Label, PIN: tok.PIN,
+		// p11-kit 0.24's client can hang when the server dies with several
+		// calls in flight: one call at a time (see README).
+		MaxSessions: 1,
+	}
+}
+
+func manual(tok *softhsmtest.Token) error {
+	fmt.Println("== Part 2: the same token as a network HSM (p11-kit server + p11-kit-client.so), recovery by hand ==")
 	srv, err := softhsmtest.Serve(tok)
 	if err != nil {
 		return err
 	}
 	defer srv.Stop()
-	p, err := hsm.Open(hsm.Config{
-		Path: srv.Module(), TokenLabel: tok.Label, PIN: tok.PIN,
-		// p11-kit 0.24's client can hang when the server dies with several
-		// calls in flight: one call at a time (see README).
-		MaxSessions: 1,
-	})
+	cfg := remoteConfig(srv, tok)
+	cfg.DisableAutoRecovery = true
+	p, err := hsm.Open(cfg)
 	if err != nil {
 		return err
 	}
@@ -159,13 +172,19 @@ func remote(tok *softhsmtest.Token) error {
 	}
 	fmt.Printf("killed the HSM; the next signature failed in %v:\n    %v (class %v)\n", took.Round(time.Microsecond), err, hsm.Classify(err))
 
+	took, err = signVerify(key, pub)
+	if !errors.Is(err, hsm.ErrUnavailable) {
+		return fmt.Errorf("second signature after the kill: %v, want ErrUnavailable", err)
+	}
+	fmt.Printf("from then on the provider is %v and calls fail fast (%v), without touching the HSM:\n    %v\n", p.State(), took, err)
+
 	if err := srv.Restart(); err != nil {
 		return err
 	}
-	if _, err = signVerify(key, pub); !hsm.IsDeviceLost(err) {
-		return fmt.Errorf("after restarting the server: %v, want the library still broken", err)
+	if _, err = signVerify(key, pub); !errors.Is(err, hsm.ErrUnavailable) {
+		return fmt.Errorf("after restarting the server: %v, want still unavailable", err)
 	}
-	fmt.Printf("restarted the HSM; the library does not recover by itself:\n    %v\n", err)
+	fmt.Println("restarted the HSM; the PKCS#11 library cannot use it until it is re-initialized")
 
 	start := time.Now()
 	if err := p.ReinitializeFrom(context.Background(), herr.Generation); err != nil {
@@ -190,4 +209,71 @@ func remote(tok *softhsmtest.Token) error {
 	}
 	fmt.Printf("old key: ErrStaleKey; looked up again, it signs in %v and verifies under the original public key\n", took.Round(time.Microsecond))
 	return nil
+}
+
+func automatic(tok *softhsmtest.Token) error {
+	fmt.Println("\n== Part 3: the same outage with automatic recovery (the default) ==")
+	srv, err := softhsmtest.Serve(tok)
+	if err != nil {
+		return err
+	}
+	defer srv.Stop()
+	changes := make(chan hsm.StateChange, 64)
+	cfg := remoteConfig(srv, tok)
+	cfg.OnStateChange = func(c hsm.StateChange) { changes <- c }
+	p, err := hsm.Open(cfg)
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+	key, err := p.Signer(hsm.KeyRef{Label: "demo-key"})
+	if err != nil {
+		return err
+	}
+	pub := key.Public().(*ecdsa.PublicKey)
+
+	killed := time.Now()
+	if err := srv.Kill(); err != nil {
+		return err
+	}
+	_, err = signVerify(key, pub)
+	if !hsm.IsDeviceLost(err) {
+		return fmt.Errorf("after the kill: %v", err)
+	}
+	took, err := signVerify(key, pub)
+	if !errors.Is(err, hsm.ErrUnavailable) {
+		return fmt.Errorf("second call after the kill: %v", err)
+	}
+	fmt.Printf("killed the HSM: %v after the kill the provider was %v; calls fail fast (%v each)\n", time.Since(killed).Round(time.Microsecond), p.State(), took)
+	time.Sleep(500 * time.Millisecond)
+	st := p.Stats()
+	fmt.Printf("half a second later: still %v, %d re-initialization attempts failed while the HSM is gone\n", st.State, st.ReinitializationFailures)
+
+	restarted := time.Now()
+	if err := srv.Restart(); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := p.WaitHealthy(ctx); err != nil {
+		return err
+	}
+	fmt.Printf("restarted the HSM: healthy again %v later, generation %d, %d re-initialization\n",
+		time.Since(restarted).Round(time.Millisecond), p.Generation(), p.Reinitializations())
+	key, err = p.Signer(hsm.KeyRef{Label: "demo-key"})
+	if err != nil {
+		return err
+	}
+	if _, err := signVerify(key, pub); err != nil {
+		return err
+	}
+	fmt.Println("looked up again, the key signs; state changes seen by OnStateChange:")
+	for {
+		select {
+		case c := <-changes:
+			fmt.Printf("    %-14v -> %-14v generation %d\n", c.From, c.To, c.Generation)
+		default:
+			return nil
+		}
+	}
 }
