@@ -222,3 +222,33 @@ func ExampleProvider_Reinitialize() {
 	// true hsm: sign (generation 1): key belongs to an earlier generation of the PKCS#11 library; look it up again
 	// 2 <nil>
 }
+
+// A durable key can be held for as long as the provider lives: after a
+// re-initialization it finds its key again (once per generation) and checks
+// that the public key is still the one it pinned. Hand it to tls.Config once.
+func ExampleProvider_DurableSigner() {
+	p, err := hsm.Open(exampleConfig())
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer p.Close()
+	key, err := p.DurableSigner(hsm.KeyRef{Label: "tls"})
+	if err != nil {
+		log.Fatal(err)
+	}
+	digest := sha256.Sum256([]byte("hello"))
+	for range 3 {
+		if err := p.Reinitialize(context.Background()); err != nil {
+			log.Fatal(err)
+		}
+		sig, err := key.Sign(rand.Reader, digest[:], crypto.SHA256)
+		if err != nil {
+			log.Fatal(err)
+		}
+		fmt.Println(key.Generation(), ecdsa.VerifyASN1(key.Public().(*ecdsa.PublicKey), digest[:], sig))
+	}
+	// Output:
+	// 2 true
+	// 3 true
+	// 4 true
+}

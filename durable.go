@@ -1,0 +1,229 @@
+package hsm
+
+import (
+	"context"
+	"crypto"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+)
+
+// ErrKeyChanged is returned by a durable key when, in a new generation, the
+// key found under its CKA_CLASS, CKA_ID and CKA_LABEL has another public key
+// than the one pinned when it was first bound. The other key is never used.
+var ErrKeyChanged = errors.New("hsm: the key on the token is not the key that was pinned")
+
+// durable is a private key that finds itself again in every generation.
+type durable struct {
+	p       *Provider
+	ref     KeyRef // the key's own CKA_ID and CKA_LABEL, read at first binding
+	pub     crypto.PublicKey
+	pinned  string // SHA-256 of the pinned public key, for messages
+	decrypt bool
+
+	cur atomic.Pointer[key] // the key bound in some generation
+
+	mu sync.Mutex // serializes re-binding: one lookup per generation
+	// changedGen is the generation in which the key behind the reference
+	// was found to be another key; calls in it fail fast. Guarded by mu.
+	changedGen uint64
+	changedErr error
+
+	// Refusals while the key cannot be bound, built once.
+	unavailable, closed error
+}
+
+func (p *Provider) durable(ref KeyRef, decrypt bool) (*durable, error) {
+	var (
+		k   *key
+		err error
+	)
+	if decrypt {
+		var d *Decrypter
+		if d, err = p.Decrypter(ref); err == nil {
+			k = d.k
+		}
+	} else {
+		var s *Signer
+		if s, err = p.Signer(ref); err == nil {
+			k = s.k
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	der, err := x509.MarshalPKIXPublicKey(k.pub)
+	if err != nil {
+		return nil, opErr("find key", k.gen, ErrUnsupportedKey, "public key: %v", err)
+	}
+	sum := sha256.Sum256(der)
+	d := &durable{p: p, ref: k.ref, pub: k.pub, pinned: hex.EncodeToString(sum[:8]), decrypt: decrypt,
+		unavailable: &Error{Op: "bind key", Err: ErrUnavailable},
+		closed:      &Error{Op: "bind key", Err: ErrClosed},
+	}
+	d.cur.Store(k)
+	return d, nil
+}
+
+// bound returns the key bound in the provider's current generation,
+// finding it again (once per generation) if the one held is older.
+func (d *durable) bound() (*key, error) {
+	k := d.cur.Load()
+	gen, st := d.p.gate.load()
+	switch {
+	case k.gen == gen:
+		return k, nil // the operation itself reports unavailable or closed
+	case st == StateClosed:
+		return nil, d.closed
+	case st != StateHealthy:
+		return nil, d.unavailable // never ErrStaleKey from a durable key
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if k = d.cur.Load(); k.gen == gen {
+		return k, nil // bound by a concurrent caller
+	}
+	if d.changedGen == gen {
+		return nil, d.changedErr
+	}
+	var nk *key
+	var err error
+	if d.decrypt {
+		var dec *Decrypter
+		if dec, err = d.p.Decrypter(d.ref); err == nil {
+			nk = dec.k
+		}
+	} else {
+		var s *Signer
+		if s, err = d.p.Signer(d.ref); err == nil {
+			nk = s.k
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	if eq, ok := nk.pub.(interface{ Equal(crypto.PublicKey) bool }); !ok || !eq.Equal(d.pub) {
+		d.changedGen = nk.gen
+		d.changedErr = opErr("bind key", nk.gen, ErrKeyChanged, "%s now has another public key than the one pinned (SHA-256 %s...): refusing it", d.ref, d.pinned)
+		d.p.log.Error("hsm: durable key refused: the key on the token changed", "key", d.ref.String(), "generation", nk.gen)
+		return nil, d.changedErr
+	}
+	d.cur.Store(nk)
+	return nk, nil
+}
+
+// do runs op with the key bound in the current generation. A key that turns
+// stale between binding and the call (a re-initialization in between) is
+// bound again, once. With wait, an unavailable provider is waited for,
+// until ctx ends.
+func (d *durable) do(ctx context.Context, wait bool, op func(*key) ([]byte, error)) ([]byte, error) {
+	for attempt := 0; ; attempt++ {
+		k, err := d.bound()
+		var out []byte
+		if err == nil {
+			out, err = op(k)
+		}
+		switch {
+		case err == nil:
+			return out, nil
+		case errors.Is(err, ErrStaleKey):
+			// Re-initialized between binding and the call: bind again. A
+			// durable key never reports ErrStaleKey.
+			if attempt < 3 {
+				continue
+			}
+			err = d.unavailable
+		}
+		if !wait || !errors.Is(err, ErrUnavailable) {
+			return nil, err
+		}
+		if werr := d.p.WaitHealthy(ctx); werr != nil {
+			return nil, causedBy(err, werr)
+		}
+	}
+}
+
+// DurableSigner is a private key that an application can hold for as long
+// as the Provider lives: in every new generation it finds the key again
+// (same CKA_CLASS, CKA_ID and CKA_LABEL, exactly one match, the public key
+// pinned at first binding) before its first use, once per generation.
+// Between re-initializations the hot path is one atomic load. A different
+// key under the same reference is refused with ErrKeyChanged, never used.
+// Safe for concurrent use.
+type DurableSigner struct{ d *durable }
+
+// DurableSigner looks up ref now, as Signer does, and pins its public key.
+func (p *Provider) DurableSigner(ref KeyRef) (*DurableSigner, error) {
+	d, err := p.durable(ref, false)
+	if err != nil {
+		return nil, err
+	}
+	return &DurableSigner{d}, nil
+}
+
+// Public returns the pinned public key. It makes no PKCS#11 call.
+func (s *DurableSigner) Public() crypto.PublicKey { return s.d.pub }
+
+// KeyRef returns the key's CKA_ID and CKA_LABEL used to find it again.
+func (s *DurableSigner) KeyRef() KeyRef { return s.d.ref }
+
+// Generation returns the generation the key is currently bound in.
+func (s *DurableSigner) Generation() uint64 { return s.d.cur.Load().gen }
+
+// String describes the key without secrets.
+func (s *DurableSigner) String() string {
+	k := s.d.cur.Load()
+	return fmt.Sprintf("hsm.DurableSigner{%s, %s, generation %d}", k.describe(), s.d.ref, k.gen)
+}
+
+// Sign signs as Signer.Sign does, with the key bound in the current
+// generation. It does not wait for an unavailable provider: it fails fast
+// with ErrUnavailable (use SignContext to wait).
+func (s *DurableSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return s.d.do(context.Background(), false, func(k *key) ([]byte, error) { return k.sign(digest, opts) })
+}
+
+// SignContext is Sign, except that while the provider is unavailable or
+// re-initializing it waits for it to be healthy again, until ctx ends; then
+// it returns an error matching both ErrUnavailable and ctx's error.
+func (s *DurableSigner) SignContext(ctx context.Context, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return s.d.do(ctx, true, func(k *key) ([]byte, error) { return k.sign(digest, opts) })
+}
+
+// DurableDecrypter is the RSA counterpart of DurableSigner: a
+// crypto.Decrypter (and crypto.Signer) that finds its key again in every
+// generation. Safe for concurrent use.
+type DurableDecrypter struct{ DurableSigner }
+
+// DurableDecrypter looks up the RSA key ref now, as Decrypter does, and
+// pins its public key.
+func (p *Provider) DurableDecrypter(ref KeyRef) (*DurableDecrypter, error) {
+	d, err := p.durable(ref, true)
+	if err != nil {
+		return nil, err
+	}
+	return &DurableDecrypter{DurableSigner{d}}, nil
+}
+
+// String describes the key without secrets.
+func (d *DurableDecrypter) String() string {
+	k := d.d.cur.Load()
+	return fmt.Sprintf("hsm.DurableDecrypter{%s, %s, generation %d}", k.describe(), d.d.ref, k.gen)
+}
+
+// Decrypt decrypts as Decrypter.Decrypt does, with the key bound in the
+// current generation, failing fast while the provider is unavailable.
+func (d *DurableDecrypter) Decrypt(rand io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {
+	return d.d.do(context.Background(), false, func(k *key) ([]byte, error) { return (&Decrypter{Signer{k}}).Decrypt(rand, ciphertext, opts) })
+}
+
+// DecryptContext is Decrypt, waiting for an unavailable provider until ctx
+// ends, as SignContext does.
+func (d *DurableDecrypter) DecryptContext(ctx context.Context, rand io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {
+	return d.d.do(ctx, true, func(k *key) ([]byte, error) { return (&Decrypter{Signer{k}}).Decrypt(rand, ciphertext, opts) })
+}
