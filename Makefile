@@ -25,3 +25,4 @@ check:
 ## fuzz: run the fuzz targets for a while each
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzUnpadOAEP -fuzztime 30s .
+	$(GO) test -run '^$$' -fuzz FuzzParseURI -fuzztime 30s .
