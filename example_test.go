@@ -18,6 +18,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
+	"strings"
 	"sync"
 	"time"
 
@@ -251,4 +253,30 @@ func ExampleProvider_DurableSigner() {
 	// 2 true
 	// 3 true
 	// 4 true
+}
+
+// A PKCS#11 URI (RFC 7512) names the module, the token, the PIN's source
+// and the key in one configuration string, as p11-kit, GnuTLS and OpenSSL's
+// pkcs11-provider do.
+func ExampleOpenURI() {
+	cfg := exampleConfig()
+	uri := "pkcs11:token=" + url.PathEscape(cfg.TokenLabel) + ";object=tls;type=private" +
+		"?module-path=" + cfg.Path + "&pin-value=" + cfg.PIN
+
+	p, err := hsm.OpenURI(uri, func(c *hsm.Config) { c.MaxSessions = 8 })
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer p.Close()
+	ref, err := hsm.KeyRefFromURI(uri)
+	if err != nil {
+		log.Fatal(err)
+	}
+	key, err := p.DurableSigner(ref)
+	if err != nil {
+		log.Fatal(err)
+	}
+	u, _ := hsm.ParseURI(uri)
+	fmt.Println(ref.Label, key.Public() != nil, strings.Contains(u.String(), "pin-value=REDACTED"))
+	// Output: tls true true
 }

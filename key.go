@@ -90,11 +90,29 @@ func (p *Provider) lookup(ref KeyRef) (*key, error) {
 	if len(ref.ID) == 0 && ref.Label == "" {
 		return nil, opErr(op, p.Generation(), ErrKeyNotFound, "empty KeyRef: set ID, Label or both")
 	}
+	var k *key
+	err := p.withSession(op, func(in *instance, s pkcs11.SessionHandle) (err error) {
+		k, err = in.find(s, ref)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	gen := k.gen
+	k.p = p
+	k.signErrs = newKeyErrors("sign", gen)
+	k.decryptErrs = newKeyErrors("decrypt", gen)
+	return k, nil
+}
+
+// withSession runs f on a session of the current generation, admitted by
+// the gate and accounted like an operation. Errors come back as *Error.
+func (p *Provider) withSession(op string, f func(*instance, pkcs11.SessionHandle) error) error {
 	gen, _ := p.gate.load()
 	if ok, w := p.gate.enter(gen); !ok {
 		p.health.refused.Add(1)
 		errs := newKeyErrors(op, gen)
-		return nil, errs.pick(gen, w)
+		return errs.pick(gen, w)
 	}
 	defer p.gate.exit()
 	p.health.ops.Add(1)
@@ -102,21 +120,18 @@ func (p *Provider) lookup(ref KeyRef) (*key, error) {
 	s, err := in.borrow()
 	if err != nil {
 		p.observe(gen, err)
-		return nil, borrowErr(op, gen, err)
+		return borrowErr(op, gen, err)
 	}
-	k, err := in.find(s, ref)
+	err = f(in, s)
 	in.giveBack(s, err)
 	p.observe(gen, err)
 	if err != nil {
 		if _, isErr := err.(*Error); !isErr {
 			err = p11err(op, gen, err)
 		}
-		return nil, err
+		return err
 	}
-	k.p = p
-	k.signErrs = newKeyErrors("sign", gen)
-	k.decryptErrs = newKeyErrors("decrypt", gen)
-	return k, nil
+	return nil
 }
 
 func borrowErr(op string, gen uint64, err error) error {

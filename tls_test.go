@@ -1,14 +1,21 @@
 package hsm
 
 import (
+	"bytes"
+	"crypto"
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/pem"
 	"math/big"
 	"net"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/ce46d8f2/hsm/internal/softhsmtest"
 )
 
 // selfSigned makes a certificate for s, signed by s.
@@ -122,6 +129,12 @@ func TestTLSHandshakes(t *testing.T) {
 // handshake runs a TLS handshake over a pipe. schemes, if set, restricts
 // the signature algorithms the server may use.
 func handshake(server, client *tls.Config, schemes []tls.SignatureScheme) error {
+	_, err := handshakeState(server, client, schemes)
+	return err
+}
+
+// handshakeState is handshake returning the client's connection state.
+func handshakeState(server, client *tls.Config, schemes []tls.SignatureScheme) (tls.ConnectionState, error) {
 	if schemes != nil {
 		certs := server.Certificates
 		server = server.Clone()
@@ -145,7 +158,117 @@ func handshake(server, client *tls.Config, schemes []tls.SignatureScheme) error 
 	}
 	serr := <-errc
 	if cerr != nil {
-		return cerr
+		return tls.ConnectionState{}, cerr
 	}
-	return serr
+	return cli.ConnectionState(), serr
+}
+
+// TestTLSCertificate: a tls.Certificate from the certificate object on the
+// token or from PEM, refused for a certificate of another key; served by a
+// real handshake.
+func TestTLSCertificate(t *testing.T) {
+	tok := softhsmtest.NewToken(t, "tlscert")
+	tok.GenerateKey(t, softhsmtest.P256, []byte{1}, "srv")
+	tok.GenerateKey(t, softhsmtest.RSA2048, []byte{2}, "rsa")
+	tok.GenerateKey(t, softhsmtest.P256, []byte{3}, "nocert")
+
+	// Certificates made with the HSM keys, then stored on the token as
+	// objects with the keys' CKA_ID (by pkcs11-tool, in its own process).
+	p := openToken(t, tok)
+	certs := map[string]*x509.Certificate{}
+	for _, l := range []string{"srv", "rsa"} {
+		certs[l] = selfSigned(t, mustSigner(t, p, l), 0)
+	}
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for l, id := range map[string]string{"srv": "01", "rsa": "02"} {
+		f := filepath.Join(t.TempDir(), l+".der")
+		if err := os.WriteFile(f, certs[l].Raw, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tok.Tool("--write-object", f, "--type", "cert", "--id", id, "--label", l); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p = openToken(t, tok)
+
+	for _, l := range []string{"srv", "rsa"} {
+		cert, err := p.TLSCertificate(KeyRef{Label: l}, nil)
+		if err != nil {
+			t.Fatalf("%s from the token: %v", l, err)
+		}
+		if !bytes.Equal(cert.Certificate[0], certs[l].Raw) {
+			t.Fatalf("%s: not the certificate stored on the token", l)
+		}
+		if _, ok := cert.PrivateKey.(crypto.Decrypter); ok != (l == "rsa") {
+			t.Fatalf("%s: PrivateKey is %T", l, cert.PrivateKey)
+		}
+		roots := x509.NewCertPool()
+		roots.AddCert(certs[l])
+		server := &tls.Config{GetCertificate: p.GetCertificate(cert)}
+		client := &tls.Config{RootCAs: roots, ServerName: "hsm.test"}
+		if err := handshake(server, client, nil); err != nil {
+			t.Fatalf("%s: %v", l, err)
+		}
+		// TLS 1.2 with RSA key exchange: the server decrypts the
+		// premaster secret with the HSM key.
+		if l == "rsa" {
+			server.CipherSuites = []uint16{tls.TLS_RSA_WITH_AES_128_GCM_SHA256}
+			client12 := client.Clone()
+			client12.MaxVersion = tls.VersionTLS12
+			client12.CipherSuites = server.CipherSuites
+			ops := p.Stats().Operations
+			st, err := handshakeState(server, client12, nil)
+			if err != nil {
+				t.Fatalf("TLS 1.2 RSA key exchange: %v", err)
+			}
+			if st.CipherSuite != tls.TLS_RSA_WITH_AES_128_GCM_SHA256 || st.Version != tls.VersionTLS12 {
+				t.Fatalf("negotiated %s %s, not RSA key exchange", tls.VersionName(st.Version), tls.CipherSuiteName(st.CipherSuite))
+			}
+			if p.Stats().Operations != ops+1 {
+				t.Fatalf("%d HSM operations for the handshake, want 1 decryption", p.Stats().Operations-ops)
+			}
+		}
+	}
+
+	pemChain := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: certs["srv"].Raw})
+	if _, err := p.TLSCertificate(KeyRef{Label: "srv"}, pemChain); err != nil {
+		t.Fatalf("from PEM: %v", err)
+	}
+	_, err := p.TLSCertificate(KeyRef{Label: "nocert"}, pemChain)
+	wantErr(t, err, ErrKeyChanged)
+	_, err = p.TLSCertificate(KeyRef{Label: "nocert"}, nil)
+	wantErr(t, err, ErrKeyNotFound)
+	_, err = p.TLSCertificate(KeyRef{Label: "srv"}, []byte("not PEM"))
+	wantErr(t, err, ErrInvalidOptions)
+}
+
+// TestGetCertificateFailsFast: while the provider is unavailable, the
+// GetCertificate function refuses at once, before any handshake signature.
+func TestGetCertificateFailsFast(t *testing.T) {
+	r := openRemote(t)
+	cert, err := r.p.TLSCertificate(KeyRef{Label: "ec"}, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE",
+		Bytes: selfSigned(t, mustSigner(t, r.p, "ec"), 0).Raw}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	get := r.p.GetCertificate(cert)
+	if c, err := get(nil); err != nil || c.Leaf == nil {
+		t.Fatalf("healthy: %v", err)
+	}
+	r.kill(t)
+	mustSignerOrLost(t, r.p)
+	_, err = get(nil)
+	wantErr(t, err, ErrUnavailable)
+	r.restart(t)
+	if err := r.p.Reinitialize(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := get(nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.p.GetClientCertificate(cert)(nil); err != nil {
+		t.Fatal(err)
+	}
 }

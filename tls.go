@@ -1,0 +1,135 @@
+package hsm
+
+import (
+	"crypto"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+
+	"github.com/miekg/pkcs11"
+)
+
+// TLSCertificate returns a tls.Certificate for the private key ref whose
+// PrivateKey is a durable key (see DurableSigner), so that a tls.Config built
+// once keeps working across HSM outages. The chain is chainPEM (PEM
+// CERTIFICATE blocks, leaf first), or, when chainPEM is nil, the certificate
+// object stored on the token with the key's CKA_ID. The leaf's public key
+// must be the key's. An RSA key that allows decryption is a
+// DurableDecrypter, so that TLS 1.2 RSA key exchange works too.
+//
+// It makes PKCS#11 calls (key and certificate lookup). Safe for concurrent
+// use.
+func (p *Provider) TLSCertificate(ref KeyRef, chainPEM []byte) (tls.Certificate, error) {
+	const op = "tls certificate"
+	var key crypto.Signer
+	ds, err := p.DurableSigner(ref)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	key = ds
+	if k := ds.d.cur.Load(); k.kind == kindRSA && k.canDecrypt {
+		dd, err := p.DurableDecrypter(ref)
+		if err != nil {
+			return tls.Certificate{}, err
+		}
+		key = dd
+	}
+	var chain [][]byte
+	if chainPEM != nil {
+		for rest := chainPEM; ; {
+			var b *pem.Block
+			b, rest = pem.Decode(rest)
+			if b == nil {
+				break
+			}
+			if b.Type == "CERTIFICATE" {
+				chain = append(chain, b.Bytes)
+			}
+		}
+		if len(chain) == 0 {
+			return tls.Certificate{}, opErr(op, p.Generation(), ErrInvalidOptions, "no PEM CERTIFICATE block in the chain")
+		}
+	} else {
+		der, err := p.certificateObject(ds.KeyRef())
+		if err != nil {
+			return tls.Certificate{}, err
+		}
+		chain = [][]byte{der}
+	}
+	leaf, err := x509.ParseCertificate(chain[0])
+	if err != nil {
+		return tls.Certificate{}, opErr(op, p.Generation(), ErrInvalidOptions, "leaf certificate: %v", err)
+	}
+	if eq, ok := leaf.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !eq.Equal(ds.Public()) {
+		return tls.Certificate{}, opErr(op, p.Generation(), ErrKeyChanged, "the certificate %q is not for the key %s", leaf.Subject, ds.KeyRef())
+	}
+	return tls.Certificate{Certificate: chain, PrivateKey: key, Leaf: leaf}, nil
+}
+
+// certificateObject reads CKA_VALUE of the one certificate object with the
+// key's CKA_ID.
+func (p *Provider) certificateObject(ref KeyRef) ([]byte, error) {
+	const op = "find certificate"
+	if len(ref.ID) == 0 {
+		return nil, opErr(op, p.Generation(), ErrKeyNotFound, "%s has no CKA_ID to find its certificate by; pass the chain as PEM", ref)
+	}
+	var der []byte
+	err := p.withSession(op, func(in *instance, s pkcs11.SessionHandle) error {
+		objs, err := in.findObjects(s, refTemplate(pkcs11.CKO_CERTIFICATE, ref.ID, ""), 1)
+		if err != nil {
+			return err
+		}
+		switch len(objs) {
+		case 0:
+			return opErr(op, in.gen, ErrKeyNotFound, "no certificate object with %s", KeyRef{ID: ref.ID})
+		case 1:
+		default:
+			return opErr(op, in.gen, ErrAmbiguousKey, "several certificate objects with %s", KeyRef{ID: ref.ID})
+		}
+		attrs, err := in.ctx.GetAttributeValue(s, objs[0], []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)})
+		if err != nil {
+			return err
+		}
+		der = attrs[0].Value
+		return nil
+	})
+	return der, err
+}
+
+// GetCertificate returns a function for tls.Config.GetCertificate that
+// serves cert (typically from TLSCertificate). While the provider is not
+// healthy it fails at once with an error matching ErrUnavailable, so that no
+// handshake starts that would fail at the signature. It makes no PKCS#11
+// call.
+func (p *Provider) GetCertificate(cert tls.Certificate) func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+	return func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+		if err := p.ready("tls handshake"); err != nil {
+			return nil, err
+		}
+		return &cert, nil
+	}
+}
+
+// GetClientCertificate is GetCertificate for tls.Config.GetClientCertificate
+// (client authentication).
+func (p *Provider) GetClientCertificate(cert tls.Certificate) func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+	return func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+		if err := p.ready("tls handshake"); err != nil {
+			return nil, err
+		}
+		return &cert, nil
+	}
+}
+
+// ready returns nil while the provider is healthy, else why not.
+func (p *Provider) ready(op string) error {
+	gen, st := p.gate.load()
+	switch st {
+	case StateHealthy:
+		return nil
+	case StateClosed:
+		return &Error{Op: op, Generation: gen, Err: ErrClosed}
+	}
+	return &Error{Op: op, Generation: gen, Err: fmt.Errorf("%w (%v)", ErrUnavailable, st)}
+}
