@@ -2,7 +2,7 @@
 GO ?= go
 STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: demo test deps check fuzz
+.PHONY: demo test deps check fuzz bench
 
 ## demo: create a SoftHSM2 token, sign, re-initialize, kill and restart a "network HSM", recover
 demo: deps
@@ -26,3 +26,7 @@ check:
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzUnpadOAEP -fuzztime 30s .
 	$(GO) test -run '^$$' -fuzz FuzzParseURI -fuzztime 30s .
+
+## bench: benchmarks (raw miekg/pkcs11, crypto11, hsm; direct and through p11-kit) into README.md
+bench: deps
+	bash scripts/bench.sh

@@ -38,22 +38,24 @@ type durable struct {
 	unavailable, closed error
 }
 
-func (p *Provider) durable(ref KeyRef, decrypt bool) (*durable, error) {
-	var (
-		k   *key
-		err error
-	)
+// lookupFor finds ref with the checks of Decrypter (decrypt) or Signer.
+func (p *Provider) lookupFor(ref KeyRef, decrypt bool) (*key, error) {
 	if decrypt {
-		var d *Decrypter
-		if d, err = p.Decrypter(ref); err == nil {
-			k = d.k
+		d, err := p.Decrypter(ref)
+		if err != nil {
+			return nil, err
 		}
-	} else {
-		var s *Signer
-		if s, err = p.Signer(ref); err == nil {
-			k = s.k
-		}
+		return d.k, nil
 	}
+	s, err := p.Signer(ref)
+	if err != nil {
+		return nil, err
+	}
+	return s.k, nil
+}
+
+func (p *Provider) durable(ref KeyRef, decrypt bool) (*durable, error) {
+	k, err := p.lookupFor(ref, decrypt)
 	if err != nil {
 		return nil, err
 	}
@@ -91,19 +93,7 @@ func (d *durable) bound() (*key, error) {
 	if d.changedGen == gen {
 		return nil, d.changedErr
 	}
-	var nk *key
-	var err error
-	if d.decrypt {
-		var dec *Decrypter
-		if dec, err = d.p.Decrypter(d.ref); err == nil {
-			nk = dec.k
-		}
-	} else {
-		var s *Signer
-		if s, err = d.p.Signer(d.ref); err == nil {
-			nk = s.k
-		}
-	}
+	nk, err := d.p.lookupFor(d.ref, d.decrypt)
 	if err != nil {
 		return nil, err
 	}

@@ -349,3 +349,27 @@ func TestReinitializeWhileDown(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestEd25519ThroughRemoting: p11-kit 0.24.1's RPC does not carry CKM_EDDSA,
+// so an Ed25519 signature through p11-kit-client.so fails with
+// CKR_MECHANISM_INVALID. That is the caller's kind of error: the provider
+// stays healthy and other keys go on signing.
+func TestEd25519ThroughRemoting(t *testing.T) {
+	r := openRemote(t)
+	r.tok.GenerateKey(t, softhsmtest.Ed25519, []byte{9}, "ed")
+	s := mustSigner(t, r.p, "ed")
+	_, err := s.Sign(nil, []byte("m"), crypto.Hash(0))
+	if err == nil {
+		t.Skip("this p11-kit carries CKM_EDDSA: the limitation is gone")
+	}
+	if code, _ := CodeOf(err); code != 0x70 || Classify(err) != ClassCaller {
+		t.Fatalf("%v (class %v), want CKR_MECHANISM_INVALID as a caller error", err, Classify(err))
+	}
+	if r.p.State() != StateHealthy {
+		t.Fatalf("state %v after a caller error", r.p.State())
+	}
+	digest := sha256.Sum256(nil)
+	if _, err := mustSigner(t, r.p, "ec").Sign(nil, digest[:], crypto.SHA256); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -162,31 +162,25 @@ func (c *Config) validate() error {
 	case c.DrainTimeout < 0 || c.SessionWaitTimeout < 0 || c.ProbeTimeout < 0 || c.RecoveryBackoffMin < 0 || c.RecoveryBackoffMax < 0:
 		return fmt.Errorf("%w: negative timeout", ErrConfig)
 	}
-	if c.ProbeInterval == 0 {
-		c.ProbeInterval = DefaultProbeInterval
-	}
-	if c.ProbeTimeout == 0 {
-		c.ProbeTimeout = DefaultProbeTimeout
-	}
-	if c.RecoveryBackoffMin == 0 {
-		c.RecoveryBackoffMin = DefaultRecoveryBackoffMin
-	}
-	if c.RecoveryBackoffMax == 0 {
-		c.RecoveryBackoffMax = DefaultRecoveryBackoffMax
-	}
+	orDefault(&c.MaxSessions, DefaultMaxSessions)
+	orDefault(&c.DrainTimeout, DefaultDrainTimeout)
+	orDefault(&c.SessionWaitTimeout, DefaultSessionWaitTimeout)
+	orDefault(&c.ProbeInterval, DefaultProbeInterval)
+	orDefault(&c.ProbeTimeout, DefaultProbeTimeout)
+	orDefault(&c.RecoveryBackoffMin, DefaultRecoveryBackoffMin)
+	orDefault(&c.RecoveryBackoffMax, DefaultRecoveryBackoffMax)
 	if c.RecoveryBackoffMax < c.RecoveryBackoffMin {
 		return fmt.Errorf("%w: RecoveryBackoffMax %v is below RecoveryBackoffMin %v", ErrConfig, c.RecoveryBackoffMax, c.RecoveryBackoffMin)
 	}
-	if c.MaxSessions == 0 {
-		c.MaxSessions = DefaultMaxSessions
-	}
-	if c.DrainTimeout == 0 {
-		c.DrainTimeout = DefaultDrainTimeout
-	}
-	if c.SessionWaitTimeout == 0 {
-		c.SessionWaitTimeout = DefaultSessionWaitTimeout
-	}
 	return nil
+}
+
+// orDefault sets *v to def when it is the zero value.
+func orDefault[T comparable](v *T, def T) {
+	var zero T
+	if *v == zero {
+		*v = def
+	}
 }
 
 // Modules are loaded once per process and never unloaded: a dlclose'd
