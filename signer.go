@@ -5,10 +5,8 @@ import (
 	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/rsa"
-	"encoding/asn1"
 	"fmt"
 	"io"
-	"math/big"
 
 	"github.com/miekg/pkcs11"
 )
@@ -283,15 +281,46 @@ func (k *key) ecdsaMechanism(digest []byte, h crypto.Hash) ([]*pkcs11.Mechanism,
 }
 
 // ecdsaDER converts the token's r||s into the ASN.1 DER form of
-// ecdsa.SignASN1.
+// ecdsa.SignASN1: SEQUENCE { INTEGER r, INTEGER s }, minimal encodings.
 func (k *key) ecdsaDER(sig []byte) ([]byte, error) {
 	if len(sig) != k.size {
 		return nil, opErr("sign", k.gen, fmt.Errorf("token returned a %d-byte ECDSA signature, want %d", len(sig), k.size), "")
 	}
-	r := new(big.Int).SetBytes(sig[:k.size/2])
-	s := new(big.Int).SetBytes(sig[k.size/2:])
-	if r.Sign() == 0 || s.Sign() == 0 {
+	der := derSignature(sig[:k.size/2], sig[k.size/2:])
+	if der == nil {
 		return nil, opErr("sign", k.gen, fmt.Errorf("token returned an ECDSA signature with a zero component"), "")
 	}
-	return asn1.Marshal(struct{ R, S *big.Int }{r, s})
+	return der, nil
+}
+
+// derSignature encodes the big-endian integers r and s as a DER SEQUENCE of
+// two INTEGERs, in one allocation; nil if either is zero.
+func derSignature(r, s []byte) []byte {
+	r, s = trimZeros(r), trimZeros(s)
+	if len(r) == 0 || len(s) == 0 {
+		return nil
+	}
+	intLen := func(v []byte) int { return 2 + len(v) + int(v[0]>>7) } // tag, length, pad
+	body := intLen(r) + intLen(s)                                     // at most 2*(2+67): below 256
+	out := make([]byte, 0, 3+body)
+	out = append(out, 0x30)
+	if body >= 0x80 {
+		out = append(out, 0x81)
+	}
+	out = append(out, byte(body))
+	for _, v := range [][]byte{r, s} {
+		out = append(out, 0x02, byte(len(v)+int(v[0]>>7)))
+		if v[0]&0x80 != 0 {
+			out = append(out, 0) // keep the INTEGER positive
+		}
+		out = append(out, v...)
+	}
+	return out
+}
+
+func trimZeros(b []byte) []byte {
+	for len(b) > 0 && b[0] == 0 {
+		b = b[1:]
+	}
+	return b
 }

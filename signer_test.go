@@ -1,6 +1,7 @@
 package hsm
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
@@ -218,5 +219,33 @@ func TestSignBadInput(t *testing.T) {
 	}
 	if err := rsa.VerifyPSS(s.Public().(*rsa.PublicKey), crypto.SHA256, d[:], sig, opts); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestDERSignature checks the hand-written encoder against encoding/asn1
+// on the edge cases: high bit set (padding), leading zeros, long-form
+// sequence length (P-521), zero components.
+func TestDERSignature(t *testing.T) {
+	full := func(b byte, n int) []byte { return bytes.Repeat([]byte{b}, n) }
+	cases := []struct{ r, s []byte }{
+		{full(0x7f, 32), full(0x01, 32)},
+		{full(0x80, 32), full(0xff, 32)},
+		{append([]byte{0, 0, 0x80}, full(1, 29)...), append([]byte{0}, full(0x7f, 31)...)},
+		{append([]byte{0x01}, full(0xff, 65)...), append([]byte{0x01}, full(0x80, 65)...)}, // P-521
+		{full(0xff, 66), full(0xff, 66)},
+		{[]byte{0, 0, 1}, []byte{0, 2}},
+	}
+	for _, c := range cases {
+		got := derSignature(c.r, c.s)
+		want, err := asn1.Marshal(struct{ R, S *big.Int }{new(big.Int).SetBytes(c.r), new(big.Int).SetBytes(c.s)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Errorf("r=%x s=%x:\n got %x\nwant %x", c.r, c.s, got, want)
+		}
+	}
+	if derSignature([]byte{0, 0}, []byte{1}) != nil || derSignature([]byte{1}, nil) != nil {
+		t.Error("a zero component must not encode")
 	}
 }
