@@ -2,7 +2,7 @@
 GO ?= go
 STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: demo test deps check fuzz bench
+.PHONY: demo test deps check fuzz bench soak
 
 ## demo: create a SoftHSM2 token, sign, re-initialize, kill and restart a "network HSM", recover
 demo: deps
@@ -30,3 +30,7 @@ fuzz:
 ## bench: benchmarks (raw miekg/pkcs11, crypto11, hsm; direct and through p11-kit) into README.md
 bench: deps
 	bash scripts/bench.sh
+
+## soak: the chaos soak, 60 s with an outage about every 2 s (a short one runs in make test)
+soak: deps
+	$(GO) run ./cmd/hsmcheck soak -duration 60s -outage-every 2s

@@ -181,7 +181,13 @@ func (in *instance) find(s pkcs11.SessionHandle, ref KeyRef) (*key, error) {
 	default:
 		return nil, opErr(op, in.gen, ErrAmbiguousKey, "several private keys with %s", ref)
 	}
-	h := objs[0]
+	return in.keyFromHandle(s, objs[0], ref)
+}
+
+// keyFromHandle reads the private key object h: type, identity, usage and
+// public key. ref names it in errors.
+func (in *instance) keyFromHandle(s pkcs11.SessionHandle, h pkcs11.ObjectHandle, ref KeyRef) (*key, error) {
+	const op = "find key"
 	attrs, err := in.ctx.GetAttributeValue(s, h, []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, nil),
 		pkcs11.NewAttribute(pkcs11.CKA_ID, nil),

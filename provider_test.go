@@ -260,3 +260,32 @@ type causer struct{ err error }
 
 func (c causer) Error() string { return "wrapped: " + c.err.Error() }
 func (c causer) Cause() error  { return c.err }
+
+func TestModuleInfoAndKeys(t *testing.T) {
+	p := openShared(t)
+	mi, err := p.ModuleInfo()
+	if err != nil || mi.Manufacturer != "SoftHSM" || mi.CryptokiVersion == "" {
+		t.Fatalf("%+v %v", mi, err)
+	}
+	keys, err := p.Keys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]string{}
+	for _, k := range keys {
+		if !k.CanSign {
+			t.Errorf("%v cannot sign", k.Ref)
+		}
+		got[fmt.Sprintf("%s/%x", k.Ref.Label, k.Ref.ID)] = k.Type
+	}
+	want := map[string]string{"rsa2048/01": "RSA-2048", "p256/02": "ECDSA P-256", "p384/03": "ECDSA P-384",
+		"p521/04": "ECDSA P-521", "ed25519/05": "Ed25519", "rsa3072/06": "RSA-3072", "dup/10": "ECDSA P-256", "dup/11": "ECDSA P-256"}
+	if len(got) != len(want) {
+		t.Fatalf("keys %v", got)
+	}
+	for k, v := range want {
+		if got[k] != v {
+			t.Errorf("%s: %q, want %q", k, got[k], v)
+		}
+	}
+}

@@ -1,0 +1,287 @@
+// Command hsmcheck checks an HSM through package hsm, for operators:
+//
+//	hsmcheck probe -uri 'pkcs11:token=prod?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/run/pin'
+//	hsmcheck sign  -uri 'pkcs11:token=prod;object=tls?module-path=...&pin-source=...'
+//	hsmcheck bench -uri 'pkcs11:token=prod;object=tls?...' -duration 10s -workers 4
+//	hsmcheck soak  -duration 60s -outage-every 2s
+//
+// probe shows the module, the token, the login and the keys it can see;
+// sign signs once, verifies and shows the latency; bench measures
+// throughput; soak runs the chaos soak on a SoftHSM2 token of its own
+// behind a p11-kit server that it kills and pauses. Exit status: 0 success,
+// 1 failure, 2 usage.
+package main
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ce46d8f2/hsm"
+	"github.com/ce46d8f2/hsm/internal/soak"
+	"github.com/ce46d8f2/hsm/internal/softhsmtest"
+)
+
+const usage = `usage: hsmcheck <command> [flags]
+
+commands:
+  probe  -uri URI                      module, token, login and the keys visible
+  sign   -uri URI [-key LABEL]          sign once with the key, verify, show the latency
+  bench  -uri URI [-key LABEL] [-duration 10s] [-workers N]
+                                       signatures per second
+  soak   [-duration 60s] [-outage-every 2s] [-workers 8]
+                                       chaos soak on a SoftHSM2 token of its own (needs softhsm2, p11-kit, opensc)
+
+URI is a PKCS#11 URI (RFC 7512) with module-path and pin-value or pin-source, e.g.
+  pkcs11:token=prod;object=tls?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/run/pin
+Run 'hsmcheck <command> -h' for the flags of a command.
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		fmt.Fprint(stderr, usage)
+		if len(args) == 0 {
+			return 2
+		}
+		return 0
+	}
+	cmd, args := args[0], args[1:]
+	fs := flag.NewFlagSet("hsmcheck "+cmd, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	uri := fs.String("uri", "", "PKCS#11 URI of the token (and key)")
+	key := fs.String("key", "", "label of the key (default: object= of the URI)")
+	duration := fs.Duration("duration", 10*time.Second, "how long (bench, soak)")
+	workers := fs.Int("workers", 0, "concurrent goroutines (bench: 1; soak: 8)")
+	outageEvery := fs.Duration("outage-every", 2*time.Second, "mean time between outages (soak)")
+	var err error
+	switch cmd {
+	case "probe", "sign", "bench", "soak":
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return 0
+			}
+			return 2
+		}
+	default:
+		fmt.Fprintf(stderr, "hsmcheck: unknown command %q\n\n%s", cmd, usage)
+		return 2
+	}
+	if cmd != "soak" && *uri == "" {
+		fmt.Fprintf(stderr, "hsmcheck %s: -uri is required\n", cmd)
+		return 2
+	}
+	switch cmd {
+	case "probe":
+		err = probe(*uri, stdout)
+	case "sign":
+		err = sign(*uri, *key, stdout)
+	case "bench":
+		err = bench(*uri, *key, *duration, max(*workers, 1), stdout, stderr)
+	case "soak":
+		err = runSoak(*duration, *outageEvery, *workers, stdout)
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "hsmcheck %s: %v\n", cmd, err)
+		return 1
+	}
+	return 0
+}
+
+func open(uri string) (*hsm.Provider, error) {
+	return hsm.OpenURI(uri, func(c *hsm.Config) {
+		c.ProbeInterval = -1
+		c.DisableAutoRecovery = true
+	})
+}
+
+func probe(uri string, w io.Writer) error {
+	p, err := open(uri)
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+	mi, err := p.ModuleInfo()
+	if err != nil {
+		return err
+	}
+	label, serial, model, manufacturer := p.TokenInfo()
+	fmt.Fprintf(w, "module:  %s %s (library %s, Cryptoki %s)\n", mi.Manufacturer, mi.LibraryDescription, mi.LibraryVersion, mi.CryptokiVersion)
+	fmt.Fprintf(w, "token:   %q serial %s, %s %s\n", label, serial, manufacturer, model)
+	fmt.Fprintln(w, "login:   ok")
+	keys, err := p.Keys()
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "keys:    %d private keys\n", len(keys))
+	for _, k := range keys {
+		use := []string{}
+		if k.CanSign {
+			use = append(use, "sign")
+		}
+		if k.CanDecrypt {
+			use = append(use, "decrypt")
+		}
+		fmt.Fprintf(w, "  %-40s %-14s %s\n", k.Ref, k.Type, strings.Join(use, ","))
+	}
+	return nil
+}
+
+// signer opens the provider and finds the key named by -key or the URI.
+func signer(uri, label string) (*hsm.Provider, *hsm.Signer, error) {
+	ref := hsm.KeyRef{Label: label}
+	if label == "" {
+		var err error
+		if ref, err = hsm.KeyRefFromURI(uri); err != nil {
+			return nil, nil, fmt.Errorf("%w (or give -key LABEL)", err)
+		}
+	}
+	p, err := open(uri)
+	if err != nil {
+		return nil, nil, err
+	}
+	s, err := p.Signer(ref)
+	if err != nil {
+		p.Close()
+		return nil, nil, err
+	}
+	return p, s, nil
+}
+
+// input returns what to sign with s and how, and a verifier.
+func input(s *hsm.Signer) ([]byte, crypto.SignerOpts, func([]byte) bool) {
+	msg := []byte("hsmcheck")
+	d := sha256.Sum256(msg)
+	switch pub := s.Public().(type) {
+	case *rsa.PublicKey:
+		return d[:], crypto.SHA256, func(sig []byte) bool { return rsa.VerifyPKCS1v15(pub, crypto.SHA256, d[:], sig) == nil }
+	case *ecdsa.PublicKey:
+		return d[:], crypto.SHA256, func(sig []byte) bool { return ecdsa.VerifyASN1(pub, d[:], sig) }
+	case ed25519.PublicKey:
+		return msg, crypto.Hash(0), func(sig []byte) bool { return ed25519.Verify(pub, msg, sig) }
+	}
+	return nil, nil, func([]byte) bool { return false }
+}
+
+func sign(uri, label string, w io.Writer) error {
+	p, s, err := signer(uri, label)
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+	in, opts, ok := input(s)
+	start := time.Now()
+	sig, err := s.Sign(rand.Reader, in, opts)
+	took := time.Since(start)
+	if err != nil {
+		return err
+	}
+	if !ok(sig) {
+		return fmt.Errorf("the signature of %v does not verify under its public key", s)
+	}
+	fmt.Fprintf(w, "%v: signed and verified in %v (%d-byte signature)\n", s, took.Round(time.Microsecond), len(sig))
+	return nil
+}
+
+func bench(uri, label string, d time.Duration, workers int, w, progress io.Writer) error {
+	p, s, err := signer(uri, label)
+	if err != nil {
+		return err
+	}
+	defer p.Close()
+	in, opts, _ := input(s)
+	var n atomic.Int64
+	var firstErr atomic.Value
+	deadline := time.Now().Add(d)
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			for time.Now().Before(deadline) {
+				if _, err := s.Sign(rand.Reader, in, opts); err != nil {
+					firstErr.CompareAndSwap(nil, err)
+					return
+				}
+				n.Add(1)
+			}
+		})
+	}
+	tty := isTerminal(progress)
+	start := time.Now()
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	tick := time.NewTicker(500 * time.Millisecond)
+	defer tick.Stop()
+loop:
+	for {
+		select {
+		case <-done:
+			break loop
+		case <-tick.C:
+			if tty {
+				el := time.Since(start)
+				fmt.Fprintf(progress, "\r%5.1fs  %d signatures  %.0f/s   ", el.Seconds(), n.Load(), float64(n.Load())/el.Seconds())
+			}
+		}
+	}
+	if tty {
+		fmt.Fprint(progress, "\r\033[K")
+	}
+	if err, _ := firstErr.Load().(error); err != nil {
+		return err
+	}
+	el := time.Since(start)
+	fmt.Fprintf(w, "%v, %d goroutines: %d signatures in %v: %.0f/s, %v each\n",
+		s, workers, n.Load(), el.Round(time.Millisecond), float64(n.Load())/el.Seconds(), (el * time.Duration(workers) / time.Duration(max(n.Load(), 1))).Round(time.Microsecond))
+	return nil
+}
+
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}
+
+func runSoak(d, every time.Duration, workers int, w io.Writer) error {
+	if missing := softhsmtest.Missing(true); len(missing) > 0 {
+		return fmt.Errorf("not installed: %s; run `make deps`", strings.Join(missing, ", "))
+	}
+	if every <= 0 || d <= 0 {
+		return errors.New("-duration and -outage-every must be positive")
+	}
+	dir, err := os.MkdirTemp("", "hsmcheck-soak-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	if err := softhsmtest.Setup(dir); err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "soak: %v, an outage about every %v, %d goroutines signing with ECDSA P-256 and RSA-2048 (PKCS #1 v1.5 and PSS) through p11-kit\n", d, every, max(workers, 8))
+	res, err := soak.Run(soak.Options{Duration: d, OutageEvery: every, Workers: workers, Log: w})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(w, res)
+	if !res.OK() {
+		return errors.New("the soak broke a promise (see above)")
+	}
+	return nil
+}

@@ -1,0 +1,31 @@
+package soak
+
+import (
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ce46d8f2/hsm/internal/softhsmtest"
+)
+
+func TestMain(m *testing.M) { os.Exit(softhsmtest.Main(m)) }
+
+// TestSoakShort is the soak in short form, run in CI: 8 goroutines sign
+// with an EC and an RSA key for 8 s while the p11-kit server is killed and
+// restarted, or paused and resumed, about every second.
+func TestSoakShort(t *testing.T) {
+	softhsmtest.RequireRemote(t)
+	var log strings.Builder
+	res, err := Run(Options{Duration: 8 * time.Second, OutageEvery: time.Second, Workers: 8, Log: &log})
+	t.Logf("outages:\n%s\n%v", log.String(), res)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.OK() {
+		t.Fatal("the soak broke a promise (see the report above)")
+	}
+	if res.Kills+res.Pauses == 0 || res.Outages == 0 {
+		t.Fatal("no outage happened: the soak tested nothing")
+	}
+}
