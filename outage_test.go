@@ -66,6 +66,9 @@ func (r *remote) restart(t *testing.T) {
 func TestOutageThroughRemoting(t *testing.T) {
 	r := openRemote(t)
 	p := r.p
+	if p.fast == nil {
+		t.Fatal("the two-call signing path is off for p11-kit-client.so")
+	}
 	ec := mustSigner(t, p, "ec")
 	rs := mustSigner(t, p, "rsa")
 	digest := sha256.Sum256([]byte("before"))

@@ -29,6 +29,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/miekg/pkcs11"
 	"golang.org/x/sync/singleflight"
@@ -249,6 +250,9 @@ type Provider struct {
 
 	gate *gate
 	inst atomic.Pointer[instance]
+	// fast is the module's function list for two-call signatures (see
+	// fastsign.go), or nil to sign through miekg/pkcs11.
+	fast unsafe.Pointer
 
 	// life serializes state changes: re-initialization and Close.
 	life sync.Mutex
@@ -287,6 +291,11 @@ func Open(cfg Config) (*Provider, error) {
 		p.log = slog.New(slog.DiscardHandler)
 	}
 	p.health.init()
+	if fl, why := fastList(ctx, abs); fl != nil {
+		p.fast = fl
+	} else {
+		p.log.Info("hsm: signing through miekg/pkcs11 (3 calls per signature)", "module", abs, "check", why)
+	}
 	in, err := p.start(1)
 	if err != nil {
 		releaseModule(abs)

@@ -100,6 +100,9 @@ func (k *key) sign(digest []byte, opts crypto.SignerOpts) ([]byte, error) {
 		return nil, &Error{Op: op, Generation: k.gen, Err: err}
 	}
 	sig, err := k.call(op, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle) ([]byte, error) {
+		if fl := k.p.fast; fl != nil {
+			return fastSign(fl, s, mech[0], k.handle, input, k.size)
+		}
 		if err := ctx.SignInit(s, mech, k.handle); err != nil {
 			return nil, err
 		}

@@ -1,0 +1,17 @@
+//go:build windows
+
+package hsm
+
+import (
+	"unsafe"
+
+	"github.com/miekg/pkcs11"
+)
+
+// On Windows the module's structures are packed; the two-call path is not
+// used there (fastList reports it unavailable).
+func fastList(*pkcs11.Ctx, string) (unsafe.Pointer, int) { return nil, -1 }
+
+func fastSign(unsafe.Pointer, pkcs11.SessionHandle, *pkcs11.Mechanism, pkcs11.ObjectHandle, []byte, int) ([]byte, error) {
+	return nil, pkcs11.Error(pkcs11.CKR_FUNCTION_NOT_SUPPORTED)
+}
