@@ -58,8 +58,13 @@ func (d *Decrypter) String() string {
 // Refusals (ErrInvalidOptions, ErrStaleKey, ErrUnavailable, ErrClosed) make
 // no PKCS#11 call. Blocks like Sign. Safe for concurrent use.
 func (d *Decrypter) Decrypt(rand io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {
+	return d.k.decryptWith(rand, ciphertext, opts)
+}
+
+// decryptWith is Decrypter.Decrypt; durable keys call it on the key bound
+// in the current generation.
+func (k *key) decryptWith(rand io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {
 	const op = "decrypt"
-	k := d.k
 	if ok, w := k.p.gate.enter(k.gen); !ok {
 		k.p.health.refused.Add(1)
 		return nil, k.decryptErrs.pick(k.gen, w)

@@ -209,11 +209,11 @@ func (d *DurableDecrypter) String() string {
 // Decrypt decrypts as Decrypter.Decrypt does, with the key bound in the
 // current generation, failing fast while the provider is unavailable.
 func (d *DurableDecrypter) Decrypt(rand io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {
-	return d.d.do(context.Background(), false, func(k *key) ([]byte, error) { return (&Decrypter{Signer{k}}).Decrypt(rand, ciphertext, opts) })
+	return d.d.do(context.Background(), false, func(k *key) ([]byte, error) { return k.decryptWith(rand, ciphertext, opts) })
 }
 
 // DecryptContext is Decrypt, waiting for an unavailable provider until ctx
 // ends, as SignContext does.
 func (d *DurableDecrypter) DecryptContext(ctx context.Context, rand io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {
-	return d.d.do(ctx, true, func(k *key) ([]byte, error) { return (&Decrypter{Signer{k}}).Decrypt(rand, ciphertext, opts) })
+	return d.d.do(ctx, true, func(k *key) ([]byte, error) { return k.decryptWith(rand, ciphertext, opts) })
 }

@@ -377,11 +377,6 @@ func (p *Provider) probe() {
 			p.observe(gen, err)
 			p.markLost(gen, err)
 		}
-		if errors.Is(err, errNoSlot) && time.Since(p.lastProgress()) > p.cfg.ProbeTimeout {
-			h.probeFailures.Add(1)
-			p.markLost(gen, &Error{Op: "probe", Generation: gen,
-				Err: fmt.Errorf("%w: all %d sessions busy and no call completed for %v", ErrHung, cap(p.inst.Load().slots), p.cfg.ProbeTimeout)})
-		}
 	case <-t.C:
 		h.probeFailures.Add(1)
 		p.markLost(gen, &Error{Op: "probe", Generation: gen, Err: fmt.Errorf("%w: no answer in %v", ErrHung, p.cfg.ProbeTimeout)})
@@ -389,15 +384,8 @@ func (p *Provider) probe() {
 	}
 }
 
+// errNoSlot: every session was busy, but calls are completing: no verdict.
 var errNoSlot = errors.New("no free session slot")
-
-// lastProgress is when the current generation last completed a call.
-func (p *Provider) lastProgress() time.Time {
-	if in := p.inst.Load(); in != nil {
-		return time.Unix(0, in.lastDone.Load())
-	}
-	return time.Now()
-}
 
 func (p *Provider) probeOnce(gen uint64) error {
 	const op = "probe"
@@ -414,6 +402,10 @@ func (p *Provider) probeOnce(gen uint64) error {
 		t.Stop()
 		return ErrUnavailable
 	case <-t.C:
+		if idle := time.Since(time.Unix(0, in.lastDone.Load())); idle > p.cfg.ProbeTimeout {
+			return &Error{Op: op, Generation: gen,
+				Err: fmt.Errorf("%w: all %d sessions busy and no call completed for %v", ErrHung, cap(in.slots), idle.Round(time.Millisecond))}
+		}
 		return errNoSlot
 	}
 	defer func() { in.slots <- struct{}{} }()
