@@ -4,14 +4,17 @@ import (
 	"bytes"
 	"crypto"
 	"crypto/rand"
+	"crypto/rsa"
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"sync"
 	"testing"
 
 	"github.com/ThalesGroup/crypto11"
 	"github.com/ce46d8f2/hsm/internal/softhsmtest"
+	"github.com/miekg/pkcs11"
 )
 
 const spyModule = "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so"
@@ -76,6 +79,7 @@ func TestCallsPerOperation(t *testing.T) {
 			}
 		}
 	})) / n
+	perDec, pub := countDecryptCalls(t, p, n)
 	closeP()
 
 	c, err := crypto11.Configure(&crypto11.Config{Path: spyModule, TokenLabel: tok.Label, Pin: tok.PIN})
@@ -113,12 +117,84 @@ func TestCallsPerOperation(t *testing.T) {
 	})) / n
 	closeR()
 
+	rawD := openRawT(t, spyModule, tok, "rsa2048")
+	closeRD := closeOnce(rawD.close)
+	//lint:ignore SA1019 crypto.Decrypter still defines PKCS #1 v1.5 decryption; the test needs its ciphertexts.
+	ct, err := rsa.EncryptPKCS1v15(rand.Reader, pub, digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sess = rawD.session()
+	perDec["raw miekg/pkcs11 PKCS#1 v1.5"] = float64(countCalls(t, func() {
+		for range n {
+			if err := rawD.ctx.DecryptInit(sess, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS, nil)}, rawD.key); err != nil {
+				t.Fatal(err)
+			}
+			if pt, err := rawD.ctx.Decrypt(sess, ct); err != nil || !bytes.Equal(pt, digest) {
+				t.Fatalf("raw decryption: %x, %v", pt, err)
+			}
+		}
+	})) / n
+	closeRD()
+
 	t.Logf("PKCS#11 calls per ECDSA signature: raw miekg/pkcs11 %.2f, crypto11 %.2f, hsm %.2f (minimum: 2, C_SignInit + C_Sign into a buffer of known size)",
 		per["raw miekg/pkcs11"], per["crypto11"], per["hsm"])
 	if per["hsm"] != 2 {
 		t.Errorf("hsm makes %.2f calls per signature, want the minimum, 2", per["hsm"])
 	}
-	if log, _ := os.ReadFile(spyLog); !bytes.Contains(log, []byte("C_Sign")) {
-		t.Fatal("the spy logged no C_Sign: the count measured nothing")
+	t.Logf("PKCS#11 calls per RSA-2048 decryption: %v", perDec)
+	for name, calls := range perDec {
+		if !strings.HasPrefix(name, "raw") && calls != 2 {
+			t.Errorf("%s decryption makes %.2f calls, want 2 (C_DecryptInit + C_Decrypt into a modulus-sized buffer)", name, calls)
+		}
 	}
+	if log, _ := os.ReadFile(spyLog); !bytes.Contains(log, []byte("C_Sign")) || !bytes.Contains(log, []byte("C_Decrypt")) {
+		t.Fatal("the spy logged no C_Sign or no C_Decrypt: the count measured nothing")
+	}
+}
+
+// countDecryptCalls counts the PKCS#11 calls of n decryptions by p's
+// rsa2048 key, for PKCS#1 v1.5, OAEP the token does (SHA-1), and OAEP the
+// token refuses (SHA-256, done as CKM_RSA_X_509 and decoded here), and
+// returns the key's public half.
+func countDecryptCalls(t *testing.T, p *Provider, n float64) (map[string]float64, *rsa.PublicKey) {
+	t.Helper()
+	d, err := p.Decrypter(KeyRef{Label: "rsa2048"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := d.Public().(*rsa.PublicKey)
+	secret := []byte("a session key")
+	per := map[string]float64{}
+	for _, tt := range []struct {
+		name string
+		opts crypto.DecrypterOpts
+	}{
+		{"PKCS#1 v1.5", nil},
+		{"OAEP SHA-1 (CKM_RSA_PKCS_OAEP)", &rsa.OAEPOptions{Hash: crypto.SHA1}},
+		{"OAEP SHA-256 (CKM_RSA_X_509)", &rsa.OAEPOptions{Hash: crypto.SHA256}},
+	} {
+		var ct []byte
+		if o, ok := tt.opts.(*rsa.OAEPOptions); ok {
+			ct, err = rsa.EncryptOAEPWithOptions(rand.Reader, pub, secret, o)
+		} else {
+			//lint:ignore SA1019 crypto.Decrypter still defines PKCS #1 v1.5 decryption; the test needs its ciphertexts.
+			ct, err = rsa.EncryptPKCS1v15(rand.Reader, pub, secret)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		decrypt := func() {
+			if pt, err := d.Decrypt(nil, ct, tt.opts); err != nil || !bytes.Equal(pt, secret) {
+				t.Fatalf("%s: %q, %v", tt.name, pt, err)
+			}
+		}
+		decrypt() // the first SHA-256 one learns that the token refuses it
+		per["hsm "+tt.name] = float64(countCalls(t, func() {
+			for range int(n) {
+				decrypt()
+			}
+		})) / n
+	}
+	return per, pub
 }

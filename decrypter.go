@@ -104,7 +104,7 @@ func (k *key) decryptPKCS1(ct []byte, sessionKeyLen int, rand io.Reader) ([]byte
 	if err := k.checkCiphertext(ct); err != nil {
 		return nil, err
 	}
-	out, atInit, err := k.decrypt(pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS, nil), ct)
+	out, atInit, err := k.decrypt(pkcs11.CKM_RSA_PKCS, nil, ct)
 	rejected := !atInit && isRejection(err)
 	if sessionKeyLen > 0 && (rejected || (err == nil && len(out) != sessionKeyLen)) {
 		if rand == nil {
@@ -145,7 +145,7 @@ func (k *key) decryptOAEP(ct []byte, o *rsa.OAEPOptions) ([]byte, error) {
 	shape := oaepShape{o.Hash, mgfHash, len(o.Label) > 0}
 	if _, soft := k.in.oaepSoft.Load(shape); !soft {
 		params := pkcs11.NewOAEPParams(m[0], mm[1], pkcs11.CKZ_DATA_SPECIFIED, o.Label)
-		out, atInit, err := k.decrypt(pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_OAEP, params), ct)
+		out, atInit, err := k.decrypt(pkcs11.CKM_RSA_PKCS_OAEP, params, ct)
 		if !atInit || !refusesParams(err) {
 			if !atInit && isRejection(err) {
 				return nil, k.decryptionError(err)
@@ -156,7 +156,7 @@ func (k *key) decryptOAEP(ct []byte, o *rsa.OAEPOptions) ([]byte, error) {
 		k.p.log.Info("hsm: the token's CKM_RSA_PKCS_OAEP refuses these parameters; decoding OAEP in software over CKM_RSA_X_509",
 			"hash", o.Hash.String(), "mgf", mgfHash.String(), "label", len(o.Label) > 0, "err", err)
 	}
-	em, atInit, err := k.decrypt(pkcs11.NewMechanism(pkcs11.CKM_RSA_X_509, nil), ct)
+	em, atInit, err := k.decrypt(pkcs11.CKM_RSA_X_509, nil, ct)
 	if err != nil {
 		if atInit && refusesParams(err) {
 			code, _ := CodeOf(err)
@@ -181,12 +181,24 @@ func (k *key) decryptOAEP(ct []byte, o *rsa.OAEPOptions) ([]byte, error) {
 	return msg, nil
 }
 
-// decrypt runs C_DecryptInit and C_Decrypt on a session. atInit says
-// whether a failure came before C_Decrypt (no ciphertext was looked at).
-func (k *key) decrypt(mech *pkcs11.Mechanism, ct []byte) (out []byte, atInit bool, err error) {
+// decrypt runs C_DecryptInit and C_Decrypt on a session: two PKCS#11
+// calls into a buffer of the modulus's size where the module's function list
+// could be validated (fastsign.go), else miekg/pkcs11's three. oaep holds
+// the parameters of CKM_RSA_PKCS_OAEP. atInit says whether a failure came
+// before C_Decrypt (no ciphertext was looked at).
+func (k *key) decrypt(mech uint, oaep *pkcs11.OAEPParams, ct []byte) (out []byte, atInit bool, err error) {
 	atInit = true
 	out, err = k.call("decrypt", func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle) ([]byte, error) {
-		if err := ctx.DecryptInit(s, []*pkcs11.Mechanism{mech}, k.handle); err != nil {
+		if fl := k.p.fast; fl != nil {
+			var err error
+			out, atInit, err = fastDecrypt(fl, s, mech, oaep, k.handle, ct, k.size)
+			return out, err
+		}
+		m := pkcs11.NewMechanism(mech, nil)
+		if oaep != nil {
+			m = pkcs11.NewMechanism(mech, oaep)
+		}
+		if err := ctx.DecryptInit(s, []*pkcs11.Mechanism{m}, k.handle); err != nil {
 			return nil, err
 		}
 		atInit = false

@@ -11,8 +11,9 @@ import (
 	"testing"
 )
 
-func TestDecrypt(t *testing.T) {
-	p := openShared(t)
+func TestDecrypt(t *testing.T) { forEachPath(t, testDecrypt) }
+
+func testDecrypt(t *testing.T, p *Provider) {
 	d, err := p.Decrypter(KeyRef{Label: "rsa2048"})
 	if err != nil {
 		t.Fatal(err)
@@ -128,8 +129,9 @@ func TestDecrypt(t *testing.T) {
 	})
 }
 
-func TestDecryptBadInput(t *testing.T) {
-	p := openShared(t)
+func TestDecryptBadInput(t *testing.T) { forEachPath(t, testDecryptBadInput) }
+
+func testDecryptBadInput(t *testing.T, p *Provider) {
 	d, err := p.Decrypter(KeyRef{Label: "rsa2048"})
 	if err != nil {
 		t.Fatal(err)

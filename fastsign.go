@@ -2,10 +2,11 @@
 
 package hsm
 
-// A signature in two PKCS#11 calls: C_SignInit, then one C_Sign into a
-// buffer of the size the key's signatures have. miekg/pkcs11's Sign always
-// asks for the length first (a second C_Sign); on a network HSM every call
-// is a round trip. Both calls are made in one cgo crossing.
+// A signature or a decryption in two PKCS#11 calls: C_SignInit (or
+// C_DecryptInit), then one C_Sign (C_Decrypt) into a buffer of the size the
+// key's output has. miekg/pkcs11's Sign and Decrypt always ask for the length
+// first (a second C_Sign or C_Decrypt); on a network HSM every call is a
+// round trip. Both calls are made in one cgo crossing.
 //
 // The calls go through the function list of the very module instance
 // miekg/pkcs11 loaded and initialized: p11-kit-client.so hands out a new,
@@ -22,31 +23,61 @@ package hsm
 
 typedef unsigned long hsm_ul;
 typedef struct { hsm_ul mechanism; void *pParameter; hsm_ul ulParameterLen; } hsm_mech;
+// CK_RSA_PKCS_OAEP_PARAMS (not packed: this file is not built on Windows).
+typedef struct { hsm_ul hashAlg, mgf, source; void *pSourceData; hsm_ul ulSourceDataLen; } hsm_oaep;
+// C_SignInit and C_DecryptInit have the same signature, and so have C_Sign
+// and C_Decrypt.
 typedef hsm_ul (*hsm_init_fn)(hsm_ul session, hsm_mech *m, hsm_ul key);
-typedef hsm_ul (*hsm_sign_fn)(hsm_ul session, unsigned char *data, hsm_ul dlen, unsigned char *out, hsm_ul *olen);
+typedef hsm_ul (*hsm_op_fn)(hsm_ul session, unsigned char *in, hsm_ul inlen, unsigned char *out, hsm_ul *outlen);
 typedef struct { unsigned char major, minor; } hsm_version;
 // CK_FUNCTION_LIST: the version, then the functions in the order of the
-// standard: C_SignInit is the 43rd (index 42), C_Sign the 44th.
+// standard: C_DecryptInit is the 34th (index 33), C_Decrypt the 35th,
+// C_SignInit the 43rd, C_Sign the 44th.
 typedef struct { hsm_version version; void *fn[44]; } hsm_flist;
 
-enum { IDX_GET_FUNCTION_LIST = 3, IDX_SIGN_INIT = 42, IDX_SIGN = 43 };
+enum { IDX_DECRYPT_INIT = 33, IDX_DECRYPT = 34, IDX_SIGN_INIT = 42, IDX_SIGN = 43 };
 
-// hsm_sign: C_SignInit + C_Sign. *stage says how far it got (0: init).
-static hsm_ul hsm_sign(void *fl, hsm_ul session, hsm_ul mechanism, void *param, hsm_ul plen, hsm_ul key,
-                       unsigned char *data, hsm_ul dlen, unsigned char *sig, hsm_ul *siglen, int *stage) {
-	hsm_flist *f = fl;
-	hsm_mech m = { mechanism, param, plen };
+// hsm_run: the init function at index init, then the single-part
+// operation after it. *stage says how far it got (0: init).
+static hsm_ul hsm_run(hsm_flist *f, int init, hsm_ul session, hsm_mech *m, hsm_ul key,
+                      unsigned char *in, hsm_ul inlen, unsigned char *out, hsm_ul *outlen, int *stage) {
 	*stage = 0;
-	hsm_ul rv = ((hsm_init_fn)f->fn[IDX_SIGN_INIT])(session, &m, key);
+	hsm_ul rv = ((hsm_init_fn)f->fn[init])(session, m, key);
 	if (rv != 0) return rv;
 	*stage = 1;
-	return ((hsm_sign_fn)f->fn[IDX_SIGN])(session, data, dlen, sig, siglen);
+	return ((hsm_op_fn)f->fn[init + 1])(session, in, inlen, out, outlen);
 }
 
-// hsm_sign_again: C_Sign only, after CKR_BUFFER_TOO_SMALL (the operation
-// stays active).
-static hsm_ul hsm_sign_again(void *fl, hsm_ul session, unsigned char *data, hsm_ul dlen, unsigned char *sig, hsm_ul *siglen) {
-	return ((hsm_sign_fn)((hsm_flist *)fl)->fn[IDX_SIGN])(session, data, dlen, sig, siglen);
+// hsm_sign: C_SignInit + C_Sign; param is a flat parameter (PSS) or NULL.
+static hsm_ul hsm_sign(void *fl, hsm_ul session, hsm_ul mechanism, void *param, hsm_ul plen, hsm_ul key,
+                       unsigned char *data, hsm_ul dlen, unsigned char *sig, hsm_ul *siglen, int *stage) {
+	hsm_mech m = { mechanism, param, plen };
+	return hsm_run(fl, IDX_SIGN_INIT, session, &m, key, data, dlen, sig, siglen, stage);
+}
+
+// hsm_decrypt: C_DecryptInit + C_Decrypt; with oaep set, the mechanism
+// takes CK_RSA_PKCS_OAEP_PARAMS built here from the other arguments (the
+// label stays in the caller's memory for the duration of the call).
+static hsm_ul hsm_decrypt(void *fl, hsm_ul session, hsm_ul mechanism, int oaep, hsm_ul hash, hsm_ul mgf, hsm_ul source,
+                          void *label, hsm_ul llen, hsm_ul key,
+                          unsigned char *ct, hsm_ul ctlen, unsigned char *out, hsm_ul *outlen, int *stage) {
+	hsm_oaep p = { hash, mgf, source, label, llen };
+	hsm_mech m = { mechanism, oaep ? &p : NULL, oaep ? sizeof p : 0 };
+	return hsm_run(fl, IDX_DECRYPT_INIT, session, &m, key, ct, ctlen, out, outlen, stage);
+}
+
+// hsm_again: the single-part operation (index op) only, after
+// CKR_BUFFER_TOO_SMALL, which leaves the operation active.
+static hsm_ul hsm_again(void *fl, int op, hsm_ul session, unsigned char *in, hsm_ul inlen, unsigned char *out, hsm_ul *outlen) {
+	return ((hsm_op_fn)((hsm_flist *)fl)->fn[op])(session, in, inlen, out, outlen);
+}
+
+// hsm_check_fn: 0 when the list holds name at idx, or the module does not
+// export name (a module may export only C_GetFunctionList).
+static int hsm_check_fn(void *handle, hsm_flist *f, int idx, const char *name) {
+	if (f->fn[idx] == NULL) return 1;
+	void *sym = dlsym(handle, name);
+	return sym != NULL && sym != f->fn[idx];
 }
 
 // hsm_check_list validates a function list for the module loaded from path
@@ -60,17 +91,17 @@ static int hsm_check_list(const char *path, void *handle, void *fl) {
 	dlclose(h); // drop the reference RTLD_NOLOAD took
 	if (h != handle) return 3;
 	if (f->version.major != 2 && f->version.major != 3) return 4;
-	if (f->fn[IDX_SIGN_INIT] == NULL || f->fn[IDX_SIGN] == NULL) return 5;
 	// Where the module exports the functions, the list must hold them at
 	// the indexes used here.
-	void *si = dlsym(handle, "C_SignInit"), *s = dlsym(handle, "C_Sign");
-	if (si != NULL && s != NULL && (f->fn[IDX_SIGN_INIT] != si || f->fn[IDX_SIGN] != s)) return 6;
+	if (hsm_check_fn(handle, f, IDX_SIGN_INIT, "C_SignInit") || hsm_check_fn(handle, f, IDX_SIGN, "C_Sign")) return 5;
+	if (hsm_check_fn(handle, f, IDX_DECRYPT_INIT, "C_DecryptInit") || hsm_check_fn(handle, f, IDX_DECRYPT, "C_Decrypt")) return 6;
 	return 0;
 }
 */
 import "C"
 
 import (
+	"fmt"
 	"unsafe"
 
 	"github.com/miekg/pkcs11"
@@ -93,28 +124,57 @@ func fastList(ctx *pkcs11.Ctx, path string) (unsafe.Pointer, int) {
 	return fields[1], 0
 }
 
+// bytesPtr is the address of b's first byte, or nil when b is empty.
+func bytesPtr(b []byte) *C.uchar {
+	if len(b) == 0 {
+		return nil
+	}
+	return (*C.uchar)(unsafe.Pointer(&b[0]))
+}
+
 // fastSign signs on session s with key h: two PKCS#11 calls when size is
 // the signature's size.
 func fastSign(fl unsafe.Pointer, s pkcs11.SessionHandle, mech *pkcs11.Mechanism, h pkcs11.ObjectHandle, data []byte, size int) ([]byte, error) {
-	sig := make([]byte, size)
+	out := make([]byte, size)
 	n := C.hsm_ul(size)
 	var stage C.int
-	var param unsafe.Pointer
-	if len(mech.Parameter) > 0 {
-		param = unsafe.Pointer(&mech.Parameter[0])
+	rv := C.hsm_sign(fl, C.hsm_ul(s), C.hsm_ul(mech.Mechanism), unsafe.Pointer(bytesPtr(mech.Parameter)), C.hsm_ul(len(mech.Parameter)), C.hsm_ul(h),
+		bytesPtr(data), C.hsm_ul(len(data)), bytesPtr(out), &n, &stage)
+	out, _, err := fastFinish(fl, C.IDX_SIGN, s, data, out, size, n, rv, stage)
+	return out, err
+}
+
+// fastDecrypt decrypts ct on session s with key h and mechanism mech
+// (CKM_RSA_PKCS, CKM_RSA_X_509, or CKM_RSA_PKCS_OAEP with oaep set): two
+// PKCS#11 calls, since the plaintext is never longer than the modulus,
+// size bytes. atInit says whether a failure came from C_DecryptInit.
+func fastDecrypt(fl unsafe.Pointer, s pkcs11.SessionHandle, mech uint, oaep *pkcs11.OAEPParams, h pkcs11.ObjectHandle, ct []byte, size int) ([]byte, bool, error) {
+	out := make([]byte, size)
+	n := C.hsm_ul(size)
+	var stage C.int
+	var isOAEP C.int
+	var hash, mgf, source C.hsm_ul
+	var label []byte
+	if oaep != nil {
+		isOAEP, hash, mgf, source, label = 1, C.hsm_ul(oaep.HashAlg), C.hsm_ul(oaep.MGF), C.hsm_ul(oaep.SourceType), oaep.SourceData
 	}
-	var dp *C.uchar
-	if len(data) > 0 {
-		dp = (*C.uchar)(unsafe.Pointer(&data[0]))
-	}
-	rv := C.hsm_sign(fl, C.hsm_ul(s), C.hsm_ul(mech.Mechanism), param, C.hsm_ul(len(mech.Parameter)), C.hsm_ul(h),
-		dp, C.hsm_ul(len(data)), (*C.uchar)(unsafe.Pointer(&sig[0])), &n, &stage)
+	rv := C.hsm_decrypt(fl, C.hsm_ul(s), C.hsm_ul(mech), isOAEP, hash, mgf, source, unsafe.Pointer(bytesPtr(label)), C.hsm_ul(len(label)), C.hsm_ul(h),
+		bytesPtr(ct), C.hsm_ul(len(ct)), bytesPtr(out), &n, &stage)
+	return fastFinish(fl, C.IDX_DECRYPT, s, ct, out, size, n, rv, stage)
+}
+
+// fastFinish completes a two-call operation: when the token asked for a
+// larger buffer than size, once more with that size (a third call).
+func fastFinish(fl unsafe.Pointer, op C.int, s pkcs11.SessionHandle, in, out []byte, size int, n C.hsm_ul, rv C.hsm_ul, stage C.int) ([]byte, bool, error) {
 	if rv == pkcs11.CKR_BUFFER_TOO_SMALL && stage == 1 && int(n) > size {
-		sig = make([]byte, int(n))
-		rv = C.hsm_sign_again(fl, C.hsm_ul(s), dp, C.hsm_ul(len(data)), (*C.uchar)(unsafe.Pointer(&sig[0])), &n)
+		out = make([]byte, int(n))
+		rv = C.hsm_again(fl, op, C.hsm_ul(s), bytesPtr(in), C.hsm_ul(len(in)), bytesPtr(out), &n)
 	}
 	if rv != 0 {
-		return nil, pkcs11.Error(rv)
+		return nil, stage == 0, pkcs11.Error(rv)
 	}
-	return sig[:int(n)], nil
+	if int(n) > len(out) {
+		return nil, false, fmt.Errorf("the module reported %d bytes of output in a %d-byte buffer", int(n), len(out))
+	}
+	return out[:int(n)], false, nil
 }

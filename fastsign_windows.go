@@ -15,3 +15,7 @@ func fastList(*pkcs11.Ctx, string) (unsafe.Pointer, int) { return nil, -1 }
 func fastSign(unsafe.Pointer, pkcs11.SessionHandle, *pkcs11.Mechanism, pkcs11.ObjectHandle, []byte, int) ([]byte, error) {
 	return nil, pkcs11.Error(pkcs11.CKR_FUNCTION_NOT_SUPPORTED)
 }
+
+func fastDecrypt(unsafe.Pointer, pkcs11.SessionHandle, uint, *pkcs11.OAEPParams, pkcs11.ObjectHandle, []byte, int) ([]byte, bool, error) {
+	return nil, true, pkcs11.Error(pkcs11.CKR_FUNCTION_NOT_SUPPORTED)
+}

@@ -77,6 +77,25 @@ func openShared(t testing.TB, mod ...func(*Config)) *Provider {
 	return openToken(t, sharedToken(t), mod...)
 }
 
+// forEachPath runs f on the shared token twice: with signatures and
+// decryptions in two calls through the module's function list
+// (fastsign.go), and through miekg/pkcs11's calls, the fallback for a module
+// whose list cannot be validated.
+func forEachPath(t *testing.T, f func(t *testing.T, p *Provider)) {
+	for _, path := range []string{"two-call", "miekg"} {
+		t.Run(path, func(t *testing.T) {
+			p := openShared(t)
+			if p.fast == nil {
+				t.Fatal("the two-call path is off for SoftHSM")
+			}
+			if path == "miekg" {
+				p.fast = nil // no operation has run yet
+			}
+			f(t, p)
+		})
+	}
+}
+
 func mustSigner(t testing.TB, p *Provider, label string) *Signer {
 	t.Helper()
 	s, err := p.Signer(KeyRef{Label: label})

@@ -1,8 +1,10 @@
 package hsm
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/ecdsa"
+	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
 	"errors"
@@ -374,5 +376,49 @@ func TestEd25519ThroughRemoting(t *testing.T) {
 	digest := sha256.Sum256(nil)
 	if _, err := mustSigner(t, r.p, "ec").Sign(nil, digest[:], crypto.SHA256); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestDecryptThroughRemoting: the two-call decryption through p11-kit's RPC,
+// which carries the mechanism's OAEP parameters to the server.
+func TestDecryptThroughRemoting(t *testing.T) {
+	r := openRemote(t)
+	if r.p.fast == nil {
+		t.Fatal("the two-call path is off for p11-kit-client.so")
+	}
+	d, err := r.p.Decrypter(KeyRef{Label: "rsa"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := d.Public().(*rsa.PublicKey)
+	secret := []byte("through the socket")
+	for _, opts := range []crypto.DecrypterOpts{
+		nil,
+		&rsa.OAEPOptions{Hash: crypto.SHA1},
+		&rsa.OAEPOptions{Hash: crypto.SHA256, Label: []byte("label")},
+	} {
+		var ct []byte
+		if o, ok := opts.(*rsa.OAEPOptions); ok {
+			ct, err = rsa.EncryptOAEPWithOptions(rand.Reader, pub, secret, o)
+		} else {
+			//lint:ignore SA1019 crypto.Decrypter still defines PKCS #1 v1.5 decryption; the test needs its ciphertexts.
+			ct, err = rsa.EncryptPKCS1v15(rand.Reader, pub, secret)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		pt, err := d.Decrypt(nil, ct, opts)
+		if err != nil || !bytes.Equal(pt, secret) {
+			t.Fatalf("%#v: %q, %v", opts, pt, err)
+		}
+		ct[len(ct)-1] ^= 1
+		_, err = d.Decrypt(nil, ct, opts)
+		wantErr(t, err, ErrDecryption)
+	}
+	if _, soft := r.p.inst.Load().oaepSoft.Load(oaepShape{crypto.SHA1, crypto.SHA1, false}); soft {
+		t.Error("SHA-1 OAEP did not reach the token's CKM_RSA_PKCS_OAEP")
+	}
+	if s := r.p.State(); s != StateHealthy {
+		t.Fatalf("state %v after rejected ciphertexts", s)
 	}
 }

@@ -250,8 +250,8 @@ type Provider struct {
 
 	gate *gate
 	inst atomic.Pointer[instance]
-	// fast is the module's function list for two-call signatures (see
-	// fastsign.go), or nil to sign through miekg/pkcs11.
+	// fast is the module's function list for two-call signatures and
+	// decryptions (see fastsign.go), or nil to go through miekg/pkcs11.
 	fast unsafe.Pointer
 
 	// life serializes state changes: re-initialization and Close.
@@ -294,7 +294,7 @@ func Open(cfg Config) (*Provider, error) {
 	if fl, why := fastList(ctx, abs); fl != nil {
 		p.fast = fl
 	} else {
-		p.log.Info("hsm: signing through miekg/pkcs11 (3 calls per signature)", "module", abs, "check", why)
+		p.log.Info("hsm: signing and decrypting through miekg/pkcs11 (3 calls per operation, not 2)", "module", abs, "check", why)
 	}
 	in, err := p.start(1)
 	if err != nil {

@@ -14,8 +14,9 @@ import (
 	"testing"
 )
 
-func TestSignVerify(t *testing.T) {
-	p := openShared(t)
+func TestSignVerify(t *testing.T) { forEachPath(t, testSignVerify) }
+
+func testSignVerify(t *testing.T, p *Provider) {
 	msg := []byte("the quick brown fox jumps over the lazy dog")
 	pssAuto := &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthAuto, Hash: crypto.SHA256}
 	tests := []struct {
