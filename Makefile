@@ -27,8 +27,9 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzUnpadOAEP -fuzztime 30s .
 	$(GO) test -run '^$$' -fuzz FuzzParseURI -fuzztime 30s .
 
-## bench: benchmarks (raw miekg/pkcs11, crypto11, hsm; direct and through p11-kit) into README.md
+## bench: benchmarks, calls and instructions per operation (raw miekg/pkcs11, crypto11, hsm) into README.md; about 20 minutes
 bench: deps
+	@sh scripts/install-deps.sh valgrind
 	bash scripts/bench.sh
 
 ## soak: the chaos soak, 60 s with an outage about every 2 s (a short one runs in make test)

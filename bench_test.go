@@ -12,7 +12,6 @@ import (
 	_ "crypto/sha1"
 	"crypto/sha256"
 	"errors"
-	"hash"
 	"sync"
 	"testing"
 
@@ -41,6 +40,8 @@ func benchToken(b *testing.B) *softhsmtest.Token {
 	return benchTok.tok
 }
 
+// benchMech is one operation: a signature with opts, or, when dec is set,
+// a decryption with dec of the ciphertext input.
 type benchMech struct {
 	name  string
 	label string
@@ -48,6 +49,7 @@ type benchMech struct {
 	opts  crypto.SignerOpts
 	input []byte
 	mech  func() []*pkcs11.Mechanism // for raw miekg/pkcs11
+	dec   crypto.DecrypterOpts
 }
 
 var digest32 = sha256.Sum256([]byte("benchmark"))
@@ -57,16 +59,21 @@ func benchMechs() []benchMech {
 	return []benchMech{
 		{"ECDSA-P256", "ec", 1, crypto.SHA256, digest32[:], func() []*pkcs11.Mechanism {
 			return []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_ECDSA, nil)}
-		}},
+		}, nil},
 		{"RSA2048-PKCS1v15", "rsa", 2, crypto.SHA256, digest32[:], func() []*pkcs11.Mechanism {
 			return []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS, nil)}
-		}},
+		}, nil},
 		{"RSA2048-PSS", "rsa", 2, pss, digest32[:], func() []*pkcs11.Mechanism {
 			return []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_PSS, pkcs11.NewPSSParams(pkcs11.CKM_SHA256, pkcs11.CKG_MGF1_SHA256, 32))}
-		}},
+		}, nil},
 		{"Ed25519", "ed", 3, crypto.Hash(0), []byte("benchmark message"), func() []*pkcs11.Mechanism {
 			return []*pkcs11.Mechanism{pkcs11.NewMechanism(ckmEdDSA, nil)}
-		}},
+		}, nil},
+		// SHA-1: what SoftHSM's CKM_RSA_PKCS_OAEP takes itself. The
+		// ciphertext is made by BenchmarkOps.
+		{"RSA2048-OAEP-decrypt", "rsa", 2, nil, nil, func() []*pkcs11.Mechanism {
+			return []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_OAEP, pkcs11.NewOAEPParams(pkcs11.CKM_SHA_1, pkcs11.CKG_MGF1_SHA1, pkcs11.CKZ_DATA_SPECIFIED, nil))}
+		}, &rsa.OAEPOptions{Hash: crypto.SHA1}},
 	}
 }
 
@@ -78,8 +85,18 @@ func rawInput(m benchMech) []byte {
 	return m.input
 }
 
-func BenchmarkSign(b *testing.B) {
+// BenchmarkOps: every operation of benchMechs with every engine, serial
+// and parallel, directly on SoftHSM and through p11-kit. Sub-benchmarks
+// are named key=value, so that benchstat -col /eng puts the engines side by
+// side (scripts/bench.sh).
+func BenchmarkOps(b *testing.B) {
 	tok := benchToken(b)
+	mechs := benchMechs()
+	for i, m := range mechs {
+		if m.dec != nil {
+			mechs[i].input = benchCiphertext(b, tok, m)
+		}
+	}
 	for _, where := range []string{"direct", "remote"} {
 		module := softhsmtest.SoftHSMModule
 		var srv *softhsmtest.Server
@@ -91,17 +108,17 @@ func BenchmarkSign(b *testing.B) {
 			}
 			module = srv.Module()
 		}
-		for _, m := range benchMechs() {
-			for _, eng := range []string{"raw", "crypto11", "hsm"} {
-				if eng == "crypto11" && m.name == "Ed25519" {
-					continue // crypto11 has no Ed25519
-				}
-				if where == "remote" && m.name == "Ed25519" {
-					continue // p11-kit 0.24's RPC does not carry CKM_EDDSA (TestEd25519ThroughRemoting)
-				}
-				for _, par := range []string{"serial", "parallel"} {
-					b.Run(where+"/"+m.name+"/"+eng+"/"+par, func(b *testing.B) {
-						runSignBench(b, eng, par == "parallel", module, tok, m)
+		for _, m := range mechs {
+			if where == "remote" && m.name == "Ed25519" {
+				continue // p11-kit 0.24's RPC does not carry CKM_EDDSA (TestEd25519ThroughRemoting)
+			}
+			for _, par := range []string{"serial", "parallel"} {
+				for _, eng := range []string{"raw", "crypto11", "hsm"} {
+					if eng == "crypto11" && m.name == "Ed25519" {
+						continue // crypto11 has no Ed25519
+					}
+					b.Run("where="+where+"/op="+m.name+"/par="+par+"/eng="+eng, func(b *testing.B) {
+						runOpBench(b, eng, par == "parallel", module, tok, m)
 					})
 				}
 			}
@@ -112,8 +129,23 @@ func BenchmarkSign(b *testing.B) {
 	}
 }
 
-func runSignBench(b *testing.B, eng string, parallel bool, module string, tok *softhsmtest.Token, m benchMech) {
-	var sign func() error // safe for concurrent use
+// benchCiphertext encrypts a secret to the public half of m's key.
+func benchCiphertext(b *testing.B, tok *softhsmtest.Token, m benchMech) []byte {
+	p, err := Open(Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label, PIN: tok.PIN, ProbeInterval: -1})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer p.Close()
+	pub := mustSigner(b, p, m.label).Public().(*rsa.PublicKey)
+	ct, err := rsa.EncryptOAEPWithOptions(rand.Reader, pub, []byte("a session key"), m.dec.(*rsa.OAEPOptions))
+	if err != nil {
+		b.Fatal(err)
+	}
+	return ct
+}
+
+func runOpBench(b *testing.B, eng string, parallel bool, module string, tok *softhsmtest.Token, m benchMech) {
+	var op func() error // safe for concurrent use
 	var done func()
 	switch eng {
 	case "hsm":
@@ -122,11 +154,19 @@ func runSignBench(b *testing.B, eng string, parallel bool, module string, tok *s
 			b.Fatal(err)
 		}
 		done = func() { p.Close() }
+		if m.dec != nil {
+			d, err := p.Decrypter(KeyRef{Label: m.label})
+			if err != nil {
+				b.Fatal(err)
+			}
+			op = func() error { _, err := d.Decrypt(nil, m.input, m.dec); return err }
+			break
+		}
 		s, err := p.Signer(KeyRef{Label: m.label})
 		if err != nil {
 			b.Fatal(err)
 		}
-		sign = func() error { _, err := s.Sign(nil, m.input, m.opts); return err }
+		op = func() error { _, err := s.Sign(nil, m.input, m.opts); return err }
 	case "crypto11":
 		c, err := crypto11.Configure(&crypto11.Config{Path: module, TokenLabel: tok.Label, Pin: tok.PIN})
 		if err != nil {
@@ -137,15 +177,27 @@ func runSignBench(b *testing.B, eng string, parallel bool, module string, tok *s
 		if err != nil || s == nil {
 			b.Fatalf("crypto11 FindKeyPair: %v", err)
 		}
-		sign = func() error { _, err := s.Sign(rand.Reader, m.input, m.opts); return err }
+		if m.dec != nil {
+			d := s.(crypto.Decrypter)
+			op = func() error { _, err := d.Decrypt(rand.Reader, m.input, m.dec); return err }
+			break
+		}
+		op = func() error { _, err := s.Sign(rand.Reader, m.input, m.opts); return err }
 	case "raw":
 		r := openRaw(b, module, tok, m.label)
 		done = r.close
 		input := rawInput(m)
 		mech := m.mech()
-		sign = func() error {
+		op = func() error {
 			s := r.session()
 			defer r.put(s)
+			if m.dec != nil {
+				if err := r.ctx.DecryptInit(s, mech, r.key); err != nil {
+					return err
+				}
+				_, err := r.ctx.Decrypt(s, input)
+				return err
+			}
 			if err := r.ctx.SignInit(s, mech, r.key); err != nil {
 				return err
 			}
@@ -154,7 +206,7 @@ func runSignBench(b *testing.B, eng string, parallel bool, module string, tok *s
 		}
 	}
 	defer done()
-	if err := sign(); err != nil { // warm up: sessions opened, key found
+	if err := op(); err != nil { // warm up: sessions opened, key found
 		b.Fatal(err)
 	}
 	b.ReportAllocs()
@@ -162,7 +214,7 @@ func runSignBench(b *testing.B, eng string, parallel bool, module string, tok *s
 	if parallel {
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
-				if err := sign(); err != nil {
+				if err := op(); err != nil {
 					b.Error(err)
 					return
 				}
@@ -171,7 +223,7 @@ func runSignBench(b *testing.B, eng string, parallel bool, module string, tok *s
 		return
 	}
 	for b.Loop() {
-		if err := sign(); err != nil {
+		if err := op(); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -260,90 +312,36 @@ func (r *rawP11) close() {
 	r.ctx.Destroy()
 }
 
-// BenchmarkDecryptOAEP: RSA-2048 OAEP with SHA-1 (what SoftHSM's
-// CKM_RSA_PKCS_OAEP takes natively), directly on SoftHSM.
-func BenchmarkDecryptOAEP(b *testing.B) {
-	tok := benchToken(b)
-	module := softhsmtest.SoftHSMModule
-	var pub *rsa.PublicKey
-	{
-		p, err := Open(Config{Path: module, TokenLabel: tok.Label, PIN: tok.PIN, ProbeInterval: -1})
-		if err != nil {
-			b.Fatal(err)
-		}
-		pub = mustSigner(b, p, "rsa").Public().(*rsa.PublicKey)
-		p.Close()
-	}
-	ct, _ := rsa.EncryptOAEP(sha1New(), rand.Reader, pub, []byte("secret"), nil)
-	opts := &rsa.OAEPOptions{Hash: crypto.SHA1}
-	for _, eng := range []string{"raw", "crypto11", "hsm"} {
-		b.Run(eng, func(b *testing.B) {
-			var dec func() error
-			switch eng {
-			case "hsm":
-				p, err := Open(Config{Path: module, TokenLabel: tok.Label, PIN: tok.PIN, ProbeInterval: -1})
-				if err != nil {
+// BenchmarkRefused: what a stale key, and a key of a provider that is
+// unavailable, cost. Each refusal returns a prebuilt error, so the loop
+// checks it by identity (errors.Is, checked once before, would cost more
+// than the refusal).
+func BenchmarkRefused(b *testing.B) {
+	for _, why := range []string{"stale", "unavailable"} {
+		// Named like BenchmarkOps's engines, for benchstat -col /eng.
+		b.Run("why="+why+"/eng=hsm", func(b *testing.B) {
+			p := openShared(b, func(c *Config) { c.DisableAutoRecovery = true; c.ProbeInterval = -1 })
+			s := mustSigner(b, p, "p256")
+			target := ErrStaleKey
+			if why == "stale" {
+				if err := p.Reinitialize(b.Context()); err != nil {
 					b.Fatal(err)
 				}
-				defer p.Close()
-				d, err := p.Decrypter(KeyRef{Label: "rsa"})
-				if err != nil {
-					b.Fatal(err)
-				}
-				dec = func() error { _, err := d.Decrypt(nil, ct, opts); return err }
-			case "crypto11":
-				c, err := crypto11.Configure(&crypto11.Config{Path: module, TokenLabel: tok.Label, Pin: tok.PIN})
-				if err != nil {
-					b.Fatal(err)
-				}
-				defer c.Close()
-				s, err := c.FindKeyPair([]byte{2}, []byte("rsa"))
-				if err != nil {
-					b.Fatal(err)
-				}
-				d := s.(crypto.Decrypter)
-				dec = func() error { _, err := d.Decrypt(rand.Reader, ct, opts); return err }
-			case "raw":
-				r := openRaw(b, module, tok, "rsa")
-				defer r.close()
-				mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_OAEP, pkcs11.NewOAEPParams(pkcs11.CKM_SHA_1, pkcs11.CKG_MGF1_SHA1, pkcs11.CKZ_DATA_SPECIFIED, nil))}
-				dec = func() error {
-					s := r.session()
-					defer r.put(s)
-					if err := r.ctx.DecryptInit(s, mech, r.key); err != nil {
-						return err
-					}
-					_, err := r.ctx.Decrypt(s, ct)
-					return err
-				}
+			} else {
+				// What the first CKR_DEVICE_ERROR of an operation does.
+				p.markLost(s.Generation(), &Error{Op: "sign", Code: pkcs11.CKR_DEVICE_ERROR, Err: pkcs11.Error(pkcs11.CKR_DEVICE_ERROR)})
+				target = ErrUnavailable
 			}
-			if err := dec(); err != nil {
-				b.Fatal(err)
+			_, want := s.Sign(nil, digest32[:], crypto.SHA256)
+			if !errors.Is(want, target) {
+				b.Fatalf("got %v, want %v", want, target)
 			}
 			b.ReportAllocs()
-			b.ResetTimer()
 			for b.Loop() {
-				if err := dec(); err != nil {
+				if _, err := s.Sign(nil, digest32[:], crypto.SHA256); err != want {
 					b.Fatal(err)
 				}
 			}
 		})
 	}
 }
-
-// BenchmarkRefused: what a stale key or an unavailable provider costs.
-func BenchmarkRefused(b *testing.B) {
-	p := openShared(b)
-	s := mustSigner(b, p, "p256")
-	if err := p.Reinitialize(b.Context()); err != nil {
-		b.Fatal(err)
-	}
-	b.ReportAllocs()
-	for b.Loop() {
-		if _, err := s.Sign(nil, digest32[:], crypto.SHA256); !errors.Is(err, ErrStaleKey) {
-			b.Fatal(err)
-		}
-	}
-}
-
-func sha1New() hash.Hash { return crypto.SHA1.New() }

@@ -2,13 +2,17 @@
 # Installs the system packages hsm's demo and tests need, if missing:
 # softhsm2 (the token), p11-kit (remoting: the "network HSM"), opensc
 # (pkcs11-tool, to make tokens and keys). Debian/Ubuntu; apt-get as root,
-# through sudo otherwise.
+# through sudo otherwise. Arguments name more commands to install, each from
+# the package of the same name (make bench: valgrind).
 set -eu
 
 need=""
 [ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null 2>&1 || need="$need softhsm2"
 command -v p11-kit >/dev/null 2>&1 && [ -e /usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so ] || need="$need p11-kit p11-kit-modules"
 command -v pkcs11-tool >/dev/null 2>&1 || need="$need opensc"
+for cmd in "$@"; do
+	command -v "$cmd" >/dev/null 2>&1 || need="$need $cmd"
+done
 [ -z "$need" ] && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then
