@@ -105,13 +105,15 @@ func (in *instance) giveBack(s pkcs11.SessionHandle, opErr error) {
 		// could close a session another goroutine is using. Forget it;
 		// C_Finalize reclaims whatever is left.
 	case code == pkcs11.CKR_OBJECT_HANDLE_INVALID, code == pkcs11.CKR_KEY_HANDLE_INVALID,
-		classifyCode(code) == ClassNone, classifyCode(code) == ClassCaller:
+		classifyCode(code) == ClassNone,
+		classifyCode(code) == ClassCaller && code != pkcs11.CKR_BUFFER_TOO_SMALL:
 		// The session itself is fine (a failed C_*Init leaves no
 		// operation active; a failed C_Sign/C_Decrypt ends it).
 		in.idle <- s
 	default:
 		// The session is valid but its state is in doubt (operation
-		// active, general failure): close it, open a fresh one next time.
+		// active, e.g. after CKR_BUFFER_TOO_SMALL; general failure): close
+		// it, open a fresh one next time.
 		_ = in.ctx.CloseSession(s)
 	}
 	in.slots <- struct{}{}
