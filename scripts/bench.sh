@@ -30,8 +30,8 @@ import re, sys
 machine, calls, table, instructions, count = sys.argv[1:6]
 calls = "\n".join(f"- {l}" for l in calls.splitlines())
 section = (f"<!-- bench:start -->\nMeasured by `make bench` on {machine}.\n\n"
-           f"{calls}\n\nCPU instructions per operation (`scripts/instructions.sh`, under valgrind; "
-           f"repeatable to about 0.1%):\n\n```\n{instructions}\n```\n\n"
+           f"{calls}\n\nCPU instructions per operation, directly on SoftHSM, one goroutine "
+           f"(`scripts/instructions.sh`, under valgrind; mean of two runs, ± half their spread):\n\n```\n{instructions}\n```\n\n"
            f"Time and memory ({count} interleaved rounds; `vs base` is the change from raw miekg/pkcs11, "
            f"`~` where the difference is not significant at p < 0.05):\n\n```\n{table}\n```\n<!-- bench:end -->")
 s = open("README.md").read()
