@@ -174,16 +174,7 @@ func countDecryptCalls(t *testing.T, p *Provider, n float64) (map[string]float64
 	per := map[string]float64{}
 	for i, opts := range []crypto.DecrypterOpts{nil, &rsa.OAEPOptions{Hash: crypto.SHA1}, &rsa.OAEPOptions{Hash: crypto.SHA256}} {
 		name := decryptions[i]
-		var ct []byte
-		if o, ok := opts.(*rsa.OAEPOptions); ok {
-			ct, err = rsa.EncryptOAEPWithOptions(rand.Reader, pub, secret, o)
-		} else {
-			//lint:ignore SA1019 crypto.Decrypter still defines PKCS #1 v1.5 decryption; the test needs its ciphertexts.
-			ct, err = rsa.EncryptPKCS1v15(rand.Reader, pub, secret)
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
+		ct := encryptTo(t, pub, secret, opts)
 		decrypt := func() {
 			if pt, err := d.Decrypt(nil, ct, opts); err != nil || !bytes.Equal(pt, secret) {
 				t.Fatalf("%s: %q, %v", name, pt, err)

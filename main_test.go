@@ -4,6 +4,7 @@ import (
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
+	"crypto/rand"
 	"crypto/rsa"
 	"errors"
 	"os"
@@ -135,6 +136,24 @@ func hashOf(h crypto.Hash, msg []byte) []byte {
 	w := h.New()
 	w.Write(msg)
 	return w.Sum(nil)
+}
+
+// encryptTo encrypts secret to pub as a Decrypter with opts (nil, or
+// *rsa.OAEPOptions) expects it.
+func encryptTo(t testing.TB, pub *rsa.PublicKey, secret []byte, opts crypto.DecrypterOpts) []byte {
+	t.Helper()
+	var ct []byte
+	var err error
+	if o, ok := opts.(*rsa.OAEPOptions); ok {
+		ct, err = rsa.EncryptOAEPWithOptions(rand.Reader, pub, secret, o)
+	} else {
+		//lint:ignore SA1019 crypto.Decrypter still defines PKCS #1 v1.5 decryption; tests need its ciphertexts.
+		ct, err = rsa.EncryptPKCS1v15(rand.Reader, pub, secret)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ct
 }
 
 // wantErr checks that err matches target with errors.Is and is an *Error.

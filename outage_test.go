@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"crypto"
 	"crypto/ecdsa"
-	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
 	"errors"
@@ -397,16 +396,7 @@ func TestDecryptThroughRemoting(t *testing.T) {
 		&rsa.OAEPOptions{Hash: crypto.SHA1},
 		&rsa.OAEPOptions{Hash: crypto.SHA256, Label: []byte("label")},
 	} {
-		var ct []byte
-		if o, ok := opts.(*rsa.OAEPOptions); ok {
-			ct, err = rsa.EncryptOAEPWithOptions(rand.Reader, pub, secret, o)
-		} else {
-			//lint:ignore SA1019 crypto.Decrypter still defines PKCS #1 v1.5 decryption; the test needs its ciphertexts.
-			ct, err = rsa.EncryptPKCS1v15(rand.Reader, pub, secret)
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
+		ct := encryptTo(t, pub, secret, opts)
 		pt, err := d.Decrypt(nil, ct, opts)
 		if err != nil || !bytes.Equal(pt, secret) {
 			t.Fatalf("%#v: %q, %v", opts, pt, err)
