@@ -4,11 +4,11 @@
 # writes the results into README.md between the bench markers, with the
 # machine they ran on.
 #
-# The benchmarks run BENCH_COUNT rounds (default 10) of one iteration each,
-# so that every engine sees the same drift of a shared machine, rather than
-# ten runs of one engine followed by ten of the next; benchstat then
-# compares crypto11 and hsm with raw miekg/pkcs11 (-col /eng), with
-# confidence intervals and p-values.
+# The benchmarks run in BENCH_COUNT rounds (default 10), each round running
+# every benchmark once, so that every engine sees the same drift of a shared
+# machine, rather than ten runs of one engine followed by ten of the next;
+# benchstat then compares crypto11 and hsm with raw miekg/pkcs11 (-col
+# /eng), with confidence intervals and p-values.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 count="${BENCH_COUNT:-10}"
