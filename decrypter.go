@@ -4,6 +4,8 @@ import (
 	"crypto"
 	cryptorand "crypto/rand"
 	"crypto/rsa"
+	"crypto/subtle"
+	"errors"
 	"fmt"
 	"io"
 
@@ -62,35 +64,26 @@ func (d *Decrypter) Decrypt(rand io.Reader, ciphertext []byte, opts crypto.Decry
 }
 
 // decryptWith is Decrypter.Decrypt; durable keys call it on the key bound
-// in the current generation.
+// in the current generation. Options are checked before anything else: a
+// refusal for bad options makes no PKCS#11 call.
 func (k *key) decryptWith(rand io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {
 	const op = "decrypt"
-	if ok, w := k.p.gate.enter(k.gen); !ok {
-		k.p.health.refused.Add(1)
-		return nil, k.decryptErrs.pick(k.gen, w)
+	if opts != nil && isNil(opts) {
+		return nil, opErr(op, k.gen, ErrInvalidOptions, "opts is %s: want nil, *rsa.PKCS1v15DecryptOptions or *rsa.OAEPOptions", nilName(opts))
 	}
-	defer k.p.gate.exit()
-	k.p.health.ops.Add(1)
-
-	var (
-		out []byte
-		err error
-	)
 	switch o := opts.(type) {
 	case nil:
-		out, err = k.decryptPKCS1(ciphertext, 0, rand)
+		return k.decryptPKCS1(ciphertext, 0, rand)
 	//lint:ignore SA1019 crypto.Decrypter still defines PKCS #1 v1.5 decryption, and crypto/tls's RSA key exchange uses it.
 	case *rsa.PKCS1v15DecryptOptions:
 		if o.SessionKeyLen < 0 || o.SessionKeyLen > k.size-11 {
 			return nil, opErr(op, k.gen, ErrInvalidOptions, "SessionKeyLen %d does not fit a %d-byte modulus", o.SessionKeyLen, k.size)
 		}
-		out, err = k.decryptPKCS1(ciphertext, o.SessionKeyLen, rand)
+		return k.decryptPKCS1(ciphertext, o.SessionKeyLen, rand)
 	case *rsa.OAEPOptions:
-		out, err = k.decryptOAEP(ciphertext, o)
-	default:
-		return nil, opErr(op, k.gen, ErrInvalidOptions, "opts of type %T: want nil, *rsa.PKCS1v15DecryptOptions or *rsa.OAEPOptions", opts)
+		return k.decryptOAEP(ciphertext, o)
 	}
-	return out, err
+	return nil, opErr(op, k.gen, ErrInvalidOptions, "opts of type %T: want nil, *rsa.PKCS1v15DecryptOptions or *rsa.OAEPOptions", opts)
 }
 
 func (k *key) checkCiphertext(ct []byte) error {
@@ -100,16 +93,56 @@ func (k *key) checkCiphertext(ct []byte) error {
 	return nil
 }
 
+// decryptPKCS1 decrypts RSAES-PKCS1-v1_5. The token does the raw RSA
+// operation (CKM_RSA_X_509) and the padding is checked here in constant
+// time, as crypto/rsa does, so that a ciphertext with bad padding takes the
+// same PKCS#11 calls and the same code path as a good one: no error from
+// the token, no session closed, no probe, no log line. With sessionKeyLen,
+// the result is sessionKeyLen random bytes unless the ciphertext holds a
+// key of exactly that length, chosen in constant time
+// (rsa.DecryptPKCS1v15SessionKey). Only where the token refuses raw RSA for
+// the key does decryption go through its CKM_RSA_PKCS, and then how a bad
+// ciphertext is handled is up to the token.
 func (k *key) decryptPKCS1(ct []byte, sessionKeyLen int, rand io.Reader) ([]byte, error) {
 	if err := k.checkCiphertext(ct); err != nil {
 		return nil, err
 	}
-	out, atInit, err := k.decrypt(pkcs11.CKM_RSA_PKCS, nil, ct)
+	if rand == nil {
+		rand = cryptorand.Reader
+	}
+	var sessionKey []byte
+	if !k.in.rawRefused.Load() {
+		em, err := k.rawRSA(ct, func() error {
+			// Read the random key whatever the ciphertext holds, as
+			// crypto/rsa does, so that timing does not depend on it.
+			if sessionKeyLen == 0 {
+				return nil
+			}
+			sessionKey = make([]byte, sessionKeyLen)
+			_, err := io.ReadFull(rand, sessionKey)
+			return err
+		})
+		if err != errRawRefused {
+			if err != nil {
+				return nil, err
+			}
+			valid, index := unpadPKCS1(em)
+			if sessionKeyLen > 0 {
+				valid &= subtle.ConstantTimeEq(int32(len(em)-index), int32(sessionKeyLen))
+				subtle.ConstantTimeCopy(valid, sessionKey, em[len(em)-sessionKeyLen:])
+				return sessionKey, nil
+			}
+			if valid == 0 {
+				return nil, &Error{Op: "decrypt", Generation: k.gen, Err: ErrDecryption}
+			}
+			return em[index:], nil
+		}
+	}
+
+	// The token refuses raw RSA: its own PKCS #1 v1.5.
+	out, atInit, err := k.decrypt(pkcs11.CKM_RSA_PKCS, nil, ct, nil)
 	rejected := !atInit && isRejection(err)
 	if sessionKeyLen > 0 && (rejected || (err == nil && len(out) != sessionKeyLen)) {
-		if rand == nil {
-			rand = cryptorand.Reader
-		}
 		key := make([]byte, sessionKeyLen)
 		if _, err := io.ReadFull(rand, key); err != nil {
 			return nil, opErr("decrypt", k.gen, err, "")
@@ -120,6 +153,68 @@ func (k *key) decryptPKCS1(ct []byte, sessionKeyLen int, rand io.Reader) ([]byte
 		return nil, k.decryptionError(err)
 	}
 	return out, err
+}
+
+// errRawRefused: the token refuses CKM_RSA_X_509 for this key.
+var errRawRefused = errors.New("raw RSA refused")
+
+// rawRSA returns the token's raw RSA private-key operation on ct
+// (CKM_RSA_X_509), left-padded with zeros to the modulus's length. also,
+// if set, runs right after the calls, on the session, whatever their
+// outcome (its error is returned if theirs is nil). It returns
+// errRawRefused when the token refuses the mechanism (remembered for the
+// generation).
+func (k *key) rawRSA(ct []byte, also func() error) ([]byte, error) {
+	out, atInit, err := k.decrypt(pkcs11.CKM_RSA_X_509, nil, ct, also)
+	if err != nil {
+		if atInit && refusesParams(err) {
+			if !k.in.rawRefused.Swap(true) {
+				code, _ := CodeOf(err)
+				k.p.log.Info("hsm: the token refuses raw RSA (CKM_RSA_X_509); PKCS #1 v1.5 decryption goes through its CKM_RSA_PKCS, OAEP with parameters it refuses is not available",
+					"key", k.ref.String(), "generation", k.gen, "code", CodeName(code))
+			}
+			return nil, errRawRefused
+		}
+		if !atInit && isRejection(err) {
+			// Raw RSA rejects only a ciphertext not below the modulus:
+			// public information, not an oracle.
+			return nil, k.decryptionError(err)
+		}
+		return nil, err
+	}
+	if len(out) > k.size {
+		return nil, opErr("decrypt", k.gen, fmt.Errorf("token returned %d bytes for a %d-byte modulus", len(out), k.size), "")
+	}
+	// A token may drop leading zeros: copy into a modulus-sized buffer,
+	// the same work whatever the value.
+	em := make([]byte, k.size)
+	copy(em[k.size-len(out):], out)
+	return em, nil
+}
+
+// unpadPKCS1 checks the RSAES-PKCS1-v1_5 encoding of em in constant time,
+// as crypto/rsa does: valid is 1 when em is 0x00 0x02, at least eight
+// nonzero padding bytes, 0x00, message; index is where the message starts
+// (0 when not valid).
+func unpadPKCS1(em []byte) (valid, index int) {
+	if len(em) < 11 {
+		return 0, 0
+	}
+	firstByteIsZero := subtle.ConstantTimeByteEq(em[0], 0)
+	secondByteIsTwo := subtle.ConstantTimeByteEq(em[1], 2)
+	// The first zero byte after the padding separates it from the message.
+	lookingForIndex := 1
+	for i := 2; i < len(em); i++ {
+		equals0 := subtle.ConstantTimeByteEq(em[i], 0)
+		index = subtle.ConstantTimeSelect(lookingForIndex&equals0, i, index)
+		lookingForIndex = subtle.ConstantTimeSelect(equals0, 0, lookingForIndex)
+	}
+	// The padding must be at least eight bytes long, and it starts two
+	// bytes into em.
+	validPS := subtle.ConstantTimeLessOrEq(2+8, index)
+	valid = firstByteIsZero & secondByteIsTwo & (^lookingForIndex & 1) & validPS
+	index = subtle.ConstantTimeSelect(valid, index+1, 0)
+	return valid, index
 }
 
 func (k *key) decryptOAEP(ct []byte, o *rsa.OAEPOptions) ([]byte, error) {
@@ -145,7 +240,7 @@ func (k *key) decryptOAEP(ct []byte, o *rsa.OAEPOptions) ([]byte, error) {
 	shape := oaepShape{o.Hash, mgfHash, len(o.Label) > 0}
 	if _, soft := k.in.oaepSoft.Load(shape); !soft {
 		params := pkcs11.NewOAEPParams(m[0], mm[1], pkcs11.CKZ_DATA_SPECIFIED, o.Label)
-		out, atInit, err := k.decrypt(pkcs11.CKM_RSA_PKCS_OAEP, params, ct)
+		out, atInit, err := k.decrypt(pkcs11.CKM_RSA_PKCS_OAEP, params, ct, nil)
 		if !atInit || !refusesParams(err) {
 			if !atInit && isRejection(err) {
 				return nil, k.decryptionError(err)
@@ -156,23 +251,17 @@ func (k *key) decryptOAEP(ct []byte, o *rsa.OAEPOptions) ([]byte, error) {
 		k.p.log.Info("hsm: the token's CKM_RSA_PKCS_OAEP refuses these parameters; decoding OAEP in software over CKM_RSA_X_509",
 			"hash", o.Hash.String(), "mgf", mgfHash.String(), "label", len(o.Label) > 0, "err", err)
 	}
-	em, atInit, err := k.decrypt(pkcs11.CKM_RSA_X_509, nil, ct)
+	em, err := k.rawRSA(ct, nil)
+	if err == errRawRefused {
+		label := ""
+		if len(o.Label) > 0 {
+			label = " and a label"
+		}
+		return nil, opErr(op, k.gen, ErrInvalidOptions, "the token supports neither CKM_RSA_PKCS_OAEP with %v/MGF1-%v%s nor raw RSA (CKM_RSA_X_509)",
+			o.Hash, mgfHash, label)
+	}
 	if err != nil {
-		if atInit && refusesParams(err) {
-			code, _ := CodeOf(err)
-			return nil, opErr(op, k.gen, ErrInvalidOptions, "the token supports neither CKM_RSA_PKCS_OAEP with %v/MGF1-%v%s nor raw RSA (CKM_RSA_X_509): %s",
-				o.Hash, mgfHash, map[bool]string{true: " and a label"}[len(o.Label) > 0], CodeName(code))
-		}
-		if !atInit && isRejection(err) {
-			return nil, k.decryptionError(err)
-		}
 		return nil, err
-	}
-	if len(em) > k.size {
-		return nil, opErr(op, k.gen, fmt.Errorf("token returned %d bytes for a %d-byte modulus", len(em), k.size), "")
-	}
-	if len(em) < k.size { // a token may drop leading zeros
-		em = append(make([]byte, k.size-len(em)), em...)
 	}
 	msg, ok := unpadOAEP(em, o.Hash, mgfHash, o.Label)
 	if !ok {
@@ -181,32 +270,56 @@ func (k *key) decryptOAEP(ct []byte, o *rsa.OAEPOptions) ([]byte, error) {
 	return msg, nil
 }
 
-// decrypt runs C_DecryptInit and C_Decrypt on a session: two PKCS#11
-// calls into a buffer of the modulus's size where the module's function list
-// could be validated (fastsign.go), else miekg/pkcs11's three. oaep holds
-// the parameters of CKM_RSA_PKCS_OAEP. atInit says whether a failure came
-// before C_Decrypt (no ciphertext was looked at).
-func (k *key) decrypt(mech uint, oaep *pkcs11.OAEPParams, ct []byte) (out []byte, atInit bool, err error) {
+// decrypt runs C_DecryptInit and C_Decrypt with mech on a session: two
+// PKCS#11 calls into a buffer of the modulus's size where the module's
+// function list could be validated (fastsign.go), else miekg/pkcs11's
+// three. oaep holds the parameters of CKM_RSA_PKCS_OAEP. also, if set, runs
+// on the session after the calls, whatever their outcome. atInit says
+// whether a failure came before C_Decrypt (no ciphertext was looked at). A
+// rejection by C_Decrypt closes the session and starts no probe.
+func (k *key) decrypt(mech uint, oaep *pkcs11.OAEPParams, ct []byte, also func() error) (out []byte, atInit bool, err error) {
 	atInit = true
-	out, err = k.call("decrypt", func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle) ([]byte, error) {
-		if fl := k.p.fast; fl != nil {
-			var err error
-			out, atInit, err = fastDecrypt(fl, s, mech, oaep, k.handle, ct, k.size)
-			return out, err
+	err = k.p.run(k.gen, k.decryptRefusals, k.p.cfg.SessionWaitTimeout, runOp, func(in *instance, s pkcs11.SessionHandle) error {
+		err := k.decryptOn(in, s, mech, oaep, ct, &out, &atInit)
+		if also != nil {
+			if aerr := also(); err == nil && aerr != nil {
+				return opErr("decrypt", k.gen, aerr, "")
+			}
 		}
-		m := pkcs11.NewMechanism(mech, nil)
-		if oaep != nil {
-			m = pkcs11.NewMechanism(mech, oaep)
+		if err != nil && !atInit && isRejection(err) {
+			return rejectedData(unmark(err))
 		}
-		if err := ctx.DecryptInit(s, []*pkcs11.Mechanism{m}, k.handle); err != nil {
-			return nil, err
-		}
-		atInit = false
-		return ctx.Decrypt(s, ct)
+		return err
 	})
 	return out, atInit, err
 }
 
+func (k *key) decryptOn(in *instance, s pkcs11.SessionHandle, mech uint, oaep *pkcs11.OAEPParams, ct []byte, out *[]byte, atInit *bool) error {
+	if fl := k.p.fast; fl != nil {
+		var err error
+		*out, *atInit, err = fastDecrypt(fl, s, mech, oaep, k.handle, ct, k.size)
+		return err
+	}
+	m := pkcs11.NewMechanism(mech, nil)
+	if oaep != nil {
+		m = pkcs11.NewMechanism(mech, oaep)
+	}
+	if err := in.ctx.DecryptInit(s, []*pkcs11.Mechanism{m}, k.handle); err != nil {
+		return err
+	}
+	*atInit = false
+	var err error
+	if *out, err = in.ctx.Decrypt(s, ct); err != nil {
+		return mayBeActive(err)
+	}
+	return nil
+}
+
+// decryptionError is ErrDecryption for a ciphertext the token rejected,
+// with the token's code kept visible (Error.Code, errors.As pkcs11.Error):
+// some modules report real failures with the codes of a rejection
+// (tpm2-pkcs11 answers CKR_GENERAL_ERROR to an OAEP label without a
+// trailing NUL byte).
 func (k *key) decryptionError(err error) error {
 	code, _ := CodeOf(err)
 	return &Error{Op: "decrypt", Code: code, Generation: k.gen, Err: fmt.Errorf("%w (%w)", ErrDecryption, pkcs11.Error(code))}

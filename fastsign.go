@@ -132,6 +132,19 @@ func bytesPtr(b []byte) *C.uchar {
 	return (*C.uchar)(unsafe.Pointer(&b[0]))
 }
 
+// emptyData is what an empty input points to: modules may refuse a NULL
+// data pointer even with length 0 (SoftHSM 2.6 answers CKR_ARGUMENTS_BAD),
+// and crypto/ed25519 signs an empty message.
+var emptyData = []byte{0}
+
+// dataPtr is the address of b's first byte, never nil.
+func dataPtr(b []byte) *C.uchar {
+	if len(b) == 0 {
+		b = emptyData
+	}
+	return (*C.uchar)(unsafe.Pointer(&b[0]))
+}
+
 // fastSign signs on session s with key h: two PKCS#11 calls when size is
 // the signature's size.
 func fastSign(fl unsafe.Pointer, s pkcs11.SessionHandle, mech *pkcs11.Mechanism, h pkcs11.ObjectHandle, data []byte, size int) ([]byte, error) {
@@ -139,7 +152,7 @@ func fastSign(fl unsafe.Pointer, s pkcs11.SessionHandle, mech *pkcs11.Mechanism,
 	n := C.hsm_ul(size)
 	var stage C.int
 	rv := C.hsm_sign(fl, C.hsm_ul(s), C.hsm_ul(mech.Mechanism), unsafe.Pointer(bytesPtr(mech.Parameter)), C.hsm_ul(len(mech.Parameter)), C.hsm_ul(h),
-		bytesPtr(data), C.hsm_ul(len(data)), bytesPtr(out), &n, &stage)
+		dataPtr(data), C.hsm_ul(len(data)), bytesPtr(out), &n, &stage)
 	out, _, err := fastFinish(fl, C.IDX_SIGN, s, data, out, size, n, rv, stage)
 	return out, err
 }
@@ -159,22 +172,26 @@ func fastDecrypt(fl unsafe.Pointer, s pkcs11.SessionHandle, mech uint, oaep *pkc
 		isOAEP, hash, mgf, source, label = 1, C.hsm_ul(oaep.HashAlg), C.hsm_ul(oaep.MGF), C.hsm_ul(oaep.SourceType), oaep.SourceData
 	}
 	rv := C.hsm_decrypt(fl, C.hsm_ul(s), C.hsm_ul(mech), isOAEP, hash, mgf, source, unsafe.Pointer(bytesPtr(label)), C.hsm_ul(len(label)), C.hsm_ul(h),
-		bytesPtr(ct), C.hsm_ul(len(ct)), bytesPtr(out), &n, &stage)
+		dataPtr(ct), C.hsm_ul(len(ct)), bytesPtr(out), &n, &stage)
 	return fastFinish(fl, C.IDX_DECRYPT, s, ct, out, size, n, rv, stage)
 }
 
 // fastFinish completes a two-call operation: when the token asked for a
-// larger buffer than size, once more with that size (a third call).
+// larger buffer than size, once more with that size (a third call). A
+// failure after the init call is marked mayBeActive.
 func fastFinish(fl unsafe.Pointer, op C.int, s pkcs11.SessionHandle, in, out []byte, size int, n C.hsm_ul, rv C.hsm_ul, stage C.int) ([]byte, bool, error) {
 	if rv == pkcs11.CKR_BUFFER_TOO_SMALL && stage == 1 && int(n) > size {
 		out = make([]byte, int(n))
-		rv = C.hsm_again(fl, op, C.hsm_ul(s), bytesPtr(in), C.hsm_ul(len(in)), bytesPtr(out), &n)
+		rv = C.hsm_again(fl, op, C.hsm_ul(s), dataPtr(in), C.hsm_ul(len(in)), bytesPtr(out), &n)
 	}
 	if rv != 0 {
-		return nil, stage == 0, pkcs11.Error(rv)
+		if stage == 0 {
+			return nil, true, pkcs11.Error(rv)
+		}
+		return nil, false, mayBeActive(pkcs11.Error(rv))
 	}
 	if int(n) > len(out) {
-		return nil, false, fmt.Errorf("the module reported %d bytes of output in a %d-byte buffer", int(n), len(out))
+		return nil, false, mayBeActive(fmt.Errorf("the module reported %d bytes of output in a %d-byte buffer", int(n), len(out)))
 	}
 	return out[:int(n)], false, nil
 }

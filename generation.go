@@ -2,6 +2,7 @@ package hsm
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync/atomic"
 )
@@ -71,7 +72,8 @@ func unpack(w uint64) (uint64, State) { return w >> stateBits, State(w & (1<<sta
 func (g *gate) load() (uint64, State) { return unpack(g.word.Load()) }
 
 // set publishes a new generation and state. Callers hold the provider's
-// life mutex: set is the only writer.
+// life mutex; the only other writer is markLost, whose compare-and-swap
+// moves healthy to unavailable within one generation.
 func (g *gate) set(gen uint64, s State) { g.word.Store(pack(gen, s)) }
 
 // enter admits an operation of generation gen. On success the operation is
@@ -106,43 +108,55 @@ func (g *gate) exit() {
 }
 
 // drain waits until no operation is in flight. The gate must already refuse
-// new ones (state not healthy). It returns ctx's error if ctx ends first.
-func (g *gate) drain(ctx context.Context) error {
+// new ones (state not healthy). It returns ctx's error if ctx ends first,
+// and errStopped if stop is closed first (nil stop: never).
+func (g *gate) drain(ctx context.Context, stop <-chan struct{}) error {
 	for g.inflight.Load() != 0 {
 		select {
 		case <-g.wake:
 		case <-ctx.Done():
 			return ctx.Err()
+		case <-stop:
+			return errStopped
 		}
 	}
 	return nil
 }
 
+// errStopped: Close interrupted a wait of a re-initialization.
+var errStopped = errors.New("interrupted by Close")
+
 // inFlight returns the number of operations currently admitted.
 func (g *gate) inFlight() int64 { return g.inflight.Load() }
 
-// keyErrors are the refusals of one operation of one key, built when the key
-// is looked up, so that a refusal allocates nothing.
-type keyErrors struct {
-	closed, stale, unavailable error
+// refusals are the errors an operation op returns without a PKCS#11 call
+// (or, for busy, after waiting for a session), built once per key and
+// operation when the key is looked up, so that a refusal allocates nothing.
+type refusals struct {
+	op                               string
+	closed, stale, unavailable, busy error
 }
 
-func newKeyErrors(op string, gen uint64) keyErrors {
-	return keyErrors{
+func newRefusals(op string, gen uint64) *refusals {
+	return &refusals{
+		op:          op,
 		closed:      &Error{Op: op, Generation: gen, Err: ErrClosed},
 		stale:       &Error{Op: op, Generation: gen, Err: ErrStaleKey},
 		unavailable: &Error{Op: op, Generation: gen, Err: ErrUnavailable},
+		busy:        &Error{Op: op, Generation: gen, Err: ErrBusy},
 	}
 }
 
-func (e *keyErrors) pick(gen uint64, refused uint64) error {
+// pick returns the refusal for the gate word that refused an operation of
+// generation gen.
+func (r *refusals) pick(gen uint64, refused uint64) error {
 	g, s := unpack(refused)
 	switch {
 	case s == StateClosed:
-		return e.closed
+		return r.closed
 	case g != gen:
-		return e.stale
+		return r.stale
 	default:
-		return e.unavailable
+		return r.unavailable
 	}
 }

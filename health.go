@@ -1,11 +1,13 @@
 package hsm
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/http"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -72,6 +74,8 @@ type health struct {
 	eventsDropped           atomic.Uint64
 	lastChange              atomic.Int64 // unix nanoseconds
 	probing                 atomic.Bool
+	probeSince              atomic.Int64  // unix nanoseconds; 0 when no probe is inside the library
+	notifier                atomic.Uint64 // the goroutine that runs OnStateChange
 	mu                      sync.Mutex
 	byCode                  map[uint]uint64
 	lastErr                 error
@@ -178,9 +182,9 @@ func (p *Provider) markLost(gen uint64, cause error) {
 }
 
 // observe accounts for the error of an admitted operation of generation gen
-// and reacts to it: a device-loss code makes the provider unavailable, a
-// suspect code asks the monitor for a probe.
-func (p *Provider) observe(gen uint64, err error) {
+// and, with react, reacts to it: a device-loss code makes the provider
+// unavailable, a suspect code asks the monitor for a probe.
+func (p *Provider) observe(gen uint64, err error, react bool) {
 	code, ok := CodeOf(err)
 	if !ok {
 		return
@@ -190,6 +194,9 @@ func (p *Provider) observe(gen uint64, err error) {
 	h.mu.Lock()
 	h.byCode[code]++
 	h.mu.Unlock()
+	if !react {
+		return
+	}
 	switch classifyCode(code) {
 	case ClassDeviceLost:
 		p.markLost(gen, err)
@@ -282,10 +289,11 @@ func (p *Provider) ReadyHandler() http.Handler {
 	})
 }
 
-// monitor is the provider's one background goroutine: it probes the HSM
-// while healthy (every ProbeInterval, and when an operation returns a suspect
-// code) and re-initializes with exponential backoff and jitter while
-// unavailable. It stops when Close closes h.stop.
+// monitor is the provider's background goroutine: it probes the HSM while
+// healthy (every ProbeInterval, when an operation returns a suspect code or
+// waits in vain for a session, and when the watchdog sees calls make no
+// progress), watches for a frozen HSM, and re-initializes with exponential
+// backoff and jitter while unavailable. It stops when Close closes h.stop.
 func (p *Provider) monitor() {
 	h := &p.health
 	defer close(h.monitorDone)
@@ -295,6 +303,8 @@ func (p *Provider) monitor() {
 		defer t.Stop()
 		tick = t.C
 	}
+	watch := time.NewTicker(p.watchEvery())
+	defer watch.Stop()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go func() { // ends with the monitor: cancel or stop
@@ -341,76 +351,101 @@ func (p *Provider) monitor() {
 		case <-h.stop:
 			return
 		case <-h.kick:
+			p.startProbe()
 		case <-tick:
-		}
-		if _, st := p.gate.load(); st == StateHealthy {
-			p.probe()
+			p.startProbe()
+		case <-watch.C:
+			p.watchdog()
 		}
 	}
+}
+
+// watchEvery is how often the watchdog looks at the calls in the library:
+// a tenth of ProbeTimeout, at most half a second, so that a frozen HSM is
+// noticed at most that long after ProbeTimeout.
+func (p *Provider) watchEvery() time.Duration {
+	return max(min(p.cfg.ProbeTimeout/10, 500*time.Millisecond), time.Millisecond)
+}
+
+// watchdog notices a frozen HSM under load. While calls are inside the
+// library and none completes, it starts a probe once that has lasted
+// watchEvery (the probe's calls complete if the HSM answers), and decides
+// that the HSM hangs once it has lasted ProbeTimeout, as it does when a
+// probe has had no answer for ProbeTimeout. Then the provider becomes
+// unavailable and the operations waiting for a session fail at once.
+func (p *Provider) watchdog() {
+	gen, st := p.gate.load()
+	if st != StateHealthy {
+		return
+	}
+	in := p.inst.Load()
+	if in == nil || in.gen != gen {
+		return
+	}
+	now := time.Now()
+	if since := p.health.probeSince.Load(); since != 0 {
+		if d := now.Sub(time.Unix(0, since)); d > p.cfg.ProbeTimeout {
+			p.health.probeFailures.Add(1)
+			p.markLost(gen, &Error{Op: "probe", Generation: gen, Err: fmt.Errorf("%w: no answer in %v", ErrHung, d.Round(time.Millisecond))})
+			return
+		}
+	}
+	calls := in.calls.Load()
+	if calls == 0 {
+		return
+	}
+	stalled := now.Sub(time.Unix(0, in.progress.Load()))
+	switch {
+	case stalled > p.cfg.ProbeTimeout:
+		p.markLost(gen, &Error{Op: "watchdog", Generation: gen,
+			Err: fmt.Errorf("%w: %d calls inside the PKCS#11 library and none completed for %v", ErrHung, calls, stalled.Round(time.Millisecond))})
+	case stalled > p.watchEvery():
+		p.startProbe()
+	}
+}
+
+// startProbe starts a probe in a goroutine of its own, unless one is still
+// running (a probe stuck inside the library is the watchdog's to judge) or
+// the provider is not healthy.
+func (p *Provider) startProbe() {
+	h := &p.health
+	if _, st := p.gate.load(); st != StateHealthy || !h.probing.CompareAndSwap(false, true) {
+		return
+	}
+	h.probes.Add(1)
+	go func() { // returns when the library returns
+		defer h.probing.Store(false)
+		p.probe()
+	}()
 }
 
 // probe checks, in the current generation, that the token is still in its
 // slot with the same serial number and that the login session is still
-// logged in. It takes a session slot like an operation (so that probes never
-// add to the calls inside the library beyond MaxSessions) and runs in a
-// goroutine of its own bounded by ProbeTimeout: a probe that does not
-// return, or no slot and no completed call for ProbeTimeout, means the HSM
-// hangs. At most one probe runs at a time.
+// logged in. It goes through run like an operation, so that probes never
+// add to the calls inside the library beyond MaxSessions, waiting up to
+// ProbeTimeout for a session. A probe that finds the token gone, changed
+// or logged out, or gets a PKCS#11 error, makes the provider unavailable;
+// one that gets no answer is judged by the watchdog.
 func (p *Provider) probe() {
+	const op = "probe"
 	h := &p.health
-	if !h.probing.CompareAndSwap(false, true) {
-		return // the last probe is still inside the library
-	}
 	gen, _ := p.gate.load()
-	h.probes.Add(1)
-	result := make(chan error, 1)
-	go func() { // owned by the monitor; returns when the library returns
-		defer h.probing.Store(false)
-		result <- p.probeOnce(gen)
-	}()
-	t := time.NewTimer(p.cfg.ProbeTimeout)
-	defer t.Stop()
-	select {
-	case err := <-result:
-		if err != nil && !errors.Is(err, ErrUnavailable) && !errors.Is(err, errNoSlot) {
-			h.probeFailures.Add(1)
-			p.observe(gen, err)
-			p.markLost(gen, err)
-		}
-	case <-t.C:
-		h.probeFailures.Add(1)
-		p.markLost(gen, &Error{Op: "probe", Generation: gen, Err: fmt.Errorf("%w: no answer in %v", ErrHung, p.cfg.ProbeTimeout)})
-	case <-h.stop:
+	err := p.run(gen, newRefusals(op, gen), p.cfg.ProbeTimeout, runOwn, func(in *instance, _ pkcs11.SessionHandle) error {
+		h.probeSince.Store(time.Now().UnixNano())
+		defer h.probeSince.Store(0)
+		return p.probeOn(in)
+	})
+	if err == nil || errors.Is(err, ErrUnavailable) || errors.Is(err, ErrBusy) || errors.Is(err, ErrClosed) || errors.Is(err, ErrStaleKey) {
+		return // healthy, or no verdict: the gate or the watchdog decides
 	}
+	h.probeFailures.Add(1)
+	p.markLost(gen, err)
 }
 
-// errNoSlot: every session was busy, but calls are completing: no verdict.
-var errNoSlot = errors.New("no free session slot")
-
-func (p *Provider) probeOnce(gen uint64) error {
+func (p *Provider) probeOn(in *instance) error {
 	const op = "probe"
-	if ok, _ := p.gate.enter(gen); !ok {
-		return ErrUnavailable
-	}
-	defer p.gate.exit()
-	in := p.inst.Load()
-	t := time.NewTimer(p.cfg.ProbeTimeout)
-	select {
-	case <-in.slots:
-		t.Stop()
-	case <-in.closing:
-		t.Stop()
-		return ErrUnavailable
-	case <-t.C:
-		if idle := time.Since(time.Unix(0, in.lastDone.Load())); idle > p.cfg.ProbeTimeout {
-			return &Error{Op: op, Generation: gen,
-				Err: fmt.Errorf("%w: all %d sessions busy and no call completed for %v", ErrHung, cap(in.slots), idle.Round(time.Millisecond))}
-		}
-		return errNoSlot
-	}
-	defer func() { in.slots <- struct{}{} }()
-
-	slots, err := in.ctx.GetSlotList(true)
+	gen := in.gen
+	slots, err := slotList(in.ctx)
 	if err != nil {
 		return p11err(op, gen, err)
 	}
@@ -438,7 +473,6 @@ func (p *Provider) probeOnce(gen uint64) error {
 				Err: fmt.Errorf("the login session is no longer logged in (session state %d): %w", si.State, pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN))}
 		}
 	}
-	in.lastDone.Store(time.Now().UnixNano())
 	return nil
 }
 
@@ -446,20 +480,40 @@ func (p *Provider) probeOnce(gen uint64) error {
 // every lock of the provider. It ends when Close closes the events channel.
 func (p *Provider) notify() {
 	defer close(p.health.notifyDone)
+	p.health.notifier.Store(goid())
 	for ev := range p.health.events {
 		p.cfg.OnStateChange(ev)
 	}
 }
 
-// stopBackground stops the monitor and the notifier and waits for them.
-// Called by Close before it takes p.life, since the monitor may be inside a
-// re-initialization.
+// goid returns the id of the calling goroutine, read from the first line
+// of its stack trace ("goroutine 18 [running]:"). Close uses it to know
+// that it was called from inside OnStateChange.
+func goid() uint64 {
+	var buf [32]byte
+	b := buf[:runtime.Stack(buf[:], false)]
+	b, _ = bytes.CutPrefix(b, []byte("goroutine "))
+	var id uint64
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			break
+		}
+		id = id*10 + uint64(c-'0')
+	}
+	return id
+}
+
+// stopBackground stops the monitor and waits for it, which is quick: the
+// monitor waits only in selects that watch h.stop. Closing h.stop also
+// interrupts a re-initialization's waits.
 func (p *Provider) stopBackground() {
 	h := &p.health
 	h.stopOnce.Do(func() { close(h.stop) })
 	<-h.monitorDone
 }
 
+// closeEvents ends the delivery of state changes after the ones already
+// queued, and waits for the callback to return, unless it is the caller.
 func (p *Provider) closeEvents() {
 	h := &p.health
 	h.mu.Lock()
@@ -468,7 +522,7 @@ func (p *Provider) closeEvents() {
 		close(h.events)
 	}
 	h.mu.Unlock()
-	if h.events != nil {
+	if h.events != nil && h.notifier.Load() != goid() {
 		<-h.notifyDone
 	}
 }

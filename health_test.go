@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/miekg/pkcs11"
 	"go.uber.org/goleak"
 
 	"github.com/ce46d8f2/hsm/internal/softhsmtest"
@@ -367,24 +368,34 @@ func mustSignerOrLost(t *testing.T, p *Provider) {
 	}
 }
 
-// TestSuspectCodeProbes: an operation failing with a suspect code (SoftHSM
-// reports bad PKCS #1 padding as CKR_GENERAL_ERROR) makes the provider
-// probe the token at once; the token is fine, so it stays healthy.
+// TestSuspectCodeProbes: an operation failing with a suspect code makes
+// the provider probe the token at once; the token is fine, so it stays
+// healthy. The suspect code: signing with a key whose object was destroyed
+// (CKR_KEY_HANDLE_INVALID or CKR_OBJECT_HANDLE_INVALID).
 func TestSuspectCodeProbes(t *testing.T) {
-	p := openShared(t, func(c *Config) { c.ProbeInterval = -1 })
-	d, err := p.Decrypter(KeyRef{Label: "rsa2048"})
+	tok := softhsmtest.NewToken(t, "suspect")
+	tok.GenerateKey(t, softhsmtest.P256, []byte{1}, "doomed")
+	p := openToken(t, tok, func(c *Config) { c.ProbeInterval = -1 })
+	s := mustSigner(t, p, "doomed")
+	err := p.withSession("destroy", func(in *instance, sh pkcs11.SessionHandle) error {
+		return in.ctx.DestroyObject(sh, s.k.handle)
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	garbage := make([]byte, 256)
-	garbage[0] = 1
-	_, err = d.Decrypt(nil, garbage, nil)
-	wantErr(t, err, ErrDecryption)
+	// Let the probe that the first session of the pool may have started
+	// pass, then count.
+	for p.health.probing.Load() {
+		time.Sleep(time.Millisecond)
+	}
+	probes := p.Stats().Probes
+	d := sha256.Sum256([]byte("x"))
+	_, err = s.Sign(nil, d[:], crypto.SHA256)
 	if Classify(err) != ClassSuspect {
-		t.Fatalf("class %v", Classify(err))
+		t.Fatalf("sign with a destroyed key: %v, class %v; want a suspect code", err, Classify(err))
 	}
 	deadline := time.Now().Add(5 * time.Second)
-	for p.Stats().Probes == 0 {
+	for p.Stats().Probes == probes {
 		if time.Now().After(deadline) {
 			t.Fatal("no probe after a suspect code")
 		}
@@ -397,7 +408,8 @@ func TestSuspectCodeProbes(t *testing.T) {
 	if st.State != StateHealthy || st.ProbeFailures != 0 {
 		t.Fatalf("after probe: %+v", st)
 	}
-	if st.ErrorsByCode["CKR_GENERAL_ERROR (0x5)"] != 1 {
+	code, _ := CodeOf(err)
+	if st.ErrorsByCode[CodeName(code)] != 1 {
 		t.Fatalf("errors by code: %v", st.ErrorsByCode)
 	}
 }

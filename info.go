@@ -60,6 +60,9 @@ func (p *Provider) Keys() ([]KeyInfo, error) {
 			ref := KeyRef{ID: attrs[0].Value, Label: string(attrs[1].Value)}
 			k, err := in.keyFromHandle(s, h, ref)
 			if err != nil {
+				if _, active := err.(*marked); active {
+					return err
+				}
 				if code, ok := CodeOf(err); ok && classifyCode(code) != ClassCaller {
 					return err
 				}

@@ -80,8 +80,7 @@ type key struct {
 	canSign    bool
 	canDecrypt bool
 
-	signErrs    keyErrors
-	decryptErrs keyErrors
+	signRefusals, decryptRefusals *refusals
 }
 
 // lookup finds the private key ref in the current generation.
@@ -98,50 +97,16 @@ func (p *Provider) lookup(ref KeyRef) (*key, error) {
 	if err != nil {
 		return nil, err
 	}
-	gen := k.gen
 	k.p = p
-	k.signErrs = newKeyErrors("sign", gen)
-	k.decryptErrs = newKeyErrors("decrypt", gen)
+	k.signRefusals = newRefusals("sign", k.gen)
+	k.decryptRefusals = newRefusals("decrypt", k.gen)
 	return k, nil
 }
 
-// withSession runs f on a session of the current generation, admitted by
-// the gate and accounted like an operation. Errors come back as *Error.
-func (p *Provider) withSession(op string, f func(*instance, pkcs11.SessionHandle) error) error {
+// withSession runs f through run, on a session of the current generation.
+func (p *Provider) withSession(op string, f task) error {
 	gen, _ := p.gate.load()
-	if ok, w := p.gate.enter(gen); !ok {
-		p.health.refused.Add(1)
-		errs := newKeyErrors(op, gen)
-		return errs.pick(gen, w)
-	}
-	defer p.gate.exit()
-	p.health.ops.Add(1)
-	in := p.inst.Load()
-	s, err := in.borrow()
-	if err != nil {
-		p.observe(gen, err)
-		return borrowErr(op, gen, err)
-	}
-	err = f(in, s)
-	in.giveBack(s, err)
-	p.observe(gen, err)
-	if err != nil {
-		if _, isErr := err.(*Error); !isErr {
-			err = p11err(op, gen, err)
-		}
-		return err
-	}
-	return nil
-}
-
-func borrowErr(op string, gen uint64, err error) error {
-	switch err {
-	case errClosing:
-		return &Error{Op: op, Generation: gen, Err: ErrUnavailable}
-	case ErrBusy:
-		return &Error{Op: op, Generation: gen, Err: ErrBusy}
-	}
-	return p11err(op, gen, fmt.Errorf("open session: %w", err))
+	return p.run(gen, newRefusals(op, gen), p.cfg.SessionWaitTimeout, runOp, f)
 }
 
 // findObjects returns up to max+1 handles matching tmpl, so that callers can
@@ -151,8 +116,12 @@ func (in *instance) findObjects(s pkcs11.SessionHandle, tmpl []*pkcs11.Attribute
 		return nil, err
 	}
 	objs, _, err := in.ctx.FindObjects(s, max+1)
-	if ferr := in.ctx.FindObjectsFinal(s); err == nil {
-		err = ferr
+	if ferr := in.ctx.FindObjectsFinal(s); ferr != nil {
+		// The search may still be active on the session.
+		if err == nil {
+			err = ferr
+		}
+		return nil, mayBeActive(err)
 	}
 	return objs, err
 }
@@ -336,7 +305,9 @@ func (in *instance) ecPublic(s pkcs11.SessionHandle, k *key) error {
 	h, herr := in.publicHandle(s, k, keyType)
 	if herr != nil {
 		pub, cerr := in.certPublic(s, k)
-		if cerr != nil {
+		if _, active := cerr.(*marked); active {
+			return cerr // the session must not be pooled
+		} else if cerr != nil {
 			return herr
 		}
 		return k.setECPublic(pub)
@@ -395,7 +366,10 @@ func (in *instance) certPublic(s pkcs11.SessionHandle, k *key) (crypto.PublicKey
 		return nil, errors.New("no CKA_ID")
 	}
 	objs, err := in.findObjects(s, refTemplate(pkcs11.CKO_CERTIFICATE, k.ref.ID, ""), 1)
-	if err != nil || len(objs) != 1 {
+	if err != nil {
+		return nil, err
+	}
+	if len(objs) != 1 {
 		return nil, errors.New("no unique certificate")
 	}
 	attrs, err := in.ctx.GetAttributeValue(s, objs[0], []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)})

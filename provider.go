@@ -21,6 +21,7 @@ package hsm
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -29,6 +30,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 	"unsafe"
 
 	"github.com/miekg/pkcs11"
@@ -158,6 +160,8 @@ func (c *Config) validate() error {
 		return fmt.Errorf("%w: SlotNumber %d is negative", ErrConfig, *c.SlotNumber)
 	case c.PIN == "" && !c.NoLogin:
 		return fmt.Errorf("%w: PIN is empty (set NoLogin for tokens that need no login)", ErrConfig)
+	case c.PIN != "" && checkPIN(c.PIN) != nil:
+		return fmt.Errorf("%w: %w", ErrConfig, checkPIN(c.PIN))
 	case c.MaxSessions < 0:
 		return fmt.Errorf("%w: MaxSessions %d is negative", ErrConfig, c.MaxSessions)
 	case c.DrainTimeout < 0 || c.SessionWaitTimeout < 0 || c.ProbeTimeout < 0 || c.RecoveryBackoffMin < 0 || c.RecoveryBackoffMax < 0:
@@ -172,6 +176,22 @@ func (c *Config) validate() error {
 	orDefault(&c.RecoveryBackoffMax, DefaultRecoveryBackoffMax)
 	if c.RecoveryBackoffMax < c.RecoveryBackoffMin {
 		return fmt.Errorf("%w: RecoveryBackoffMax %v is below RecoveryBackoffMin %v", ErrConfig, c.RecoveryBackoffMax, c.RecoveryBackoffMin)
+	}
+	return nil
+}
+
+// checkPIN refuses a PIN no token has, before it costs a login attempt:
+// PKCS#11 PINs are UTF-8 text, so invalid UTF-8, a NUL byte or another
+// control character (a line end read from a file, a byte of /dev/zero) is
+// a mistake. The error does not show the PIN.
+func checkPIN(pin string) error {
+	if !utf8.ValidString(pin) {
+		return errors.New("the PIN is not valid UTF-8")
+	}
+	for i, r := range pin {
+		if r < 0x20 || r == 0x7f {
+			return fmt.Errorf("the PIN has control character %U at byte %d", r, i)
+		}
 	}
 	return nil
 }
@@ -254,16 +274,30 @@ type Provider struct {
 	// decryptions (see fastsign.go), or nil to go through miekg/pkcs11.
 	fast unsafe.Pointer
 
-	// life serializes state changes: re-initialization and Close.
+	// life serializes state changes: re-initialization and Close. Its
+	// holder waits for nothing unbounded: every wait under it ends at a
+	// timeout, or when Close closes health.stop.
 	life sync.Mutex
-	// initialized says whether C_Initialize has been called without a
-	// matching C_Finalize. Guarded by life.
-	initialized bool
 	// serial is the serial number of the token found at Open; a later
-	// generation must find the same token. Guarded by life.
+	// generation must find the same token. Written once by Open.
 	serial string
-	// closeDone is set once Close has finalized. Guarded by life.
-	closeDone bool
+
+	// modBusy holds a value while a goroutine of the provider is inside the
+	// module's life cycle calls (C_Initialize to C_Login, C_Finalize,
+	// C_Logout), which inModule bounds. A call that outlives its bound keeps
+	// modBusy until it returns, and no other life cycle call starts until
+	// then.
+	modBusy chan struct{}
+	// modCall describes the life cycle call in progress, for errors; nil
+	// when none is.
+	modCall atomic.Pointer[moduleCall]
+	// initialized says whether C_Initialize has been called without a
+	// matching C_Finalize. Guarded by modBusy.
+	initialized bool
+
+	// finished is closed when Close's work is done: the library finalized,
+	// the module released.
+	finished chan struct{}
 
 	flights singleflight.Group
 	reinits atomic.Uint64
@@ -276,8 +310,10 @@ type Provider struct {
 }
 
 // Open loads the PKCS#11 module, initializes it, finds the token, logs in and
-// returns a Provider in generation 1. It makes PKCS#11 calls and may block as
-// long as the module does.
+// returns a Provider in generation 1. Its PKCS#11 calls are bounded by
+// Config.ProbeTimeout: when they do not return in time, Open fails with
+// ErrHung, and the module stays claimed (Open of it fails with
+// ErrModuleInUse) until they return and the library is finalized.
 func Open(cfg Config) (*Provider, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, &Error{Op: "open", Err: err}
@@ -286,7 +322,8 @@ func Open(cfg Config) (*Provider, error) {
 	if err != nil {
 		return nil, &Error{Op: "open", Err: err}
 	}
-	p := &Provider{cfg: cfg, modPath: abs, ctx: ctx, gate: newGate(), log: cfg.Logger}
+	p := &Provider{cfg: cfg, modPath: abs, ctx: ctx, gate: newGate(), log: cfg.Logger,
+		modBusy: make(chan struct{}, 1), finished: make(chan struct{})}
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
 	}
@@ -296,9 +333,17 @@ func Open(cfg Config) (*Provider, error) {
 	} else {
 		p.log.Info("hsm: signing and decrypting through miekg/pkcs11 (3 calls per operation, not 2)", "module", abs, "check", why)
 	}
-	in, err := p.start(1)
+	var in *instance
+	err = p.inModule("open", 1, "C_Initialize to C_Login", nil, func() (err error) {
+		in, err = p.start(1)
+		return err
+	})
 	if err != nil {
-		releaseModule(abs)
+		if errors.Is(err, ErrHung) {
+			go p.finish() // finalizes and releases the module when the call returns
+		} else {
+			releaseModule(abs)
+		}
 		return nil, err
 	}
 	p.serial = in.token.SerialNumber
@@ -313,8 +358,57 @@ func Open(cfg Config) (*Provider, error) {
 	return p, nil
 }
 
+// moduleCall is a life cycle call in progress.
+type moduleCall struct {
+	what  string
+	since time.Time
+}
+
+// inModule runs f, PKCS#11 calls the provider makes on its own to the
+// module's life cycle, in a goroutine, and waits for it up to
+// Config.ProbeTimeout, or until stop is closed (errStopped). A call that
+// does not return in time fails with ErrHung and is left to return when the
+// module lets it; until then inModule fails at once with ErrHung and starts
+// nothing, so that no second C_Finalize or C_Initialize enters a module that
+// has not returned from the first.
+func (p *Provider) inModule(op string, gen uint64, what string, stop <-chan struct{}, f func() error) error {
+	select {
+	case p.modBusy <- struct{}{}:
+	default:
+		return p.stuckError(op, gen)
+	}
+	p.modCall.Store(&moduleCall{what: what, since: time.Now()})
+	done := make(chan error, 1)
+	go func() { // owned by the module: it returns when f's calls do
+		err := f()
+		p.modCall.Store(nil)
+		<-p.modBusy
+		done <- err
+	}()
+	t := time.NewTimer(p.cfg.ProbeTimeout)
+	defer t.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-t.C:
+		return &Error{Op: op, Generation: gen,
+			Err: fmt.Errorf("%w: %s did not return in %v (ProbeTimeout); nothing else enters the module until it does", ErrHung, what, p.cfg.ProbeTimeout)}
+	case <-stop:
+		return errStopped
+	}
+}
+
+// stuckError says which life cycle call has not returned.
+func (p *Provider) stuckError(op string, gen uint64) error {
+	what := "an earlier call"
+	if c := p.modCall.Load(); c != nil {
+		what = fmt.Sprintf("%s (%v ago)", c.what, time.Since(c.since).Round(time.Millisecond))
+	}
+	return &Error{Op: op, Generation: gen, Err: fmt.Errorf("%w: %s has not returned; nothing else enters the module until it does", ErrHung, what)}
+}
+
 // start initializes the library and sets up generation gen. On failure the
-// library is left finalized. Called with p.life held.
+// library is left finalized. Called through inModule.
 func (p *Provider) start(gen uint64) (*instance, error) {
 	op := "open"
 	if gen > 1 {
@@ -349,6 +443,11 @@ func (p *Provider) setup(op string, gen uint64) (*instance, error) {
 		return nil, p11err("open session", gen, err)
 	}
 	if !p.cfg.NoLogin {
+		if n, lo, hi := len(p.cfg.PIN), token.MinPinLen, token.MaxPinLen; hi != 0 && hi != pkcs11.CK_UNAVAILABLE_INFORMATION && hi >= lo &&
+			(uint64(n) < uint64(lo) || uint64(n) > uint64(hi)) {
+			return nil, &Error{Op: "login", Generation: gen,
+				Err: fmt.Errorf("%w: the PIN has %d bytes and the token takes %d to %d; not sent, so that it costs no login attempt", ErrPIN, n, lo, hi)}
+		}
 		err := p.ctx.Login(login, pkcs11.CKU_USER, p.cfg.PIN)
 		// Already logged in cannot come from a PIN we did not check: this
 		// Provider initialized the library itself, moments ago.
@@ -369,14 +468,17 @@ func (p *Provider) setup(op string, gen uint64) (*instance, error) {
 	if n := token.MaxRwSessionCount; n != pkcs11.CK_UNAVAILABLE_INFORMATION && n != pkcs11.CK_EFFECTIVELY_INFINITE && n > 1 && uint64(n-1) < uint64(maxSessions) {
 		maxSessions = int(n - 1)
 	}
-	return newInstance(p.ctx, gen, slot, token, login, maxSessions, p.cfg.SessionWaitTimeout), nil
+	return newInstance(p.ctx, gen, slot, token, login, maxSessions), nil
 }
 
 func (p *Provider) findToken(gen uint64) (uint, pkcs11.TokenInfo, error) {
 	const op = "find token"
-	slots, err := p.ctx.GetSlotList(true)
+	slots, err := slotList(p.ctx)
 	if err != nil {
 		return 0, pkcs11.TokenInfo{}, p11err(op, gen, err)
+	}
+	if len(slots) == 0 {
+		return 0, pkcs11.TokenInfo{}, opErr(op, gen, ErrTokenNotFound, "token not present: the module lists no slot with a token (looking for %s)", selectorText(p.cfg))
 	}
 	var found []uint
 	var info pkcs11.TokenInfo
@@ -409,6 +511,25 @@ func (p *Provider) findToken(gen uint64) (uint, pkcs11.TokenInfo, error) {
 	return 0, info, opErr(op, gen, ErrTokenNotFound, "%d tokens match %s: select by TokenSerial", len(found), selectorText(p.cfg))
 }
 
+// slotList returns the slots with a token present. miekg/pkcs11 asks for
+// the count, then for that many slots; when the count is 0, p11-kit's
+// client (0.24, 0.26) answers the second call with CKR_BUFFER_TOO_SMALL,
+// and so does a module whose slot count grew in between. Asked again, a
+// list that is still "too small" for its own count is empty.
+func slotList(ctx *pkcs11.Ctx) ([]uint, error) {
+	var err error
+	for range 3 {
+		var slots []uint
+		if slots, err = ctx.GetSlotList(true); err == nil {
+			return slots, nil
+		}
+		if code, _ := CodeOf(err); code != pkcs11.CKR_BUFFER_TOO_SMALL {
+			return nil, err
+		}
+	}
+	return nil, nil
+}
+
 func selectorText(c Config) string {
 	switch {
 	case c.TokenLabel != "":
@@ -421,8 +542,8 @@ func selectorText(c Config) string {
 	return "no selector"
 }
 
-// finalize calls C_Finalize if the library is initialized. Called with
-// p.life held and nothing in flight.
+// finalize calls C_Finalize if the library is initialized. Called through
+// inModule (or with modBusy held) and nothing in flight.
 func (p *Provider) finalize() {
 	if !p.initialized {
 		return
@@ -456,43 +577,75 @@ func (p *Provider) TokenInfo() (label, serial, model, manufacturer string) {
 	return in.token.Label, in.token.SerialNumber, in.token.Model, in.token.ManufacturerID
 }
 
-// Close stops admitting operations (they fail with ErrClosed), waits up to
-// Config.DrainTimeout for calls in flight, logs out and finalizes the
-// library. If calls are still in flight after the timeout it returns an
-// error wrapping ErrDrainTimeout without finalizing; call Close again later
-// to finish. Once Close has returned nil, later calls return nil. Safe for
-// concurrent use; it waits for a re-initialization in progress.
+// Close stops admitting operations (they fail with ErrClosed), waits for
+// calls in flight, logs out, finalizes the library and releases the module
+// for a later Open. It returns within Config.DrainTimeout plus
+// Config.ProbeTimeout whatever the HSM does. When calls are still inside the
+// library then, it returns an error wrapping ErrDrainTimeout; when its own
+// C_Logout or C_Finalize, or a re-initialization's C_Initialize or
+// C_Finalize, has not returned, one wrapping ErrHung. Either says what was
+// left behind: the library is finalized and the module released when those
+// calls return, and until then Open of the module fails with
+// ErrModuleInUse. Calling Close again waits once more, and returns nil once
+// all is done; after Close has returned nil, it always does.
+//
+// Close interrupts a re-initialization in progress. When the provider has
+// an OnStateChange callback, Close waits for the callback to return, except
+// when Close is called from inside the callback: then it returns without
+// waiting for it (the callback is its caller), and no callback starts
+// after that one. Safe for concurrent use.
 func (p *Provider) Close() error {
-	p.stopBackground()
+	start := time.Now()
+	p.stopBackground() // stops the monitor; interrupts a re-initialization's waits
 	p.life.Lock()
-	defer p.life.Unlock()
-	if p.closeDone {
-		return nil
-	}
 	gen, st := p.gate.load()
 	if st != StateClosed {
 		p.setState(gen, StateClosed, nil)
+		if in := p.inst.Load(); in != nil {
+			in.stop()
+		}
+		go p.finish()
 	}
-	if in := p.inst.Load(); in != nil {
-		in.stop()
+	p.life.Unlock()
+	p.closeEvents()
+	t := time.NewTimer(p.cfg.DrainTimeout + p.cfg.ProbeTimeout - time.Since(start))
+	defer t.Stop()
+	select {
+	case <-p.finished:
+		return nil
+	case <-t.C:
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.DrainTimeout)
-	defer cancel()
-	if err := p.gate.drain(ctx); err != nil {
+	select {
+	case <-p.finished:
+		return nil
+	default:
+	}
+	if n := p.gate.inFlight(); n > 0 {
 		return &Error{Op: "close", Generation: gen,
-			Err: fmt.Errorf("%w: %d calls in flight after %v", ErrDrainTimeout, p.gate.inFlight(), p.cfg.DrainTimeout)}
+			Err: fmt.Errorf("%w: %d calls still inside the PKCS#11 library; the library is finalized and the module released when they return (until then Open of it fails with ErrModuleInUse)", ErrDrainTimeout, n)}
 	}
+	err := p.stuckError("close", gen).(*Error)
+	err.Err = fmt.Errorf("%w; then the library is finalized and the module released (until then Open of it fails with ErrModuleInUse)", err.Err)
+	return err
+}
+
+// finish ends the provider's use of the module once nothing is inside it:
+// it waits for the operations in flight and for a life cycle call that has
+// not returned, logs out, finalizes, releases the module and closes
+// p.finished. It runs in a goroutine of its own, started once, by Close or
+// by an Open whose calls did not return, and waits as long as the module
+// keeps those calls.
+func (p *Provider) finish() {
+	_ = p.gate.drain(context.Background(), nil)
+	p.modBusy <- struct{}{}
+	p.modCall.Store(&moduleCall{what: "C_Logout and C_Finalize of Close", since: time.Now()})
 	if in := p.inst.Load(); in != nil && p.initialized && !p.cfg.NoLogin {
 		_ = p.ctx.Logout(in.login)
 	}
 	p.finalize()
 	p.inst.Store(nil)
-	p.closeDone = true
+	p.modCall.Store(nil)
+	<-p.modBusy
 	releaseModule(p.modPath)
-	p.closeEvents()
-	return nil
+	close(p.finished)
 }
-
-// stop wakes the operations of this generation that wait for a session:
-// the generation no longer admits operations. Safe to call more than once.
-func (in *instance) stop() { in.closeOnce.Do(func() { close(in.closing) }) }

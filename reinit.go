@@ -57,7 +57,11 @@ func (p *Provider) ReinitializeFrom(ctx context.Context, failed uint64) error {
 func (p *Provider) Reinitializations() uint64 { return p.reinits.Load() }
 
 // reinitialize does the work of one re-initialization, unless the provider
-// has already moved past generation failed.
+// has already moved past generation failed. Each of its waits is bounded:
+// the drain by Config.DrainTimeout, C_Finalize and the set-up of the next
+// generation (C_Initialize to C_Login) by Config.ProbeTimeout each (a call
+// that does not return in time fails the attempt with ErrHung), and Close
+// interrupts any of them.
 func (p *Provider) reinitialize(failed uint64) error {
 	const op = "reinitialize"
 	p.life.Lock()
@@ -78,38 +82,59 @@ func (p *Provider) reinitialize(failed uint64) error {
 	if in := p.inst.Load(); in != nil {
 		in.stop()
 	}
+	stop := p.health.stop
 	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.DrainTimeout)
-	err := p.gate.drain(ctx)
+	err := p.gate.drain(ctx, stop)
 	cancel()
-	if err != nil {
+	if err != nil && err != errStopped {
 		err = &Error{Op: op, Generation: gen,
 			Err: fmt.Errorf("%w: %d calls in flight after %v; not finalizing", ErrDrainTimeout, p.gate.inFlight(), p.cfg.DrainTimeout)}
-		p.health.reinitFailures.Add(1)
-		p.setState(gen, StateUnavailable, err)
-		return err
+	}
+	if err != nil {
+		return p.reinitFailed(gen, err)
 	}
 
 	// Nothing is inside the library: every handle of this generation dies
 	// here, and no code path can reach one again (the gate refuses gen).
 	p.inst.Store(nil)
-	p.finalize()
+	err = p.inModule(op, gen, "C_Finalize", stop, func() error {
+		p.finalize()
+		return nil
+	})
+	if err != nil {
+		return p.reinitFailed(gen, err)
+	}
 	if p.testHookFinalized != nil {
 		p.testHookFinalized()
 	}
-	in, err := p.start(gen + 1)
-	if err != nil {
-		p.health.reinitFailures.Add(1)
-		if errors.Is(err, ErrPIN) || errors.Is(err, ErrTokenChanged) {
-			// Retrying cannot help, and retrying a PIN can lock the token.
-			p.setState(gen, StateFailed, err)
-		} else {
-			p.setState(gen, StateUnavailable, err)
-		}
+	var in *instance
+	err = p.inModule(op, gen, fmt.Sprintf("C_Initialize to C_Login of generation %d", gen+1), stop, func() (err error) {
+		in, err = p.start(gen + 1)
 		return err
+	})
+	if err != nil {
+		return p.reinitFailed(gen, err)
 	}
 	p.inst.Store(in)
 	p.reinits.Add(1)
 	p.setState(gen+1, StateHealthy, nil)
 	p.log.Info("hsm: re-initialized", "generation", gen+1, "took", time.Since(start))
 	return nil
+}
+
+// reinitFailed records a failed attempt of generation gen and returns its
+// error: the provider stays unavailable, or fails for good when retrying
+// cannot help. An attempt that Close interrupted leaves the state to Close.
+func (p *Provider) reinitFailed(gen uint64, err error) error {
+	if err == errStopped {
+		return &Error{Op: "reinitialize", Generation: gen, Err: ErrClosed}
+	}
+	p.health.reinitFailures.Add(1)
+	if errors.Is(err, ErrPIN) || errors.Is(err, ErrTokenChanged) {
+		// Retrying cannot help, and retrying a PIN can lock the token.
+		p.setState(gen, StateFailed, err)
+	} else {
+		p.setState(gen, StateUnavailable, err)
+	}
+	return err
 }

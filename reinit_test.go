@@ -126,21 +126,17 @@ func TestStaleHandleWouldReachAnotherKey(t *testing.T) {
 func rawSign(t *testing.T, p *Provider, h pkcs11.ObjectHandle, digest []byte) []byte {
 	t.Helper()
 	gen := p.Generation()
-	if ok, _ := p.gate.enter(gen); !ok {
-		t.Fatal("gate closed")
-	}
-	defer p.gate.exit()
-	in := p.inst.Load()
-	s, err := in.borrow()
-	if err != nil {
-		t.Fatal(err)
-	}
 	var sig []byte
-	err = in.ctx.SignInit(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_ECDSA, nil)}, h)
-	if err == nil {
-		sig, err = in.ctx.Sign(s, digest)
-	}
-	in.giveBack(s, err)
+	err := p.withSession("raw sign", func(in *instance, s pkcs11.SessionHandle) error {
+		err := in.ctx.SignInit(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_ECDSA, nil)}, h)
+		if err != nil {
+			return err
+		}
+		if sig, err = in.ctx.Sign(s, digest); err != nil {
+			return mayBeActive(err)
+		}
+		return nil
+	})
 	if err != nil {
 		t.Logf("raw sign with handle %d: %v", h, err)
 		return nil

@@ -2,6 +2,7 @@ package hsm
 
 import (
 	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -29,46 +30,59 @@ type instance struct {
 	idle  chan pkcs11.SessionHandle
 	// closing is closed when the gate stops admitting this generation, to
 	// wake operations waiting for a session.
-	closing chan struct{}
-	wait    time.Duration
-	// lastDone is when a call of this generation last completed (unix
-	// nanoseconds), to tell a hung HSM from a busy one.
-	lastDone  atomic.Int64
+	closing   chan struct{}
 	closeOnce sync.Once
 
+	// calls is the number of sessions borrowed, that is of operations inside
+	// the PKCS#11 library or about to enter it; progress is when the library
+	// last showed progress (unix nanoseconds): a call completed, or a call
+	// entered an idle library. The monitor's watchdog reads both: calls
+	// pending and no progress for Config.ProbeTimeout means the HSM hangs.
+	calls    atomic.Int64
+	progress atomic.Int64
+
+	// rawRefused is set when the token refused CKM_RSA_X_509 for a key of
+	// this generation: PKCS #1 v1.5 decryption then goes through the token's
+	// CKM_RSA_PKCS (see decryptPKCS1).
+	rawRefused atomic.Bool
 	// oaepSoft records the OAEP parameter shapes (oaepShape) whose
 	// CKM_RSA_PKCS_OAEP this token refused, to go straight to the software
 	// decoding next time.
 	oaepSoft sync.Map
 }
 
-func newInstance(ctx *pkcs11.Ctx, gen uint64, slot uint, token pkcs11.TokenInfo, login pkcs11.SessionHandle, maxSessions int, wait time.Duration) *instance {
+func newInstance(ctx *pkcs11.Ctx, gen uint64, slot uint, token pkcs11.TokenInfo, login pkcs11.SessionHandle, maxSessions int) *instance {
 	in := &instance{
 		gen: gen, ctx: ctx, slot: slot, token: token, login: login,
 		slots:   make(chan struct{}, maxSessions),
 		idle:    make(chan pkcs11.SessionHandle, maxSessions),
 		closing: make(chan struct{}),
-		wait:    wait,
 	}
 	for range maxSessions {
 		in.slots <- struct{}{}
 	}
-	in.lastDone.Store(time.Now().UnixNano())
+	in.progress.Store(time.Now().UnixNano())
 	return in
 }
+
+// stop wakes the operations of this generation that wait for a session:
+// the generation no longer admits operations. Safe to call more than once.
+func (in *instance) stop() { in.closeOnce.Do(func() { close(in.closing) }) }
 
 // errClosing is returned by borrow when the generation stops being admitted
 // while the operation waits for a session.
 var errClosing = errors.New("generation closing")
 
 // borrow returns a session for the exclusive use of one operation. It waits
-// for a free one up to the instance's wait bound, and no longer than the
-// generation lives. The caller must be admitted by the gate.
-func (in *instance) borrow() (pkcs11.SessionHandle, error) {
+// for a free one up to wait, and no longer than the generation lives. The
+// caller must be admitted by the gate, and must call giveBack exactly once
+// when borrow succeeded. Without session, it takes a slot only (no
+// session is opened; the handle is 0), and the caller calls release.
+func (in *instance) borrow(wait time.Duration, session bool) (pkcs11.SessionHandle, error) {
 	select {
 	case <-in.slots:
 	default:
-		t := time.NewTimer(in.wait)
+		t := time.NewTimer(wait)
 		select {
 		case <-in.slots:
 			t.Stop()
@@ -79,6 +93,14 @@ func (in *instance) borrow() (pkcs11.SessionHandle, error) {
 			return 0, ErrBusy
 		}
 	}
+	if in.calls.Add(1) == 1 {
+		// The library was idle: progress is measured from now, not from
+		// the last call before the pause.
+		in.progress.Store(time.Now().UnixNano())
+	}
+	if !session {
+		return 0, nil
+	}
 	select {
 	case s := <-in.idle:
 		return s, nil
@@ -86,17 +108,44 @@ func (in *instance) borrow() (pkcs11.SessionHandle, error) {
 	}
 	s, err := in.ctx.OpenSession(in.slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
 	if err != nil {
-		in.slots <- struct{}{}
+		in.release()
 		return 0, err
 	}
 	return s, nil
 }
 
-// giveBack ends an operation's use of session s. opErr is the operation's
-// error: a session whose state is in doubt is not pooled again.
-func (in *instance) giveBack(s pkcs11.SessionHandle, opErr error) {
-	in.lastDone.Store(time.Now().UnixNano())
-	code, _ := CodeOf(opErr)
+// release ends a borrow: the library made progress, the slot is free.
+func (in *instance) release() {
+	in.progress.Store(time.Now().UnixNano())
+	in.calls.Add(-1)
+	in.slots <- struct{}{}
+}
+
+// left says what an operation's calls may have left on its session.
+type left uint8
+
+const (
+	// leftClean: no operation is active on the session (the calls
+	// succeeded, or the one that failed started nothing, like a failed
+	// C_SignInit).
+	leftClean left = iota
+	// leftActive: an operation may still be active. The standard says that
+	// a failed C_Sign or C_Decrypt ends it, except CKR_BUFFER_TOO_SMALL,
+	// but modules do not all keep that promise (SoftHSM 2.6 leaves the
+	// operation active after CKR_ARGUMENTS_BAD), and the next user of the
+	// session would fail with CKR_OPERATION_ACTIVE. The session is closed.
+	leftActive
+	// leftRejected: as leftActive, and the token rejected the data it was
+	// given (a ciphertext): the error says nothing about the health of the
+	// HSM and must not start a probe.
+	leftRejected
+)
+
+// giveBack ends an operation's use of session s. err is the operation's
+// error and l what its calls left on the session: a session whose state is
+// in doubt is not pooled again.
+func (in *instance) giveBack(s pkcs11.SessionHandle, err error, l left) {
+	code, _ := CodeOf(err)
 	switch {
 	case code == pkcs11.CKR_SESSION_HANDLE_INVALID, code == pkcs11.CKR_SESSION_CLOSED,
 		classifyCode(code) == ClassDeviceLost:
@@ -104,17 +153,113 @@ func (in *instance) giveBack(s pkcs11.SessionHandle, opErr error) {
 		// issued the same number to another session of ours: closing it
 		// could close a session another goroutine is using. Forget it;
 		// C_Finalize reclaims whatever is left.
-	case code == pkcs11.CKR_OBJECT_HANDLE_INVALID, code == pkcs11.CKR_KEY_HANDLE_INVALID,
-		classifyCode(code) == ClassNone,
-		classifyCode(code) == ClassCaller && code != pkcs11.CKR_BUFFER_TOO_SMALL:
-		// The session itself is fine (a failed C_*Init leaves no
-		// operation active; a failed C_Sign/C_Decrypt ends it).
+	case l == leftClean && (code == pkcs11.CKR_OBJECT_HANDLE_INVALID || code == pkcs11.CKR_KEY_HANDLE_INVALID ||
+		classifyCode(code) == ClassNone || classifyCode(code) == ClassCaller):
+		// The session is fine: nothing is active on it.
 		in.idle <- s
 	default:
-		// The session is valid but its state is in doubt (operation
-		// active, e.g. after CKR_BUFFER_TOO_SMALL; general failure): close
-		// it, open a fresh one next time.
+		// The session is valid but its state is in doubt (an operation may
+		// be active; a general failure): close it, open a fresh one next
+		// time.
 		_ = in.ctx.CloseSession(s)
 	}
-	in.slots <- struct{}{}
+	in.release()
+}
+
+// runKind says how run accounts for a task.
+type runKind uint8
+
+const (
+	// runOp: an operation of the user (signature, decryption, lookup): it
+	// counts in Stats.Operations and Refused, and gets a session.
+	runOp runKind = iota
+	// runOwn: the provider's own check (probe, URI match): it takes a slot
+	// like an operation, so that calls inside the library never exceed
+	// MaxSessions, but needs no session (the handle is 0) and is not
+	// counted as an operation.
+	runOwn
+)
+
+// task is an operation's work on a session of its generation: PKCS#11
+// calls. An error after which an operation may still be active on the
+// session comes wrapped by mayBeActive (or rejectedData); others leave it
+// clean.
+type task func(in *instance, s pkcs11.SessionHandle) error
+
+// marked is an error with what it left on the session; run unwraps it.
+type marked struct {
+	err  error
+	left left
+}
+
+func (m *marked) Error() string { return m.err.Error() }
+func (m *marked) Unwrap() error { return m.err }
+
+// mayBeActive marks err as a failure after which an operation may still be
+// active on the session (a failed C_Sign, C_Decrypt, C_FindObjectsFinal).
+func mayBeActive(err error) error { return &marked{err, leftActive} }
+
+// rejectedData marks err as the token's rejection of the data of a
+// C_Decrypt: the session is closed like mayBeActive's, and the error does
+// not count against the HSM's health.
+func rejectedData(err error) error { return &marked{err, leftRejected} }
+
+// unmark returns the error a mark wraps, or err.
+func unmark(err error) error {
+	if m, ok := err.(*marked); ok {
+		return m.err
+	}
+	return err
+}
+
+// run is the one path every operation of the provider takes, key
+// operations, lookups, probes and URI checks alike: the gate admits it for
+// generation gen (a refusal is r's prebuilt error, without a PKCS#11 call),
+// it borrows a session of that generation (waiting up to wait, no longer
+// than the generation is admitted), runs f, gives the session back by what
+// f left on it, and accounts for the error (a device-loss code makes the
+// provider unavailable, a suspect one starts a probe). Errors come back as
+// *Error.
+func (p *Provider) run(gen uint64, r *refusals, wait time.Duration, kind runKind, f task) error {
+	if ok, w := p.gate.enter(gen); !ok {
+		if kind == runOp {
+			p.health.refused.Add(1)
+		}
+		return r.pick(gen, w)
+	}
+	defer p.gate.exit()
+	if kind == runOp {
+		p.health.ops.Add(1)
+	}
+	in := p.inst.Load() // gen's instance: the gate admitted gen
+	s, err := in.borrow(wait, kind == runOp)
+	if err != nil {
+		switch err {
+		case errClosing:
+			return r.unavailable
+		case ErrBusy:
+			p.health.poke() // a full pool may be a frozen HSM: probe now
+			return r.busy
+		}
+		p.observe(gen, err, true)
+		return p11err(r.op, gen, fmt.Errorf("open session: %w", err))
+	}
+	err = f(in, s)
+	l := leftClean
+	if m, ok := err.(*marked); ok {
+		err, l = m.err, m.left
+	}
+	if kind == runOp {
+		in.giveBack(s, err, l)
+	} else {
+		in.release()
+	}
+	if err == nil {
+		return nil
+	}
+	p.observe(gen, err, l != leftRejected)
+	if _, ok := err.(*Error); ok {
+		return err
+	}
+	return p11err(r.op, gen, err)
 }

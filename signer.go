@@ -7,6 +7,7 @@ import (
 	"crypto/rsa"
 	"fmt"
 	"io"
+	"reflect"
 
 	"github.com/miekg/pkcs11"
 )
@@ -86,27 +87,26 @@ func (s *Signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 
 func (k *key) sign(digest []byte, opts crypto.SignerOpts) ([]byte, error) {
 	const op = "sign"
-	if ok, w := k.p.gate.enter(k.gen); !ok {
-		k.p.health.refused.Add(1)
-		return nil, k.signErrs.pick(k.gen, w)
-	}
-	defer k.p.gate.exit()
-	k.p.health.ops.Add(1)
-	if !k.canSign {
-		return nil, opErr(op, k.gen, ErrUnsupportedKey, "%s does not allow signing (CKA_SIGN is false)", k.ref)
-	}
-	mech, input, err := k.signMechanism(digest, opts)
-	if err != nil {
-		return nil, &Error{Op: op, Generation: k.gen, Err: err}
-	}
-	sig, err := k.call(op, func(ctx *pkcs11.Ctx, s pkcs11.SessionHandle) ([]byte, error) {
+	var sig []byte
+	err := k.p.run(k.gen, k.signRefusals, k.p.cfg.SessionWaitTimeout, runOp, func(in *instance, s pkcs11.SessionHandle) error {
+		if !k.canSign {
+			return opErr(op, k.gen, ErrUnsupportedKey, "%s does not allow signing (CKA_SIGN is false)", k.ref)
+		}
+		mech, input, err := k.signMechanism(digest, opts)
+		if err != nil {
+			return &Error{Op: op, Generation: k.gen, Err: err}
+		}
 		if fl := k.p.fast; fl != nil {
-			return fastSign(fl, s, mech[0], k.handle, input, k.size)
+			sig, err = fastSign(fl, s, mech[0], k.handle, input, k.size)
+			return err
 		}
-		if err := ctx.SignInit(s, mech, k.handle); err != nil {
-			return nil, err
+		if err := in.ctx.SignInit(s, mech, k.handle); err != nil {
+			return err
 		}
-		return ctx.Sign(s, input)
+		if sig, err = in.ctx.Sign(s, input); err != nil {
+			return mayBeActive(err)
+		}
+		return nil
 	})
 	if err != nil {
 		return nil, err
@@ -120,23 +120,6 @@ func (k *key) sign(digest []byte, opts crypto.SignerOpts) ([]byte, error) {
 	return sig, nil
 }
 
-// call runs f on a session of the key's generation. The caller must have
-// been admitted by the gate for k.gen.
-func (k *key) call(op string, f func(*pkcs11.Ctx, pkcs11.SessionHandle) ([]byte, error)) ([]byte, error) {
-	s, err := k.in.borrow()
-	if err != nil {
-		k.p.observe(k.gen, err)
-		return nil, borrowErr(op, k.gen, err)
-	}
-	out, err := f(k.in.ctx, s)
-	k.in.giveBack(s, err)
-	k.p.observe(k.gen, err)
-	if err != nil {
-		return nil, p11err(op, k.gen, err)
-	}
-	return out, nil
-}
-
 func errOpts(format string, args ...any) error {
 	return fmt.Errorf("%w: "+format, append([]any{ErrInvalidOptions}, args...)...)
 }
@@ -144,8 +127,8 @@ func errOpts(format string, args ...any) error {
 // signMechanism validates opts and digest for the key and returns the
 // mechanism and the data to pass to C_Sign.
 func (k *key) signMechanism(digest []byte, opts crypto.SignerOpts) ([]*pkcs11.Mechanism, []byte, error) {
-	if opts == nil {
-		return nil, nil, errOpts("opts is nil: pass the hash the digest was made with (e.g. crypto.SHA256), *rsa.PSSOptions, or crypto.Hash(0) for Ed25519")
+	if isNil(opts) {
+		return nil, nil, errOpts("opts is %s: pass the hash the digest was made with (e.g. crypto.SHA256), *rsa.PSSOptions, or crypto.Hash(0) for Ed25519", nilName(opts))
 	}
 	switch k.kind {
 	case kindRSA:
@@ -189,13 +172,53 @@ func checkDigest(digest []byte, h crypto.Hash) error {
 	if h == 0 {
 		return nil
 	}
-	if !h.Available() && h.Size() == 0 {
+	n, ok := hashSize(h)
+	if !ok {
 		return errOpts("hash %v is not supported", h)
 	}
-	if len(digest) != h.Size() {
-		return errOpts("digest is %d bytes, %v digests are %d", len(digest), h, h.Size())
+	if len(digest) != n {
+		return errOpts("digest is %d bytes, %v digests are %d", len(digest), h, n)
 	}
 	return nil
+}
+
+// hashSize is h.Size() for the hashes crypto defines, and false for any
+// other value, where h.Size() panics.
+func hashSize(h crypto.Hash) (int, bool) {
+	if h == 0 || h > crypto.BLAKE2b_512 {
+		return 0, false
+	}
+	return h.Size(), true
+}
+
+// isNil reports whether opts is nil or a nil pointer, whose HashFunc (and
+// fields) would panic: (*rsa.PSSOptions)(nil) and the like.
+func isNil(opts any) bool {
+	switch o := opts.(type) {
+	case nil:
+		return true
+	case crypto.Hash:
+		return false
+	case *rsa.PSSOptions:
+		return o == nil
+	case *ed25519.Options:
+		return o == nil
+	case *rsa.OAEPOptions:
+		return o == nil
+	//lint:ignore SA1019 crypto.Decrypter still defines PKCS #1 v1.5 decryption options.
+	case *rsa.PKCS1v15DecryptOptions:
+		return o == nil
+	}
+	v := reflect.ValueOf(opts)
+	return v.Kind() == reflect.Pointer && v.IsNil()
+}
+
+// nilName names a nil opts for an error message: "nil" or "a nil *T".
+func nilName(opts any) string {
+	if opts == nil {
+		return "nil"
+	}
+	return fmt.Sprintf("a nil %T", opts)
 }
 
 func (k *key) pkcs1Mechanism(digest []byte, h crypto.Hash) ([]*pkcs11.Mechanism, []byte, error) {

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/miekg/pkcs11"
 )
@@ -342,7 +343,8 @@ func (u URI) GoString() string { return u.String() }
 // Format makes every verb print String.
 func (u URI) Format(f fmt.State, verb rune) { _, _ = io.WriteString(f, u.String()) }
 
-// unused returns the attributes of u that Config and KeyRef would not use.
+// unused returns an error naming the attributes of u that are not among
+// used, or nil.
 func (u *URI) unused(used ...string) error {
 	var extra []string
 	for name := range u.present {
@@ -413,7 +415,12 @@ func (u *URI) Config(base Config) (Config, error) {
 	return c, nil
 }
 
-// readPIN reads the first line of the file a pin-source names.
+// maxPINFile is the largest pin-source file read: a PIN is short.
+const maxPINFile = 1024
+
+// readPIN reads the first line of the file a pin-source names. The file
+// must be a regular file of at most maxPINFile bytes: a FIFO would block, a
+// device would hand out bytes that cost a PIN attempt each.
 func readPIN(src string) (string, error) {
 	path := src
 	if rest, ok := strings.CutPrefix(src, "file:"); ok {
@@ -421,22 +428,55 @@ func readPIN(src string) (string, error) {
 	} else if !strings.HasPrefix(src, "/") {
 		return "", uriErr("pin-source %q: only file:/path or /path is supported", src)
 	}
-	f, err := os.Open(path)
+	// O_NONBLOCK: opening a FIFO without a writer would block.
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return "", uriErr("pin-source: %v", err)
 	}
 	defer f.Close()
-	// A PIN is short; do not read a device or a huge file to the end.
-	b, err := io.ReadAll(io.LimitReader(f, 4096))
+	fi, err := f.Stat()
 	if err != nil {
 		return "", uriErr("pin-source: %v", err)
+	}
+	switch {
+	case !fi.Mode().IsRegular():
+		return "", uriErr("pin-source %s is not a regular file but %s", path, fileKind(fi.Mode()))
+	case fi.Size() > maxPINFile:
+		return "", uriErr("pin-source %s has %d bytes; a PIN file has at most %d", path, fi.Size(), maxPINFile)
+	}
+	b, err := io.ReadAll(io.LimitReader(f, maxPINFile+1))
+	if err != nil {
+		return "", uriErr("pin-source: %v", err)
+	}
+	if len(b) > maxPINFile {
+		return "", uriErr("pin-source %s has more than %d bytes; a PIN file has at most %d", path, maxPINFile, maxPINFile)
 	}
 	line, _, _ := bytes.Cut(b, []byte("\n"))
 	line = bytes.TrimSuffix(line, []byte("\r"))
 	if len(line) == 0 {
 		return "", uriErr("pin-source %s is empty", path)
 	}
+	if err := checkPIN(string(line)); err != nil {
+		return "", uriErr("pin-source %s: %v", path, err)
+	}
 	return string(line), nil
+}
+
+// fileKind names the type of a file that is not a regular file.
+func fileKind(m os.FileMode) string {
+	switch {
+	case m&os.ModeNamedPipe != 0:
+		return "a FIFO"
+	case m&os.ModeCharDevice != 0:
+		return "a character device"
+	case m&os.ModeDevice != 0:
+		return "a block device"
+	case m.IsDir():
+		return "a directory"
+	case m&os.ModeSocket != 0:
+		return "a socket"
+	}
+	return "a special file"
 }
 
 // KeyRef returns the private key the URI names: object is CKA_LABEL, id is
@@ -494,48 +534,51 @@ func OpenURI(uri string, opts ...func(*Config)) (*Provider, error) {
 }
 
 // matchURI checks the token, slot and library attributes of u against the
-// current generation.
+// current generation. Its calls go through run like a probe's: they take a
+// session slot.
 func (p *Provider) matchURI(u *URI) error {
+	const op = "open"
 	gen, _ := p.gate.load()
-	if ok, _ := p.gate.enter(gen); !ok {
-		return &Error{Op: "open", Generation: gen, Err: ErrUnavailable}
-	}
-	defer p.gate.exit()
-	in := p.inst.Load()
 	var mismatch []string
 	check := func(name, want, got string) {
 		if u.present[name] && want != got {
 			mismatch = append(mismatch, fmt.Sprintf("%s is %q, not %q", name, got, want))
 		}
 	}
-	check("token", u.Token, in.token.Label)
-	check("serial", u.Serial, in.token.SerialNumber)
-	check("manufacturer", u.Manufacturer, in.token.ManufacturerID)
-	check("model", u.Model, in.token.Model)
-	if u.present["slot-description"] || u.present["slot-manufacturer"] {
-		si, err := in.ctx.GetSlotInfo(in.slot)
-		if err != nil {
-			return p11err("open", gen, err)
+	err := p.run(gen, newRefusals(op, gen), p.cfg.SessionWaitTimeout, runOwn, func(in *instance, _ pkcs11.SessionHandle) error {
+		check("token", u.Token, in.token.Label)
+		check("serial", u.Serial, in.token.SerialNumber)
+		check("manufacturer", u.Manufacturer, in.token.ManufacturerID)
+		check("model", u.Model, in.token.Model)
+		if u.present["slot-description"] || u.present["slot-manufacturer"] {
+			si, err := in.ctx.GetSlotInfo(in.slot)
+			if err != nil {
+				return err
+			}
+			check("slot-description", u.SlotDescription, si.SlotDescription)
+			check("slot-manufacturer", u.SlotManufacturer, si.ManufacturerID)
 		}
-		check("slot-description", u.SlotDescription, si.SlotDescription)
-		check("slot-manufacturer", u.SlotManufacturer, si.ManufacturerID)
-	}
-	if u.present["library-manufacturer"] || u.present["library-description"] || u.present["library-version"] {
-		info, err := in.ctx.GetInfo()
-		if err != nil {
-			return p11err("open", gen, err)
+		if u.present["library-manufacturer"] || u.present["library-description"] || u.present["library-version"] {
+			info, err := in.ctx.GetInfo()
+			if err != nil {
+				return err
+			}
+			check("library-manufacturer", u.LibraryManufacturer, info.ManufacturerID)
+			check("library-description", u.LibraryDescription, info.LibraryDescription)
+			if u.present["library-version"] {
+				check("library-version", u.LibraryVersion, versionString(info.LibraryVersion, u.LibraryVersion))
+			}
 		}
-		check("library-manufacturer", u.LibraryManufacturer, info.ManufacturerID)
-		check("library-description", u.LibraryDescription, info.LibraryDescription)
-		if u.present["library-version"] {
-			check("library-version", u.LibraryVersion, versionString(info.LibraryVersion, u.LibraryVersion))
+		if u.SlotID != nil && (u.Serial != "" || u.Token != "") && uint64(in.slot) != *u.SlotID {
+			mismatch = append(mismatch, fmt.Sprintf("slot-id is %d, not %d", in.slot, *u.SlotID))
 		}
-	}
-	if u.SlotID != nil && (u.Serial != "" || u.Token != "") && uint64(in.slot) != *u.SlotID {
-		mismatch = append(mismatch, fmt.Sprintf("slot-id is %d, not %d", in.slot, *u.SlotID))
+		return nil
+	})
+	if err != nil {
+		return err
 	}
 	if len(mismatch) > 0 {
-		return &Error{Op: "open", Generation: gen, Err: fmt.Errorf("%w: %s", ErrTokenNotFound, strings.Join(mismatch, "; "))}
+		return &Error{Op: op, Generation: gen, Err: fmt.Errorf("%w: %s", ErrTokenNotFound, strings.Join(mismatch, "; "))}
 	}
 	return nil
 }

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/ce46d8f2/hsm/internal/softhsmtest"
@@ -211,12 +212,34 @@ func TestOpenURI(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	big := filepath.Join(dir, "big")
+	nul := filepath.Join(dir, "nul")
+	if err := os.WriteFile(big, bytes.Repeat([]byte("1"), 1025), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(nul, []byte(tok.PIN+"\x00\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	for _, tt := range []struct{ uri, says string }{
 		{"pkcs11:token=" + escape([]byte(tok.Label), false) + ";manufacturer=Other?module-path=" + softhsmtest.SoftHSMModule + "&pin-value=" + tok.PIN, `manufacturer is "SoftHSM project", not "Other"`},
 		{"pkcs11:serial=" + tok.Serial + ";token=wrong?module-path=" + softhsmtest.SoftHSMModule + "&pin-value=" + tok.PIN, `token is`},
 		{base + "&pin-source=/nonexistent/pin", "pin-source"},
 		{base + "&pin-source=env:PIN", "only file:"},
-		{base + "&pin-source=/dev/zero", "CKR_PIN"}, // 4 KiB read, not forever; the token refuses it
+		// Hostile pin-sources: refused before any read that could block or
+		// any login attempt.
+		{base + "&pin-source=/dev/zero", "not a regular file but a character device"},
+		{base + "&pin-source=/dev/urandom", "not a regular file but a character device"},
+		{base + "&pin-source=" + fifo, "not a regular file but a FIFO"},
+		{base + "&pin-source=" + dir, "not a regular file but a directory"},
+		{base + "&pin-source=" + big, "has 1025 bytes; a PIN file has at most 1024"},
+		{base + "&pin-source=" + nul, "control character U+0000"},
+		{base + "&pin-value=12%0034", "control character U+0000"},
+		{base + "&pin-value=%FF%FE", "not valid UTF-8"},
 		{"pkcs11:token=x?module-name=softhsm2&pin-value=1", "module-path"},
 		{"pkcs11:object=k?module-path=/x.so&pin-value=1", "no token selector"},
 	} {
