@@ -24,8 +24,43 @@ const spyModule = "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so"
 // is loaded (once per process).
 var spyLog string
 
+// useSpy makes spyModule log to spyLog, in front of SoftHSM. The spy reads
+// its settings when it is loaded, once per process.
+func useSpy(t *testing.T) {
+	t.Helper()
+	softhsmtest.Require(t)
+	if _, err := os.Stat(spyModule); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("pkcs11-spy.so (package opensc) not installed: %v", err)
+		}
+		t.Skip("pkcs11-spy.so (package opensc) not installed")
+	}
+	if spyLog == "" {
+		dir, err := os.MkdirTemp("", "hsm-spy-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		spyLog = filepath.Join(dir, "spy.log")
+		os.Setenv("PKCS11SPY", softhsmtest.SoftHSMModule)
+		os.Setenv("PKCS11SPY_OUTPUT", spyLog)
+	}
+}
+
 // countCalls returns how many PKCS#11 calls the spy logged while f ran.
 func countCalls(t *testing.T, f func()) int {
+	t.Helper()
+	n := 0
+	for _, c := range callsByName(t, f) {
+		n += c
+	}
+	return n
+}
+
+var spyCall = regexp.MustCompile(`(?m)^[0-9]+: (C_[A-Za-z]+)`)
+
+// callsByName returns the PKCS#11 calls the spy logged while f ran, by
+// function name.
+func callsByName(t *testing.T, f func()) map[string]int {
 	t.Helper()
 	before, _ := os.ReadFile(spyLog)
 	f()
@@ -33,7 +68,11 @@ func countCalls(t *testing.T, f func()) int {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return len(regexp.MustCompile(`(?m)^[0-9]+: C_`).FindAll(after[len(before):], -1))
+	calls := map[string]int{}
+	for _, m := range spyCall.FindAllSubmatch(after[len(before):], -1) {
+		calls[string(m[1])]++
+	}
+	return calls
 }
 
 // TestCallsPerOperation counts, with pkcs11-spy between the caller and
@@ -41,15 +80,7 @@ func countCalls(t *testing.T, f func()) int {
 // miekg/pkcs11, crypto11 and hsm, once sessions are open and the key found.
 // Every call is a network round trip on a network HSM.
 func TestCallsPerOperation(t *testing.T) {
-	softhsmtest.Require(t)
-	if _, err := os.Stat(spyModule); err != nil {
-		t.Skip("pkcs11-spy.so (package opensc) not installed")
-	}
-	if spyLog == "" {
-		spyLog = filepath.Join(t.TempDir(), "spy.log")
-		os.Setenv("PKCS11SPY", softhsmtest.SoftHSMModule)
-		os.Setenv("PKCS11SPY_OUTPUT", spyLog)
-	}
+	useSpy(t)
 	tok := sharedToken(t)
 	const n = 20
 	digest := digest32[:]

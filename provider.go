@@ -295,9 +295,10 @@ type Provider struct {
 	// matching C_Finalize. Guarded by modBusy.
 	initialized bool
 
-	// finished is closed when Close's work is done: the library finalized,
-	// the module released.
-	finished chan struct{}
+	// drained is closed when no operation is left inside the library after
+	// Close; finished when Close's work is done: the library finalized, the
+	// module released.
+	drained, finished chan struct{}
 
 	flights singleflight.Group
 	reinits atomic.Uint64
@@ -323,7 +324,7 @@ func Open(cfg Config) (*Provider, error) {
 		return nil, &Error{Op: "open", Err: err}
 	}
 	p := &Provider{cfg: cfg, modPath: abs, ctx: ctx, gate: newGate(), log: cfg.Logger,
-		modBusy: make(chan struct{}, 1), finished: make(chan struct{})}
+		modBusy: make(chan struct{}, 1), drained: make(chan struct{}), finished: make(chan struct{})}
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
 	}
@@ -608,11 +609,17 @@ func (p *Provider) Close() error {
 	}
 	p.life.Unlock()
 	p.closeEvents()
-	t := time.NewTimer(p.cfg.DrainTimeout + p.cfg.ProbeTimeout - time.Since(start))
+	// Up to DrainTimeout for the calls in flight, then up to ProbeTimeout
+	// for C_Logout and C_Finalize.
+	t := time.NewTimer(p.cfg.DrainTimeout - time.Since(start))
 	defer t.Stop()
 	select {
-	case <-p.finished:
-		return nil
+	case <-p.drained:
+		t.Reset(p.cfg.ProbeTimeout)
+		select {
+		case <-p.finished:
+		case <-t.C:
+		}
 	case <-t.C:
 	}
 	select {
@@ -637,6 +644,7 @@ func (p *Provider) Close() error {
 // keeps those calls.
 func (p *Provider) finish() {
 	_ = p.gate.drain(context.Background(), nil)
+	close(p.drained)
 	p.modBusy <- struct{}{}
 	p.modCall.Store(&moduleCall{what: "C_Logout and C_Finalize of Close", since: time.Now()})
 	if in := p.inst.Load(); in != nil && p.initialized && !p.cfg.NoLogin {

@@ -1,7 +1,9 @@
 // Package soak is a chaos test of package hsm: goroutines sign with durable
 // keys through p11-kit remoting while the "HSM" (a p11-kit server in front of
-// a SoftHSM2 token) is killed and restarted, or paused and resumed, at
-// random. It reports what a user must be able to rely on: every signature
+// a SoftHSM2 token) is, in turn, killed and restarted, paused and resumed,
+// or killed and restarted frozen (it accepts connections and does not
+// answer, so that the re-initialization is stuck in C_Initialize until it is
+// resumed), at random times. It reports what a user must be able to rely on: every signature
 // returned verifies, none is wrong, nothing panics, there is one
 // re-initialization per outage, recovery is quick, no goroutine is left.
 //
@@ -47,11 +49,15 @@ type Result struct {
 	Unexpected        uint64 // any other error: must be 0
 	Panics            uint64 // must be 0
 	Kills, Pauses     int    // outages caused
+	Freezes           int    // of them, HSM frozen during the re-initialization
 	Outages           uint64 // outages the provider noticed (healthy -> unavailable)
-	Reinitializations uint64 // must equal Outages
-	WorstRecovery     time.Duration
-	GoroutinesLeaked  int // must be 0
-	FirstUnexpected   string
+	Reinitializations uint64
+	// ReinitFailures counts the re-initializations that failed (drain
+	// time-outs, ErrHung while frozen, the HSM still down) and were retried.
+	ReinitFailures   uint64 // must equal Outages
+	WorstRecovery    time.Duration
+	GoroutinesLeaked int // must be 0
+	FirstUnexpected  string
 }
 
 // OK reports whether the result holds every promise.
@@ -69,14 +75,17 @@ wrong signatures      %d
 refused (outages)     %d
 unexpected errors     %d %s
 panics                %d
-outages caused        %d (%d kills, %d pauses)
+outages caused        %d (%d kills, %d pauses, %d frozen during re-initialization)
 outages noticed       %d
-re-initializations    %d
+re-initializations    %d (%d failed attempts retried)
 worst recovery        %v (HSM back -> first good signature)
 goroutines leaked     %d`,
 		r.Operations, r.Signatures, r.Verified, r.Wrong, r.Refused, r.Unexpected, r.FirstUnexpected, r.Panics,
-		r.Kills+r.Pauses, r.Kills, r.Pauses, r.Outages, r.Reinitializations, r.WorstRecovery.Round(time.Millisecond), r.GoroutinesLeaked)
+		r.Kills+r.Pauses+r.Freezes, r.Kills, r.Pauses, r.Freezes, r.Outages, r.Reinitializations, r.ReinitFailures, r.WorstRecovery.Round(time.Millisecond), r.GoroutinesLeaked)
 }
+
+// probeTimeout is the soak provider's Config.ProbeTimeout.
+const probeTimeout = 300 * time.Millisecond
 
 // Run runs one soak on a token it creates.
 func Run(opts Options) (Result, error) {
@@ -112,7 +121,7 @@ func Run(opts Options) (Result, error) {
 		MaxSessions:        1, // p11-kit 0.24's client: one call at a time (README)
 		SessionWaitTimeout: 200 * time.Millisecond,
 		ProbeInterval:      100 * time.Millisecond,
-		ProbeTimeout:       300 * time.Millisecond,
+		ProbeTimeout:       probeTimeout,
 		DrainTimeout:       time.Second,
 		RecoveryBackoffMax: 200 * time.Millisecond,
 		OnStateChange: func(c hsm.StateChange) {
@@ -190,14 +199,16 @@ func Run(opts Options) (Result, error) {
 		})
 	}
 
-	// The chaos: outages at random, each followed by the HSM's return.
-	for time.Now().Add(opts.OutageEvery / 2).Before(deadline) {
+	// The chaos: outages at random times, each followed by the HSM's
+	// return; the kinds in turn, from a random first one.
+	for kind := mrand.IntN(3); time.Now().Add(opts.OutageEvery / 2).Before(deadline); kind++ {
 		time.Sleep(opts.OutageEvery/2 + mrand.N(opts.OutageEvery))
 		if !time.Now().Add(300 * time.Millisecond).Before(deadline) {
 			break
 		}
 		down := 50*time.Millisecond + mrand.N(250*time.Millisecond)
-		if mrand.IntN(2) == 0 {
+		switch kind % 3 {
+		case 0:
 			res.Kills++
 			if err := srv.Kill(); err != nil {
 				return res, err
@@ -207,10 +218,27 @@ func Run(opts Options) (Result, error) {
 			if err := srv.Restart(); err != nil {
 				return res, err
 			}
-		} else {
+		case 1:
 			res.Pauses++
 			logf("pause   (down %v)", down)
 			srv.Pause()
+			time.Sleep(down)
+			srv.Resume()
+		case 2:
+			// Back, but frozen for longer than ProbeTimeout: the
+			// re-initialization that the next signature starts gets stuck
+			// in C_Initialize, fails with ErrHung, and its retries fail
+			// fast until the HSM answers.
+			res.Freezes++
+			down += probeTimeout
+			if err := srv.Kill(); err != nil {
+				return res, err
+			}
+			if err := srv.Restart(); err != nil {
+				return res, err
+			}
+			srv.Pause()
+			logf("freeze  (restarted frozen, down %v)", down)
 			time.Sleep(down)
 			srv.Resume()
 		}
@@ -226,6 +254,7 @@ func Run(opts Options) (Result, error) {
 		return res, fmt.Errorf("not healthy after the soak: %w", err)
 	}
 	res.Reinitializations = p.Reinitializations()
+	res.ReinitFailures = p.Stats().ReinitializationFailures
 	if err := p.Close(); err != nil {
 		return res, err
 	}

@@ -1,0 +1,486 @@
+package hsm
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/sha256"
+	"errors"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/ce46d8f2/hsm/internal/softhsmtest"
+)
+
+// These tests freeze the "network HSM" with SIGSTOP (softhsmtest's Pause),
+// as a stalled network or a hung HSM would: calls into p11-kit-client.so
+// then block until SIGCONT. Every wait of the provider must still end.
+
+// within runs f in a goroutine and fails the test if it has not returned
+// after limit: the test reports a hang instead of hanging.
+func within(t *testing.T, limit time.Duration, what string, f func()) time.Duration {
+	t.Helper()
+	done := make(chan struct{})
+	start := time.Now()
+	go func() {
+		defer close(done)
+		f()
+	}()
+	select {
+	case <-done:
+		return time.Since(start)
+	case <-time.After(limit):
+		t.Fatalf("%s has not returned after %v", what, limit)
+	}
+	return 0
+}
+
+// waitFinished waits until Close's work is done: the library finalized and
+// the module released.
+func waitFinished(t *testing.T, p *Provider) {
+	t.Helper()
+	select {
+	case <-p.finished:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the library was not finalized and the module not released 10s after the HSM answered again")
+	}
+}
+
+// wantModuleInUse checks that the module of r is still claimed: Open fails
+// with ErrModuleInUse.
+func wantModuleInUse(t *testing.T, r *remote) {
+	t.Helper()
+	p, err := Open(Config{Path: r.srv.Module(), TokenLabel: r.tok.Label, PIN: r.tok.PIN})
+	if err == nil {
+		p.Close()
+		t.Fatal("Open succeeded while a call was still inside the module")
+	}
+	wantErr(t, err, ErrModuleInUse)
+}
+
+// wantModuleFree checks that the module of r can be opened again, and
+// signs.
+func wantModuleFree(t *testing.T, r *remote) {
+	t.Helper()
+	p, err := Open(Config{Path: r.srv.Module(), TokenLabel: r.tok.Label, PIN: r.tok.PIN, MaxSessions: 1})
+	if err != nil {
+		t.Fatalf("Open after the HSM answered again: %v", err)
+	}
+	defer p.Close()
+	d := sha256.Sum256([]byte("again"))
+	if _, err := mustSigner(t, p, "ec").Sign(nil, d[:], crypto.SHA256); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// freezeConfig: short bounds, so that the test is quick; Close must return
+// within DrainTimeout + ProbeTimeout.
+func freezeConfig(c *Config) {
+	c.ProbeTimeout = 500 * time.Millisecond
+	c.DrainTimeout = time.Second
+	c.ProbeInterval = -1
+}
+
+const closeBound = time.Second + 500*time.Millisecond // DrainTimeout + ProbeTimeout of freezeConfig
+
+// TestCloseWhenFrozen times Close against a frozen HSM in each state the
+// provider can be in. Close returns within DrainTimeout + ProbeTimeout and
+// says what it left behind; the module stays claimed until the stuck call
+// returns, then the library is finalized and the module released.
+func TestCloseWhenFrozen(t *testing.T) {
+	t.Run("idle", func(t *testing.T) {
+		r := openRemote(t, freezeConfig)
+		r.srv.Pause()
+		var err error
+		took := within(t, 10*time.Second, "Close", func() { err = r.p.Close() })
+		t.Logf("Close of an idle provider, HSM frozen: %v in %v", err, took)
+		wantErr(t, err, ErrHung)
+		if !strings.Contains(err.Error(), "C_Logout and C_Finalize") || took > closeBound+200*time.Millisecond {
+			t.Fatalf("Close: %v after %v, want ErrHung naming C_Logout within %v", err, took, closeBound)
+		}
+		wantModuleInUse(t, r)
+		r.srv.Resume()
+		waitFinished(t, r.p)
+		if err := r.p.Close(); err != nil {
+			t.Fatalf("Close again after the HSM answered: %v", err)
+		}
+		wantModuleFree(t, r)
+	})
+
+	t.Run("call in flight", func(t *testing.T) {
+		r := openRemote(t, freezeConfig)
+		s := mustSigner(t, r.p, "ec")
+		d := sha256.Sum256([]byte("in flight"))
+		r.srv.Pause()
+		signed := make(chan error, 1)
+		go func() {
+			sig, err := s.Sign(nil, d[:], crypto.SHA256)
+			if err == nil && !ecdsa.VerifyASN1(s.Public().(*ecdsa.PublicKey), d[:], sig) {
+				err = errors.New("the signature does not verify")
+			}
+			signed <- err
+		}()
+		for r.p.inst.Load().calls.Load() == 0 {
+			time.Sleep(time.Millisecond)
+		}
+		time.Sleep(10 * time.Millisecond) // into C_SignInit
+		var err error
+		took := within(t, 10*time.Second, "Close", func() { err = r.p.Close() })
+		t.Logf("Close with a call in flight, HSM frozen: %v in %v", err, took)
+		wantErr(t, err, ErrDrainTimeout)
+		if !strings.Contains(err.Error(), "1 calls still inside") || took > closeBound+200*time.Millisecond {
+			t.Fatalf("Close: %v after %v, want ErrDrainTimeout naming 1 call within %v", err, took, closeBound)
+		}
+		wantModuleInUse(t, r)
+		r.srv.Resume()
+		if err := <-signed; err != nil {
+			t.Fatalf("the call in flight: %v", err)
+		}
+		waitFinished(t, r.p)
+		wantModuleFree(t, r)
+	})
+
+	t.Run("re-initialization stuck in C_Initialize", func(t *testing.T) {
+		r := openRemote(t, freezeConfig)
+		p := r.p
+		r.kill(t)
+		r.restart(t)
+		r.srv.Pause() // the HSM is back, and frozen: it accepts, never answers
+		var err error
+		took := within(t, 10*time.Second, "Reinitialize", func() { err = p.Reinitialize(context.Background()) })
+		t.Logf("Reinitialize, HSM frozen: %v in %v", err, took)
+		wantErr(t, err, ErrHung)
+		st := p.Stats()
+		if st.State != StateUnavailable || st.ReinitializationFailures != 1 || !errors.Is(st.LastError, ErrHung) {
+			t.Fatalf("after a stuck re-initialization: state %v, %d failures, last error %v", st.State, st.ReinitializationFailures, st.LastError)
+		}
+		stuck := p.modCall.Load()
+		if stuck == nil || !strings.Contains(stuck.what, "C_Initialize") {
+			t.Fatalf("the call left in the module: %+v", stuck)
+		}
+		// A second attempt fails at once and starts no second
+		// C_Finalize/C_Initialize: the stuck call is still the one in the
+		// module.
+		took = within(t, 10*time.Second, "Reinitialize", func() { err = p.Reinitialize(context.Background()) })
+		wantErr(t, err, ErrHung)
+		if !strings.Contains(err.Error(), "has not returned") || took > 100*time.Millisecond || p.modCall.Load() != stuck {
+			t.Fatalf("second attempt: %v after %v; want a fast ErrHung and the same call in the module", err, took)
+		}
+		if p.State() != StateUnavailable || p.Stats().ReinitializationFailures != 2 {
+			t.Fatalf("state %v, %d failures", p.State(), p.Stats().ReinitializationFailures)
+		}
+		took = within(t, 10*time.Second, "Close", func() { err = p.Close() })
+		t.Logf("Close, re-initialization stuck in C_Initialize: %v in %v", err, took)
+		wantErr(t, err, ErrHung)
+		if !strings.Contains(err.Error(), "C_Initialize") || took > closeBound {
+			t.Fatalf("Close: %v after %v, want ErrHung naming C_Initialize within %v", err, took, closeBound)
+		}
+		wantModuleInUse(t, r)
+		r.srv.Resume()
+		waitFinished(t, p)
+		wantModuleFree(t, r)
+	})
+
+	t.Run("recovery stuck", func(t *testing.T) {
+		r := openRemote(t, freezeConfig, func(c *Config) {
+			c.DisableAutoRecovery = false
+			c.RecoveryBackoffMax = 100 * time.Millisecond
+		})
+		p := r.p
+		s := mustSigner(t, p, "ec")
+		d := sha256.Sum256([]byte("x"))
+		r.kill(t)
+		r.restart(t)
+		r.srv.Pause()
+		_, err := s.Sign(nil, d[:], crypto.SHA256)
+		lostAt := time.Now()
+		if !IsDeviceLost(err) {
+			t.Fatalf("sign after the kill: %v", err)
+		}
+		// Automatic recovery gets stuck in C_Initialize: the attempt fails
+		// with ErrHung after ProbeTimeout, and the state is unavailable, not
+		// reinitializing without end.
+		deadline := time.Now().Add(10 * time.Second)
+		for p.Stats().ReinitializationFailures < 3 {
+			if time.Now().After(deadline) {
+				t.Fatalf("recovery: %d failed attempts after 10s, state %v", p.Stats().ReinitializationFailures, p.State())
+			}
+			time.Sleep(time.Millisecond)
+		}
+		st := p.Stats()
+		t.Logf("recovery stuck: %d failed attempts %v after the loss, last error %v", st.ReinitializationFailures, time.Since(lostAt), st.LastError)
+		if !errors.Is(st.LastError, ErrHung) || st.Reinitializations != 0 {
+			t.Fatalf("last error %v, %d re-initializations", st.LastError, st.Reinitializations)
+		}
+		waitState(t, p, StateUnavailable, time.Second)
+		var cerr error
+		took := within(t, 10*time.Second, "Close", func() { cerr = p.Close() })
+		t.Logf("Close, recovery stuck: %v in %v", cerr, took)
+		wantErr(t, cerr, ErrHung)
+		if took > closeBound {
+			t.Fatalf("Close took %v, want at most %v", took, closeBound)
+		}
+		wantModuleInUse(t, r)
+		r.srv.Resume()
+		waitFinished(t, p)
+		wantModuleFree(t, r)
+	})
+}
+
+// TestOpenWhenFrozen: Open against an HSM that accepts the connection and
+// never answers fails with ErrHung after ProbeTimeout; the module stays
+// claimed until the call returns.
+func TestOpenWhenFrozen(t *testing.T) {
+	tok := softhsmtest.NewToken(t, "frozen")
+	tok.GenerateKey(t, softhsmtest.P256, []byte{1}, "ec")
+	srv := softhsmtest.StartServer(t, tok)
+	srv.Pause()
+	var p *Provider
+	var err error
+	cfg := Config{Path: srv.Module(), TokenLabel: tok.Label, PIN: tok.PIN, MaxSessions: 1, ProbeTimeout: 500 * time.Millisecond}
+	took := within(t, 10*time.Second, "Open", func() { p, err = Open(cfg) })
+	t.Logf("Open, HSM frozen: %v in %v", err, took)
+	if p != nil {
+		p.Close()
+	}
+	wantErr(t, err, ErrHung)
+	if took > time.Second {
+		t.Fatalf("Open took %v, want about ProbeTimeout (500ms)", took)
+	}
+	r := &remote{tok: tok, srv: srv}
+	wantModuleInUse(t, r)
+	srv.Resume()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		p, err := Open(cfg)
+		if err == nil {
+			p.Close()
+			break
+		}
+		if !errors.Is(err, ErrModuleInUse) || time.Now().After(deadline) {
+			t.Fatalf("Open after the HSM answered again: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestFrozenUnderLoad: 64 goroutines sign through 32 sessions; the HSM
+// freezes. With the default ProbeTimeout (5s) the provider is unavailable
+// within ProbeTimeout + 1s, and the goroutines waiting for a session fail
+// at once then, with ErrUnavailable, instead of waiting for
+// SessionWaitTimeout. When the HSM answers again the provider recovers by
+// itself, and every signature returned verifies.
+func TestFrozenUnderLoad(t *testing.T) {
+	events := &eventLog{}
+	r := openRemote(t, func(c *Config) {
+		c.MaxSessions = 32
+		c.DisableAutoRecovery = false
+		c.OnStateChange = events.add
+	})
+	p := r.p
+	if p.cfg.ProbeTimeout != DefaultProbeTimeout || p.cfg.SessionWaitTimeout != DefaultSessionWaitTimeout {
+		t.Fatal("not the default settings")
+	}
+	pub := mustSigner(t, p, "ec").Public().(*ecdsa.PublicKey)
+	const workers = 64
+	var (
+		stop     atomic.Bool
+		frozen   atomic.Bool
+		failedAt [workers]atomic.Int64 // each worker's first ErrUnavailable after the freeze
+		wrong    atomic.Int64
+		signed   atomic.Int64
+		wg       sync.WaitGroup
+	)
+	for w := range workers {
+		wg.Go(func() {
+			var s *Signer
+			for i := 0; !stop.Load(); i++ {
+				if s == nil {
+					var err error
+					if s, err = p.Signer(KeyRef{Label: "ec"}); err != nil {
+						s = nil
+						time.Sleep(5 * time.Millisecond)
+						continue
+					}
+				}
+				d := sha256.Sum256([]byte{byte(w), byte(i), byte(i >> 8)})
+				sig, err := s.Sign(nil, d[:], crypto.SHA256)
+				switch {
+				case err == nil:
+					signed.Add(1)
+					if !ecdsa.VerifyASN1(pub, d[:], sig) {
+						wrong.Add(1)
+					}
+				case errors.Is(err, ErrStaleKey):
+					s = nil
+				case errors.Is(err, ErrUnavailable):
+					if frozen.Load() {
+						failedAt[w].CompareAndSwap(0, time.Now().UnixNano())
+					}
+					time.Sleep(5 * time.Millisecond)
+				default:
+					t.Errorf("worker %d: %v", w, err)
+					return
+				}
+			}
+		})
+	}
+	for signed.Load() < 500 {
+		time.Sleep(time.Millisecond)
+	}
+	pausedAt := time.Now()
+	frozen.Store(true)
+	r.srv.Pause()
+	ev := events.first(t, StateUnavailable, pausedAt)
+	detect := ev.At.Sub(pausedAt)
+	// The workers that were waiting for a session fail at once; those
+	// inside the library stay there until the HSM answers.
+	time.Sleep(200 * time.Millisecond)
+	atOnce, slowest := 0, time.Duration(0)
+	for w := range workers {
+		if at := failedAt[w].Load(); at != 0 {
+			atOnce++
+			slowest = max(slowest, time.Unix(0, at).Sub(ev.At))
+		}
+	}
+	t.Logf("freeze under load: unavailable %v after the freeze (%v); then %d workers failed with ErrUnavailable, the last %v after", detect, ev.Err, atOnce, slowest)
+	if detect > DefaultProbeTimeout+time.Second {
+		t.Errorf("the freeze was noticed after %v, want at most ProbeTimeout + 1s = %v", detect, DefaultProbeTimeout+time.Second)
+	}
+	if !errors.Is(ev.Err, ErrHung) {
+		t.Errorf("unavailable because of %v, want ErrHung", ev.Err)
+	}
+	if atOnce < workers-32 || slowest > 100*time.Millisecond {
+		t.Errorf("%d workers failed, the last %v after the detection; want the %d waiting for a session, at once", atOnce, slowest, workers-32)
+	}
+	frozen.Store(false)
+	r.srv.Resume()
+	if err := p.WaitHealthy(contextWithTimeout(t, 40*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	healthyAt := time.Now()
+	for signed.Load() == 0 || time.Since(healthyAt) < 200*time.Millisecond {
+		time.Sleep(time.Millisecond)
+	}
+	stop.Store(true)
+	wg.Wait()
+	if wrong.Load() != 0 {
+		t.Fatalf("%d signatures do not verify", wrong.Load())
+	}
+	if p.Stats().Reinitializations != 1 {
+		t.Errorf("%d re-initializations for one freeze", p.Stats().Reinitializations)
+	}
+}
+
+// TestRestartWithoutToken: the HSM comes back without the token. The
+// re-initialization says the token is not present (p11-kit's client answers
+// an empty slot list with CKR_BUFFER_TOO_SMALL, which must not show), and
+// so does Open.
+func TestRestartWithoutToken(t *testing.T) {
+	r := openRemote(t)
+	r.srv.Stop()
+	gone := &softhsmtest.Token{Label: "no-such-token"}
+	softhsmtest.StartServer(t, gone)
+	err := r.p.Reinitialize(context.Background())
+	wantErr(t, err, ErrTokenNotFound)
+	if !strings.Contains(err.Error(), "token not present") || strings.Contains(err.Error(), "BUFFER_TOO_SMALL") {
+		t.Fatalf("re-initialization without the token: %v", err)
+	}
+	t.Log(err)
+	_, err = Open(Config{Path: softhsmtest.ClientModule, TokenLabel: "x", PIN: "1234"})
+	wantErr(t, err, ErrModuleInUse) // r.p still owns it
+	if err := r.p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	_, err = Open(Config{Path: softhsmtest.ClientModule, TokenLabel: "x", PIN: "1234"})
+	wantErr(t, err, ErrTokenNotFound)
+	if !strings.Contains(err.Error(), "token not present") {
+		t.Fatalf("Open without the token: %v", err)
+	}
+}
+
+// TestCloseFromCallback: OnStateChange may call the provider, Close
+// included. Close returns from inside the callback (without waiting for
+// the callback, its caller), the provider is closed, and the module is
+// free again.
+func TestCloseFromCallback(t *testing.T) {
+	tok := sharedToken(t)
+	closed := make(chan error, 1)
+	var p *Provider
+	var once sync.Once
+	var err error
+	p, err = Open(Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label, PIN: tok.PIN,
+		OnStateChange: func(c StateChange) {
+			if c.To == StateReinitializing {
+				once.Do(func() { closed <- p.Close() })
+			}
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rerr error
+	within(t, 10*time.Second, "Reinitialize", func() { rerr = p.Reinitialize(context.Background()) })
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Fatalf("Close from the callback: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close from inside OnStateChange has not returned after 10s")
+	}
+	if rerr != nil && !errors.Is(rerr, ErrClosed) {
+		t.Fatalf("Reinitialize: %v", rerr)
+	}
+	var cerr error
+	within(t, 10*time.Second, "Close", func() { cerr = p.Close() })
+	if cerr != nil || p.State() != StateClosed {
+		t.Fatalf("Close again: %v, state %v", cerr, p.State())
+	}
+	openShared(t) // the module is free
+}
+
+// TestReinitializeFromCallback: the callback calls Reinitialize while
+// another goroutine calls Close; both return, whichever wins.
+func TestReinitializeFromCallback(t *testing.T) {
+	tok := sharedToken(t)
+	results := make(chan error, 8)
+	var p *Provider
+	var calls, sent atomic.Int32
+	var err error
+	p, err = Open(Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label, PIN: tok.PIN,
+		OnStateChange: func(c StateChange) {
+			if c.To == StateHealthy && calls.Add(1) <= 3 {
+				// Starts the next re-initialization from inside the callback.
+				err := p.Reinitialize(context.Background())
+				sent.Add(1)
+				results <- err
+			}
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Reinitialize(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(20 * time.Millisecond) // the callback is re-initializing
+	var cerr error
+	within(t, 10*time.Second, "Close", func() { cerr = p.Close() })
+	if cerr != nil {
+		t.Fatalf("Close: %v", cerr)
+	}
+	for n := sent.Load(); n > 0; n-- { // final: Close waited for the callback
+		select {
+		case err := <-results:
+			if err != nil && !errors.Is(err, ErrClosed) {
+				t.Fatalf("Reinitialize from the callback: %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("Reinitialize from inside OnStateChange has not returned")
+		}
+	}
+	t.Logf("%d re-initializations from the callback before Close", p.Stats().Reinitializations-1)
+	openShared(t)
+}
