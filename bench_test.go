@@ -340,3 +340,49 @@ func BenchmarkRefused(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkSessionKey: PKCS #1 v1.5 decryption with SessionKeyLen (the TLS
+// 1.2 RSA key exchange) of a valid ciphertext and of ciphertexts whose
+// padding is bad or whose key has the wrong length, side by side: the same
+// calls and the same path, so the same time within noise.
+func BenchmarkSessionKey(b *testing.B) {
+	tok := benchToken(b)
+	p, err := Open(Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label, PIN: tok.PIN, ProbeInterval: -1})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer p.Close()
+	d, err := p.Decrypter(KeyRef{Label: "rsa"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	pub := d.Public().(*rsa.PublicKey)
+	key := make([]byte, 32)
+	for _, ct := range []struct {
+		name string
+		ct   []byte
+	}{
+		{"valid", encryptTo(b, pub, key, nil)},
+		{"bad-padding", benchBadPadding(b, pub)},
+		{"wrong-length", encryptTo(b, pub, key[:16], nil)},
+	} {
+		b.Run("ct="+ct.name, func(b *testing.B) {
+			opts := &rsa.PKCS1v15DecryptOptions{SessionKeyLen: len(key)}
+			for b.Loop() {
+				if _, err := d.Decrypt(nil, ct.ct, opts); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// benchBadPadding is a random number below the modulus: its decryption
+// starts 0x00 0x02 with probability about 2^-16.
+func benchBadPadding(b *testing.B, pub *rsa.PublicKey) []byte {
+	n, err := rand.Int(rand.Reader, pub.N)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return n.FillBytes(make([]byte, pub.Size()))
+}

@@ -41,13 +41,18 @@ func (d *Decrypter) String() string {
 }
 
 // Decrypt decrypts ciphertext exactly as rsa.PrivateKey.Decrypt defines:
-//   - opts nil or *rsa.PKCS1v15DecryptOptions: RSAES-PKCS1-v1_5. With
-//     SessionKeyLen > 0, a ciphertext that does not decrypt to a key of that
-//     length yields SessionKeyLen random bytes (read from rand, or
-//     crypto/rand when rand is nil) and no error, as
-//     rsa.DecryptPKCS1v15SessionKey does, so that the caller does not
-//     become a padding oracle. How long the token takes to reject a
-//     ciphertext is up to the token.
+//   - opts nil or *rsa.PKCS1v15DecryptOptions: RSAES-PKCS1-v1_5. The token
+//     does the raw RSA operation (CKM_RSA_X_509) and the padding is checked
+//     here in constant time, as crypto/rsa does: a ciphertext with bad
+//     padding takes the same two PKCS#11 calls and the same path as a good
+//     one (no session closed, no probe, no log line). With SessionKeyLen >
+//     0, a ciphertext that does not decrypt to a key of that length yields
+//     SessionKeyLen random bytes (read from rand, or crypto/rand when rand
+//     is nil) and no error, as rsa.DecryptPKCS1v15SessionKey does, so that
+//     the caller does not become a padding oracle. Only where the token
+//     refuses raw RSA for the key does it go through the token's
+//     CKM_RSA_PKCS, and then how the token handles a bad ciphertext (its
+//     time, its error, a session that must be closed) shows.
 //   - *rsa.OAEPOptions: RSAES-OAEP with Hash, MGFHash (zero means Hash) and
 //     Label; SHA-1, SHA-224, SHA-256, SHA-384 and SHA-512. When the token's
 //     CKM_RSA_PKCS_OAEP refuses these parameters (SoftHSM 2.6 takes only
@@ -56,7 +61,9 @@ func (d *Decrypter) String() string {
 //     The choice is remembered for the generation.
 //
 // The ciphertext must be exactly as long as the modulus. A ciphertext the
-// token or the padding check rejects gives an error matching ErrDecryption.
+// token or the padding check rejects gives an error matching ErrDecryption;
+// when the token rejected it, the error keeps the token's code (Error.Code),
+// since modules report real failures with those codes too.
 // Refusals (ErrInvalidOptions, ErrStaleKey, ErrUnavailable, ErrClosed) make
 // no PKCS#11 call. Blocks like Sign. Safe for concurrent use.
 func (d *Decrypter) Decrypt(rand io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {

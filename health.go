@@ -24,7 +24,10 @@ const (
 )
 
 // ErrHung is the cause recorded when the HSM stops answering: a probe got no
-// answer, or no call completed, within Config.ProbeTimeout.
+// answer, or calls inside the library made no progress, within
+// Config.ProbeTimeout. Open, Reinitialize and Close return an error matching
+// it when one of their own PKCS#11 calls did not return within
+// Config.ProbeTimeout, or an earlier one still has not.
 var ErrHung = errors.New("hsm: HSM not answering")
 
 // StateChange describes one change of Provider.State, as passed to

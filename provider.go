@@ -70,7 +70,9 @@ type Config struct {
 	MaxSessions int
 
 	// SessionWaitTimeout bounds how long an operation waits for a free
-	// session when all MaxSessions are busy; then it fails with ErrBusy.
+	// session when all MaxSessions are busy; then it fails with ErrBusy (and
+	// the provider probes the HSM). An operation waiting for a session fails
+	// at once with ErrUnavailable when the provider becomes unavailable.
 	// Zero means DefaultSessionWaitTimeout.
 	SessionWaitTimeout time.Duration
 
@@ -91,10 +93,17 @@ type Config struct {
 	// probe at once. Zero means DefaultProbeInterval; negative disables the
 	// periodic probe (suspect codes still trigger one).
 	ProbeInterval time.Duration
-	// ProbeTimeout bounds a probe; a probe without an answer, or no call
-	// completing for this long while every session is busy, means the HSM
-	// hangs and the provider becomes unavailable. Zero means
-	// DefaultProbeTimeout.
+	// ProbeTimeout is how long the HSM may stay silent before the provider
+	// decides that it hangs (ErrHung) and becomes unavailable: a probe
+	// without an answer, or calls inside the library while none completes
+	// (a watchdog looks every ProbeTimeout/10, at most every 500ms, so a
+	// frozen HSM under load is noticed within ProbeTimeout plus that). It
+	// also bounds each of the provider's own conversations with the module:
+	// C_Initialize to C_Login at Open and at each re-initialization,
+	// C_Finalize, and C_Logout with C_Finalize at Close. Such a call that
+	// does not return in time fails with ErrHung and is left to return when
+	// the module lets it; no other of these calls starts until it has.
+	// Zero means DefaultProbeTimeout.
 	ProbeTimeout time.Duration
 
 	// DisableAutoRecovery stops the provider from re-initializing by itself
@@ -109,8 +118,10 @@ type Config struct {
 
 	// OnStateChange, if set, is called for every change of State, in order,
 	// from a goroutine of the provider (never with a lock held: it may call
-	// the provider). A slow callback does not slow the provider; changes
-	// it falls behind on are counted in Stats.EventsDropped.
+	// the provider, Reinitialize and Close included). A slow callback does
+	// not slow the provider; changes it falls behind on are counted in
+	// Stats.EventsDropped. Close waits for a running callback, except when
+	// called from inside it.
 	OnStateChange func(StateChange)
 }
 

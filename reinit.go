@@ -21,9 +21,16 @@ import (
 // should use ReinitializeFrom.
 //
 // If calls are still in flight after DrainTimeout, it returns an error
-// wrapping ErrDrainTimeout and does not finalize. If the HSM is still down,
-// it returns the error; in both cases the provider stays unavailable and a
-// later call may succeed.
+// wrapping ErrDrainTimeout and does not finalize. If C_Finalize, or
+// C_Initialize to C_Login, does not return within Config.ProbeTimeout (a
+// frozen HSM), it returns an error wrapping ErrHung, and later attempts fail
+// at once with ErrHung until that call has returned: no second C_Finalize
+// or C_Initialize enters the module meanwhile. If the HSM is still down, it
+// returns the error. In each case the provider stays unavailable and a later
+// call may succeed. It never waits longer than DrainTimeout plus twice
+// ProbeTimeout, and Close interrupts it (ErrClosed).
+//
+// It may be called from inside Config.OnStateChange.
 //
 // ctx bounds how long this caller waits; it does not cancel the shared
 // re-initialization, which other callers may be waiting for.
