@@ -117,18 +117,23 @@ func (k *key) decryptPKCS1(ct []byte, sessionKeyLen int, rand io.Reader) ([]byte
 	if rand == nil {
 		rand = cryptorand.Reader
 	}
-	var sessionKey []byte
 	if !k.in.rawRefused.Load() {
-		em, err := k.rawRSA(ct, func() error {
+		var sessionKey []byte
+		if sessionKeyLen > 0 {
 			// Read the random key whatever the ciphertext holds, as
-			// crypto/rsa does, so that timing does not depend on it.
-			if sessionKeyLen == 0 {
-				return nil
+			// crypto/rsa does, so that timing does not depend on it; before
+			// the operation holds a session (rand is the caller's), and not
+			// for an operation that will be refused.
+			if ok, w := k.p.gate.admits(k.gen); !ok {
+				k.p.health.refused.Add(1)
+				return nil, k.decryptRefusals.pick(k.gen, w)
 			}
 			sessionKey = make([]byte, sessionKeyLen)
-			_, err := io.ReadFull(rand, sessionKey)
-			return err
-		})
+			if _, err := io.ReadFull(rand, sessionKey); err != nil {
+				return nil, opErr("decrypt", k.gen, err, "")
+			}
+		}
+		em, err := k.rawRSA(ct)
 		if err != errRawRefused {
 			if err != nil {
 				return nil, err
@@ -147,7 +152,7 @@ func (k *key) decryptPKCS1(ct []byte, sessionKeyLen int, rand io.Reader) ([]byte
 	}
 
 	// The token refuses raw RSA: its own PKCS #1 v1.5.
-	out, atInit, err := k.decrypt(pkcs11.CKM_RSA_PKCS, nil, ct, nil)
+	out, atInit, err := k.decrypt(pkcs11.CKM_RSA_PKCS, nil, ct)
 	rejected := !atInit && isRejection(err)
 	if sessionKeyLen > 0 && (rejected || (err == nil && len(out) != sessionKeyLen)) {
 		key := make([]byte, sessionKeyLen)
@@ -166,13 +171,11 @@ func (k *key) decryptPKCS1(ct []byte, sessionKeyLen int, rand io.Reader) ([]byte
 var errRawRefused = errors.New("raw RSA refused")
 
 // rawRSA returns the token's raw RSA private-key operation on ct
-// (CKM_RSA_X_509), left-padded with zeros to the modulus's length. also,
-// if set, runs right after the calls, on the session, whatever their
-// outcome (its error is returned if theirs is nil). It returns
-// errRawRefused when the token refuses the mechanism (remembered for the
-// generation).
-func (k *key) rawRSA(ct []byte, also func() error) ([]byte, error) {
-	out, atInit, err := k.decrypt(pkcs11.CKM_RSA_X_509, nil, ct, also)
+// (CKM_RSA_X_509), left-padded with zeros to the modulus's length. It
+// returns errRawRefused when the token refuses the mechanism (remembered
+// for the generation).
+func (k *key) rawRSA(ct []byte) ([]byte, error) {
+	out, atInit, err := k.decrypt(pkcs11.CKM_RSA_X_509, nil, ct)
 	if err != nil {
 		if atInit && refusesParams(err) {
 			if !k.in.rawRefused.Swap(true) {
@@ -247,7 +250,7 @@ func (k *key) decryptOAEP(ct []byte, o *rsa.OAEPOptions) ([]byte, error) {
 	shape := oaepShape{o.Hash, mgfHash, len(o.Label) > 0}
 	if _, soft := k.in.oaepSoft.Load(shape); !soft {
 		params := pkcs11.NewOAEPParams(m[0], mm[1], pkcs11.CKZ_DATA_SPECIFIED, o.Label)
-		out, atInit, err := k.decrypt(pkcs11.CKM_RSA_PKCS_OAEP, params, ct, nil)
+		out, atInit, err := k.decrypt(pkcs11.CKM_RSA_PKCS_OAEP, params, ct)
 		if !atInit || !refusesParams(err) {
 			if !atInit && isRejection(err) {
 				return nil, k.decryptionError(err)
@@ -258,7 +261,7 @@ func (k *key) decryptOAEP(ct []byte, o *rsa.OAEPOptions) ([]byte, error) {
 		k.p.log.Info("hsm: the token's CKM_RSA_PKCS_OAEP refuses these parameters; decoding OAEP in software over CKM_RSA_X_509",
 			"hash", o.Hash.String(), "mgf", mgfHash.String(), "label", len(o.Label) > 0, "err", err)
 	}
-	em, err := k.rawRSA(ct, nil)
+	em, err := k.rawRSA(ct)
 	if err == errRawRefused {
 		label := ""
 		if len(o.Label) > 0 {
@@ -280,19 +283,13 @@ func (k *key) decryptOAEP(ct []byte, o *rsa.OAEPOptions) ([]byte, error) {
 // decrypt runs C_DecryptInit and C_Decrypt with mech on a session: two
 // PKCS#11 calls into a buffer of the modulus's size where the module's
 // function list could be validated (fastsign.go), else miekg/pkcs11's
-// three. oaep holds the parameters of CKM_RSA_PKCS_OAEP. also, if set, runs
-// on the session after the calls, whatever their outcome. atInit says
+// three. oaep holds the parameters of CKM_RSA_PKCS_OAEP. atInit says
 // whether a failure came before C_Decrypt (no ciphertext was looked at). A
 // rejection by C_Decrypt closes the session and starts no probe.
-func (k *key) decrypt(mech uint, oaep *pkcs11.OAEPParams, ct []byte, also func() error) (out []byte, atInit bool, err error) {
+func (k *key) decrypt(mech uint, oaep *pkcs11.OAEPParams, ct []byte) (out []byte, atInit bool, err error) {
 	atInit = true
 	err = k.p.run(k.gen, k.decryptRefusals, k.p.cfg.SessionWaitTimeout, runOp, func(in *instance, s pkcs11.SessionHandle) error {
 		err := k.decryptOn(in, s, mech, oaep, ct, &out, &atInit)
-		if also != nil {
-			if aerr := also(); err == nil && aerr != nil {
-				return opErr("decrypt", k.gen, aerr, "")
-			}
-		}
 		if err != nil && !atInit && isRejection(err) {
 			return rejectedData(unmark(err))
 		}

@@ -471,6 +471,9 @@ func TestReinitializeFromCallback(t *testing.T) {
 	if cerr != nil {
 		t.Fatalf("Close: %v", cerr)
 	}
+	if sent.Load() == 0 {
+		t.Fatal("the callback never called Reinitialize: the test tested nothing")
+	}
 	for n := sent.Load(); n > 0; n-- { // final: Close waited for the callback
 		select {
 		case err := <-results:

@@ -72,8 +72,9 @@ func unpack(w uint64) (uint64, State) { return w >> stateBits, State(w & (1<<sta
 func (g *gate) load() (uint64, State) { return unpack(g.word.Load()) }
 
 // set publishes a new generation and state. Callers hold the provider's
-// life mutex; the only other writer is markLost, whose compare-and-swap
-// moves healthy to unavailable within one generation.
+// life mutex and health.mu; the only other writer is markLost, whose
+// compare-and-swap (under health.mu) moves healthy to unavailable within
+// one generation.
 func (g *gate) set(gen uint64, s State) { g.word.Store(pack(gen, s)) }
 
 // enter admits an operation of generation gen. On success the operation is
@@ -111,6 +112,11 @@ func (g *gate) exit() {
 // new ones (state not healthy). It returns ctx's error if ctx ends first,
 // and errStopped if stop is closed first (nil stop: never).
 func (g *gate) drain(ctx context.Context, stop <-chan struct{}) error {
+	select {
+	case <-stop:
+		return errStopped
+	default:
+	}
 	for g.inflight.Load() != 0 {
 		select {
 		case <-g.wake:
@@ -125,6 +131,14 @@ func (g *gate) drain(ctx context.Context, stop <-chan struct{}) error {
 
 // errStopped: Close interrupted a wait of a re-initialization.
 var errStopped = errors.New("interrupted by Close")
+
+// admits reports whether an operation of generation gen would be admitted
+// now, and otherwise the word that refuses it: a check before work that
+// must not be done for an operation that will be refused.
+func (g *gate) admits(gen uint64) (bool, uint64) {
+	w := g.word.Load()
+	return w == pack(gen, StateHealthy), w
+}
 
 // inFlight returns the number of operations currently admitted.
 func (g *gate) inFlight() int64 { return g.inflight.Load() }

@@ -9,6 +9,7 @@ import (
 	"crypto/rsa"
 	"crypto/sha256"
 	"errors"
+	"strings"
 	"testing"
 
 	"github.com/ce46d8f2/hsm/internal/softhsmtest"
@@ -41,6 +42,7 @@ func TestOddOptionsRefused(t *testing.T) {
 		{"typed nil PSSOptions on ECDSA", "p256", (*rsa.PSSOptions)(nil)},
 		{"typed nil ed25519.Options", "ed25519", (*ed25519.Options)(nil)},
 		{"typed nil of another type", "p256", (*oddOpts)(nil)},
+		{"HashFunc of a nil embedded pointer", "p256", struct{ *rsa.PSSOptions }{}},
 	}
 	for _, tt := range signs {
 		s := mustSigner(t, p, tt.key)
@@ -51,6 +53,17 @@ func TestOddOptionsRefused(t *testing.T) {
 			t.Errorf("%s: PKCS#11 calls %v for a refusal", tt.name, calls)
 		}
 		t.Logf("%s: %v", tt.name, err)
+	}
+	// Refused for the options whatever the provider's state: also while
+	// unavailable, and so before any session is looked for.
+	s := mustSigner(t, p, "p256")
+	p.markLost(p.Generation(), errors.New("test: unavailable"))
+	for _, tt := range signs {
+		_, err := s.Sign(nil, d[:], tt.opts)
+		wantErr(t, err, ErrInvalidOptions)
+	}
+	if err := p.Reinitialize(t.Context()); err != nil {
+		t.Fatal(err)
 	}
 	dec, err := p.Decrypter(KeyRef{Label: "rsa2048"})
 	if err != nil {
@@ -183,7 +196,8 @@ func TestActiveOperationNotPooled(t *testing.T) {
 // attempt, so the token's counter of failed logins does not move.
 func TestPINRefusedBeforeLogin(t *testing.T) {
 	tok := softhsmtest.NewToken(t, "pin")
-	for _, pin := range []string{tok.PIN + "\x00", "\x00", "12\n34", "\xff\xfe\xfd\xfc", "123", string(make([]byte, 300))} {
+	for _, pin := range []string{tok.PIN + "\x00", "\x00", "12\n34", "\xff\xfe\xfd\xfc", "\ufeff" + tok.PIN, tok.PIN + "\u2028",
+		"123", strings.Repeat("1", 300)} {
 		_, err := Open(Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label, PIN: pin})
 		if err == nil {
 			t.Fatalf("PIN %q accepted", pin)

@@ -79,6 +79,7 @@ type health struct {
 	probing                 atomic.Bool
 	probeSince              atomic.Int64  // unix nanoseconds; 0 when no probe is inside the library
 	notifier                atomic.Uint64 // the goroutine that runs OnStateChange
+	muted                   atomic.Bool   // Close was called from inside OnStateChange
 	mu                      sync.Mutex
 	byCode                  map[uint]uint64
 	lastErr                 error
@@ -112,18 +113,25 @@ func (h *health) poke() {
 
 // setState moves the gate to (gen, to) and does the bookkeeping of a state
 // change. Callers hold p.life, except Open before the provider is shared.
+// The change and its bookkeeping happen under h.mu, as markLost's do, so
+// that every observer sees changes in one order: OnStateChange's events,
+// LastError, Since.
 func (p *Provider) setState(gen uint64, to State, cause error) {
+	h := &p.health
+	h.mu.Lock()
 	_, from := p.gate.load()
 	p.gate.set(gen, to)
-	p.changedState(from, to, gen, cause)
+	p.recordLocked(from, to, gen, cause)
+	h.mu.Unlock()
+	p.announce(from, to, gen, cause)
 }
 
-// changedState records, announces and logs a state change that has happened.
-func (p *Provider) changedState(from, to State, gen uint64, cause error) {
+// recordLocked records and queues for OnStateChange a state change that
+// has just happened. Called with h.mu held.
+func (p *Provider) recordLocked(from, to State, gen uint64, cause error) {
 	h := &p.health
 	now := time.Now()
 	h.lastChange.Store(now.UnixNano())
-	h.mu.Lock()
 	if cause != nil {
 		h.lastErr = cause
 	} else if to == StateHealthy {
@@ -138,9 +146,11 @@ func (p *Provider) changedState(from, to State, gen uint64, cause error) {
 			h.eventsDropped.Add(1)
 		}
 	}
-	h.mu.Unlock()
-	h.poke()
+}
 
+// announce wakes the monitor and logs a state change, outside h.mu.
+func (p *Provider) announce(from, to State, gen uint64, cause error) {
+	p.health.poke()
 	switch {
 	case to == StateUnavailable && from == StateHealthy:
 		p.log.Warn("hsm: HSM lost; operations fail fast until it is re-initialized", "generation", gen, "err", cause)
@@ -175,13 +185,21 @@ func (p *Provider) logReinitFailure(gen uint64, err error) {
 // once: the first device-loss error wins, later ones find the state changed.
 // Operations waiting for a session of gen are woken and fail fast.
 func (p *Provider) markLost(gen uint64, cause error) {
+	if p.gate.word.Load() != pack(gen, StateHealthy) {
+		return // no lock for the many that find it already done
+	}
+	h := &p.health
+	h.mu.Lock()
 	if !p.gate.word.CompareAndSwap(pack(gen, StateHealthy), pack(gen, StateUnavailable)) {
+		h.mu.Unlock()
 		return
 	}
+	p.recordLocked(StateHealthy, StateUnavailable, gen, cause)
+	h.mu.Unlock()
 	if in := p.inst.Load(); in != nil && in.gen == gen {
 		in.stop()
 	}
-	p.changedState(StateHealthy, StateUnavailable, gen, cause)
+	p.announce(StateHealthy, StateUnavailable, gen, cause)
 }
 
 // observe accounts for the error of an admitted operation of generation gen
@@ -480,12 +498,17 @@ func (p *Provider) probeOn(in *instance) error {
 }
 
 // notify delivers state changes to Config.OnStateChange, in order, outside
-// every lock of the provider. It ends when Close closes the events channel.
+// every lock of the provider. It ends when Close closes the events channel,
+// after the changes queued before; when Close was called from inside the
+// callback, it delivers no more.
 func (p *Provider) notify() {
-	defer close(p.health.notifyDone)
-	p.health.notifier.Store(goid())
-	for ev := range p.health.events {
-		p.cfg.OnStateChange(ev)
+	h := &p.health
+	defer close(h.notifyDone)
+	h.notifier.Store(goid())
+	for ev := range h.events {
+		if !h.muted.Load() {
+			p.cfg.OnStateChange(ev)
+		}
 	}
 }
 
@@ -516,16 +539,17 @@ func (p *Provider) stopBackground() {
 }
 
 // closeEvents ends the delivery of state changes after the ones already
-// queued, and waits for the callback to return, unless it is the caller.
-func (p *Provider) closeEvents() {
+// queued; fromCallback (Close called from inside the callback) ends it
+// after the running callback.
+func (p *Provider) closeEvents(fromCallback bool) {
 	h := &p.health
+	if fromCallback {
+		h.muted.Store(true)
+	}
 	h.mu.Lock()
 	if h.events != nil && !h.eventsClosed {
 		h.eventsClosed = true
 		close(h.events)
 	}
 	h.mu.Unlock()
-	if h.events != nil && h.notifier.Load() != goid() {
-		<-h.notifyDone
-	}
 }

@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"log/slog"
+	"maps"
 	"math/big"
 	"sync"
 	"testing"
@@ -116,6 +117,8 @@ func TestNoPaddingOracle(t *testing.T) {
 		}
 		if first == nil {
 			first = calls
+		} else if !maps.Equal(calls, first) {
+			t.Errorf("%s: calls %v, but %s made %v", c.name, calls, cases[0].name, first)
 		}
 	}
 	if st := p.Stats(); st.Probes != probes || st.Failed != 0 || len(st.ErrorsByCode) != 0 {

@@ -27,9 +27,11 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode"
 	"unicode/utf8"
 	"unsafe"
 
@@ -193,15 +195,19 @@ func (c *Config) validate() error {
 
 // checkPIN refuses a PIN no token has, before it costs a login attempt:
 // PKCS#11 PINs are UTF-8 text, so invalid UTF-8, a NUL byte or another
-// control character (a line end read from a file, a byte of /dev/zero) is
-// a mistake. The error does not show the PIN.
+// control character (a line end read from a file, a byte of /dev/zero), or
+// an invisible format or separator character (a byte-order mark, U+2028)
+// is a mistake. The error does not show the PIN.
 func checkPIN(pin string) error {
 	if !utf8.ValidString(pin) {
 		return errors.New("the PIN is not valid UTF-8")
 	}
 	for i, r := range pin {
-		if r < 0x20 || r == 0x7f {
+		switch {
+		case unicode.IsControl(r):
 			return fmt.Errorf("the PIN has control character %U at byte %d", r, i)
+		case unicode.In(r, unicode.Cf, unicode.Zl, unicode.Zp):
+			return fmt.Errorf("the PIN has invisible character %U at byte %d", r, i)
 		}
 	}
 	return nil
@@ -226,6 +232,9 @@ var modules = struct {
 type module struct {
 	ctx   *pkcs11.Ctx
 	owned bool
+	// closing: the owner was closed (or failed to open) and waits for
+	// calls into the module to return before it releases it.
+	closing bool
 }
 
 // claimModule loads (once) and claims the module at path for one Provider.
@@ -247,7 +256,10 @@ func claimModule(path string) (string, *pkcs11.Ctx, error) {
 	modules.Lock()
 	defer modules.Unlock()
 	m := modules.m[abs]
-	if m != nil && m.owned {
+	switch {
+	case m != nil && m.owned && m.closing:
+		return "", nil, fmt.Errorf("%w: %s is still held by a closed Provider: PKCS#11 calls of it have not returned (a frozen HSM); it is finalized and released when they do", ErrModuleInUse, abs)
+	case m != nil && m.owned:
 		return "", nil, fmt.Errorf("%w: %s is owned by another open Provider", ErrModuleInUse, abs)
 	}
 	if m == nil {
@@ -266,7 +278,16 @@ func releaseModule(abs string) {
 	modules.Lock()
 	defer modules.Unlock()
 	if m := modules.m[abs]; m != nil {
-		m.owned = false
+		m.owned, m.closing = false, false
+	}
+}
+
+// closingModule records that the owner of the module at abs is closing.
+func closingModule(abs string) {
+	modules.Lock()
+	defer modules.Unlock()
+	if m := modules.m[abs]; m != nil {
+		m.closing = true
 	}
 }
 
@@ -352,6 +373,7 @@ func Open(cfg Config) (*Provider, error) {
 	})
 	if err != nil {
 		if errors.Is(err, ErrHung) {
+			closingModule(abs)
 			go p.finish() // finalizes and releases the module when the call returns
 		} else {
 			releaseModule(abs)
@@ -385,6 +407,11 @@ type moduleCall struct {
 // has not returned from the first.
 func (p *Provider) inModule(op string, gen uint64, what string, stop <-chan struct{}, f func() error) error {
 	select {
+	case <-stop:
+		return errStopped // Close has begun: start nothing
+	default:
+	}
+	select {
 	case p.modBusy <- struct{}{}:
 	default:
 		return p.stuckError(op, gen)
@@ -412,11 +439,15 @@ func (p *Provider) inModule(op string, gen uint64, what string, stop <-chan stru
 
 // stuckError says which life cycle call has not returned.
 func (p *Provider) stuckError(op string, gen uint64) error {
-	what := "an earlier call"
+	return &Error{Op: op, Generation: gen, Err: fmt.Errorf("%w: %s has not returned; nothing else enters the module until it does", ErrHung, p.stuckCall("an earlier call"))}
+}
+
+// stuckCall describes the life cycle call in progress, or returns none.
+func (p *Provider) stuckCall(none string) string {
 	if c := p.modCall.Load(); c != nil {
-		what = fmt.Sprintf("%s (%v ago)", c.what, time.Since(c.since).Round(time.Millisecond))
+		return fmt.Sprintf("%s (%v ago)", c.what, time.Since(c.since).Round(time.Millisecond))
 	}
-	return &Error{Op: op, Generation: gen, Err: fmt.Errorf("%w: %s has not returned; nothing else enters the module until it does", ErrHung, what)}
+	return none
 }
 
 // start initializes the library and sets up generation gen. On failure the
@@ -592,22 +623,27 @@ func (p *Provider) TokenInfo() (label, serial, model, manufacturer string) {
 // Close stops admitting operations (they fail with ErrClosed), waits for
 // calls in flight, logs out, finalizes the library and releases the module
 // for a later Open. It returns within Config.DrainTimeout plus
-// Config.ProbeTimeout whatever the HSM does. When calls are still inside the
-// library then, it returns an error wrapping ErrDrainTimeout; when its own
-// C_Logout or C_Finalize, or a re-initialization's C_Initialize or
-// C_Finalize, has not returned, one wrapping ErrHung. Either says what was
-// left behind: the library is finalized and the module released when those
-// calls return, and until then Open of the module fails with
-// ErrModuleInUse. Calling Close again waits once more, and returns nil once
-// all is done; after Close has returned nil, it always does.
+// Config.ProbeTimeout whatever the HSM does: up to DrainTimeout for the
+// calls in flight, then up to ProbeTimeout for C_Logout and C_Finalize.
+// When calls are still inside the library after DrainTimeout, it returns an
+// error wrapping ErrDrainTimeout; when C_Logout or C_Finalize, or a
+// re-initialization's C_Initialize or C_Finalize, has not returned, one
+// wrapping ErrHung. Either says what was left behind: the library is
+// finalized and the module released when those calls return, and until
+// then Open of the module fails with ErrModuleInUse. Calling Close again
+// waits once more, and returns nil once all is done; after Close has
+// returned nil, it always does.
 //
 // Close interrupts a re-initialization in progress. When the provider has
-// an OnStateChange callback, Close waits for the callback to return, except
-// when Close is called from inside the callback: then it returns without
-// waiting for it (the callback is its caller), and no callback starts
-// after that one. Safe for concurrent use.
+// an OnStateChange callback, Close delivers the changes already queued and
+// waits for the callback to return, within the same bound, except when
+// Close is called from inside the callback: then it returns without
+// waiting for the callback (its caller), and no callback starts after that
+// one. Safe for concurrent use.
 func (p *Provider) Close() error {
 	start := time.Now()
+	h := &p.health
+	fromCallback := h.events != nil && h.notifier.Load() == goid()
 	p.stopBackground() // stops the monitor; interrupts a re-initialization's waits
 	p.life.Lock()
 	gen, st := p.gate.load()
@@ -616,12 +652,12 @@ func (p *Provider) Close() error {
 		if in := p.inst.Load(); in != nil {
 			in.stop()
 		}
+		closingModule(p.modPath)
 		go p.finish()
 	}
 	p.life.Unlock()
-	p.closeEvents()
-	// Up to DrainTimeout for the calls in flight, then up to ProbeTimeout
-	// for C_Logout and C_Finalize.
+	p.closeEvents(fromCallback)
+
 	t := time.NewTimer(p.cfg.DrainTimeout - time.Since(start))
 	defer t.Stop()
 	select {
@@ -633,18 +669,34 @@ func (p *Provider) Close() error {
 		}
 	case <-t.C:
 	}
+	err := p.closeResult(gen)
+	if h.events != nil && !fromCallback {
+		t.Reset(p.cfg.DrainTimeout + p.cfg.ProbeTimeout - time.Since(start))
+		select {
+		case <-h.notifyDone:
+		case <-t.C:
+		}
+	}
+	return err
+}
+
+// closeResult is what Close returns once its waits have ended: nil when
+// its work is done, else what it left behind.
+func (p *Provider) closeResult(gen uint64) error {
+	const released = "the library is finalized and the module released when they return (until then Open of it fails with ErrModuleInUse)"
 	select {
 	case <-p.finished:
 		return nil
 	default:
 	}
-	if n := p.gate.inFlight(); n > 0 {
+	select {
+	case <-p.drained:
+	default:
 		return &Error{Op: "close", Generation: gen,
-			Err: fmt.Errorf("%w: %d calls still inside the PKCS#11 library; the library is finalized and the module released when they return (until then Open of it fails with ErrModuleInUse)", ErrDrainTimeout, n)}
+			Err: fmt.Errorf("%w: %d calls still inside the PKCS#11 library after %v; %s", ErrDrainTimeout, p.gate.inFlight(), p.cfg.DrainTimeout, released)}
 	}
-	err := p.stuckError("close", gen).(*Error)
-	err.Err = fmt.Errorf("%w; then the library is finalized and the module released (until then Open of it fails with ErrModuleInUse)", err.Err)
-	return err
+	return &Error{Op: "close", Generation: gen,
+		Err: fmt.Errorf("%w: %s has not returned; %s", ErrHung, p.stuckCall("C_Logout and C_Finalize of Close"), strings.Replace(released, "they return", "it does", 1))}
 }
 
 // finish ends the provider's use of the module once nothing is inside it:

@@ -81,7 +81,9 @@ func (p *Provider) reinitialize(failed uint64) error {
 		return nil
 	}
 	start := time.Now()
-	p.log.Warn("hsm: re-initializing the PKCS#11 library", "module", p.modPath, "generation", gen)
+	// Debug: automatic recovery retries every RecoveryBackoffMax at most;
+	// failures are logged by setState, at most once a minute.
+	p.log.Debug("hsm: re-initializing the PKCS#11 library", "module", p.modPath, "generation", gen)
 
 	// Stop admitting operations of this generation and wake those waiting
 	// for a session, then wait for the calls inside the library.

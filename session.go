@@ -93,11 +93,14 @@ func (in *instance) borrow(wait time.Duration, session bool) (pkcs11.SessionHand
 			return 0, ErrBusy
 		}
 	}
-	if in.calls.Add(1) == 1 {
+	if in.calls.Load() == 0 {
 		// The library was idle: progress is measured from now, not from
-		// the last call before the pause.
+		// the last call before the pause. Stored before calls counts this
+		// one, so that the watchdog never sees a call with the progress of
+		// before the pause.
 		in.progress.Store(time.Now().UnixNano())
 	}
+	in.calls.Add(1)
 	if !session {
 		return 0, nil
 	}
@@ -213,7 +216,10 @@ func unmark(err error) error {
 }
 
 // run is the one path every operation of the provider takes, key
-// operations, lookups, probes and URI checks alike: the gate admits it for
+// operations, lookups, probes and URI checks alike. f runs while the
+// operation holds a session slot: it calls the module and nothing of the
+// caller's (options, readers), so that slow or panicking user code cannot
+// hold a session or look like a frozen HSM to the watchdog. In order: the gate admits it for
 // generation gen (a refusal is r's prebuilt error, without a PKCS#11 call),
 // it borrows a session of that generation (waiting up to wait, no longer
 // than the generation is admitted), runs f, gives the session back by what
@@ -244,7 +250,18 @@ func (p *Provider) run(gen uint64, r *refusals, wait time.Duration, kind runKind
 		p.observe(gen, err, true)
 		return p11err(r.op, gen, fmt.Errorf("open session: %w", err))
 	}
+	returned := false
+	defer func() {
+		if !returned { // f panicked: what it left on the session is unknown
+			if kind == runOp {
+				in.giveBack(s, nil, leftActive)
+			} else {
+				in.release()
+			}
+		}
+	}()
 	err = f(in, s)
+	returned = true
 	l := leftClean
 	if m, ok := err.(*marked); ok {
 		err, l = m.err, m.left

@@ -87,15 +87,20 @@ func (s *Signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 
 func (k *key) sign(digest []byte, opts crypto.SignerOpts) ([]byte, error) {
 	const op = "sign"
+	// Everything of the caller's (opts, its HashFunc) is looked at here,
+	// before the operation holds a session: bad input is refused without a
+	// PKCS#11 call, whatever the provider's state.
+	if !k.canSign {
+		return nil, opErr(op, k.gen, ErrUnsupportedKey, "%s does not allow signing (CKA_SIGN is false)", k.ref)
+	}
+	spec, err := k.signSpec(digest, opts)
+	if err != nil {
+		return nil, &Error{Op: op, Generation: k.gen, Err: err}
+	}
 	var sig []byte
-	err := k.p.run(k.gen, k.signRefusals, k.p.cfg.SessionWaitTimeout, runOp, func(in *instance, s pkcs11.SessionHandle) error {
-		if !k.canSign {
-			return opErr(op, k.gen, ErrUnsupportedKey, "%s does not allow signing (CKA_SIGN is false)", k.ref)
-		}
-		mech, input, err := k.signMechanism(digest, opts)
-		if err != nil {
-			return &Error{Op: op, Generation: k.gen, Err: err}
-		}
+	err = k.p.run(k.gen, k.signRefusals, k.p.cfg.SessionWaitTimeout, runOp, func(in *instance, s pkcs11.SessionHandle) error {
+		mech, input := spec.build()
+		var err error
 		if fl := k.p.fast; fl != nil {
 			sig, err = fastSign(fl, s, mech[0], k.handle, input, k.size)
 			return err
@@ -120,34 +125,67 @@ func (k *key) sign(digest []byte, opts crypto.SignerOpts) ([]byte, error) {
 	return sig, nil
 }
 
+// Mechanisms without parameters, shared by every signature (read only).
+var (
+	mechECDSA   = []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_ECDSA, nil)}
+	mechEdDSA   = []*pkcs11.Mechanism{pkcs11.NewMechanism(ckmEdDSA, nil)}
+	mechRSAPKCS = []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS, nil)}
+)
+
+// signSpec is a validated signature request: what build turns into the
+// mechanism and the data for C_Sign. It holds nothing of the caller's but
+// the digest.
+type signSpec struct {
+	mech   []*pkcs11.Mechanism // nil for PSS
+	digest []byte
+	prefix []byte // PKCS #1 v1.5: the DigestInfo prefix, or nil
+	// PSS parameters.
+	pssHash, pssMGF, pssSalt uint
+}
+
+// build returns the mechanism and the data to pass to C_Sign.
+func (s *signSpec) build() ([]*pkcs11.Mechanism, []byte) {
+	if s.mech == nil {
+		return []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_PSS, pkcs11.NewPSSParams(s.pssHash, s.pssMGF, s.pssSalt))}, s.digest
+	}
+	if s.prefix == nil {
+		return s.mech, s.digest
+	}
+	input := make([]byte, 0, len(s.prefix)+len(s.digest))
+	return s.mech, append(append(input, s.prefix...), s.digest...)
+}
+
 func errOpts(format string, args ...any) error {
 	return fmt.Errorf("%w: "+format, append([]any{ErrInvalidOptions}, args...)...)
 }
 
-// signMechanism validates opts and digest for the key and returns the
-// mechanism and the data to pass to C_Sign.
-func (k *key) signMechanism(digest []byte, opts crypto.SignerOpts) ([]*pkcs11.Mechanism, []byte, error) {
+// signSpec validates opts and digest for the key.
+func (k *key) signSpec(digest []byte, opts crypto.SignerOpts) (signSpec, error) {
 	if isNil(opts) {
-		return nil, nil, errOpts("opts is %s: pass the hash the digest was made with (e.g. crypto.SHA256), *rsa.PSSOptions, or crypto.Hash(0) for Ed25519", nilName(opts))
+		return signSpec{}, errOpts("opts is %s: pass the hash the digest was made with (e.g. crypto.SHA256), *rsa.PSSOptions, or crypto.Hash(0) for Ed25519", nilName(opts))
+	}
+	if pss, ok := opts.(*rsa.PSSOptions); ok && k.kind == kindRSA {
+		return k.pssSpec(digest, pss)
+	}
+	h, err := hashFunc(opts)
+	if err != nil {
+		return signSpec{}, err
 	}
 	switch k.kind {
 	case kindRSA:
-		if pss, ok := opts.(*rsa.PSSOptions); ok {
-			return k.pssMechanism(digest, pss)
-		}
-		return k.pkcs1Mechanism(digest, opts.HashFunc())
+		return k.pkcs1Spec(digest, h)
 	case kindECDSA:
-		return k.ecdsaMechanism(digest, opts.HashFunc())
+		return k.ecdsaSpec(digest, h)
 	case kindEd25519:
 		if eo, ok := opts.(*ed25519.Options); ok && (eo.Hash != 0 || eo.Context != "") {
-			return nil, nil, errOpts("Ed25519ph and Ed25519ctx are not supported, only pure Ed25519 (ed25519.Options with Hash 0 and no Context)")
+			return signSpec{}, errOpts("Ed25519ph and Ed25519ctx are not supported, only pure Ed25519 (ed25519.Options with Hash 0 and no Context)")
 		}
-		if h := opts.HashFunc(); h != 0 {
-			return nil, nil, errOpts("Ed25519 signs the whole message: opts.HashFunc() must be crypto.Hash(0), not %v", h)
+		if h != 0 {
+			return signSpec{}, errOpts("Ed25519 signs the whole message: opts.HashFunc() must be crypto.Hash(0), not %v", h)
 		}
-		return []*pkcs11.Mechanism{pkcs11.NewMechanism(ckmEdDSA, nil)}, digest, nil
+		return signSpec{mech: mechEdDSA, digest: digest}, nil
 	}
-	return nil, nil, fmt.Errorf("%w: %v", ErrUnsupportedKey, k.kind)
+	return signSpec{}, fmt.Errorf("%w: %v", ErrUnsupportedKey, k.kind)
 }
 
 // DigestInfo prefixes of PKCS #1 v1.5, as in crypto/rsa.
@@ -213,6 +251,20 @@ func isNil(opts any) bool {
 	return v.Kind() == reflect.Pointer && v.IsNil()
 }
 
+// hashFunc is opts.HashFunc(), or an error when a caller's implementation
+// of it panics (a struct embedding a nil *rsa.PSSOptions, say).
+func hashFunc(opts crypto.SignerOpts) (h crypto.Hash, err error) {
+	if h, ok := opts.(crypto.Hash); ok {
+		return h, nil
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			h, err = 0, errOpts("opts.HashFunc() of %T panicked: %v", opts, r)
+		}
+	}()
+	return opts.HashFunc(), nil
+}
+
 // nilName names a nil opts for an error message: "nil" or "a nil *T".
 func nilName(opts any) string {
 	if opts == nil {
@@ -221,28 +273,22 @@ func nilName(opts any) string {
 	return fmt.Sprintf("a nil %T", opts)
 }
 
-func (k *key) pkcs1Mechanism(digest []byte, h crypto.Hash) ([]*pkcs11.Mechanism, []byte, error) {
-	var input []byte
-	if h == 0 {
-		if len(digest) == 0 {
-			return nil, nil, errOpts("empty input for PKCS #1 v1.5 with crypto.Hash(0)")
-		}
-		input = digest
-	} else {
+func (k *key) pkcs1Spec(digest []byte, h crypto.Hash) (signSpec, error) {
+	spec := signSpec{mech: mechRSAPKCS, digest: digest}
+	if h != 0 {
 		prefix, ok := pkcs1Prefix[h]
 		if !ok {
-			return nil, nil, errOpts("hash %v is not supported for RSA PKCS #1 v1.5", h)
+			return signSpec{}, errOpts("hash %v is not supported for RSA PKCS #1 v1.5", h)
 		}
 		if err := checkDigest(digest, h); err != nil {
-			return nil, nil, err
+			return signSpec{}, err
 		}
-		input = make([]byte, 0, len(prefix)+len(digest))
-		input = append(append(input, prefix...), digest...)
+		spec.prefix = prefix
 	}
-	if len(input)+11 > k.size {
-		return nil, nil, errOpts("%d bytes of DigestInfo do not fit a %d-bit RSA key (rsa.ErrMessageTooLong)", len(input), k.size*8)
+	if n := len(spec.prefix) + len(digest); n+11 > k.size {
+		return signSpec{}, errOpts("%d bytes of DigestInfo do not fit a %d-bit RSA key (rsa.ErrMessageTooLong)", n, k.size*8)
 	}
-	return []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS, nil)}, input, nil
+	return spec, nil
 }
 
 // hashMechs maps a hash to its PKCS#11 digest mechanism and MGF1 function,
@@ -255,22 +301,22 @@ var hashMechs = map[crypto.Hash][2]uint{
 	crypto.SHA512: {pkcs11.CKM_SHA512, pkcs11.CKG_MGF1_SHA512},
 }
 
-func (k *key) pssMechanism(digest []byte, o *rsa.PSSOptions) ([]*pkcs11.Mechanism, []byte, error) {
+func (k *key) pssSpec(digest []byte, o *rsa.PSSOptions) (signSpec, error) {
 	h := o.HashFunc()
 	if h == 0 {
-		return nil, nil, errOpts("rsa.PSSOptions.Hash is not set: name the hash the digest was made with")
+		return signSpec{}, errOpts("rsa.PSSOptions.Hash is not set: name the hash the digest was made with")
 	}
 	m, ok := hashMechs[h]
 	if !ok {
-		return nil, nil, errOpts("hash %v is not supported for RSA-PSS (SHA-1, SHA-224, SHA-256, SHA-384, SHA-512 are)", h)
+		return signSpec{}, errOpts("hash %v is not supported for RSA-PSS (SHA-1, SHA-224, SHA-256, SHA-384, SHA-512 are)", h)
 	}
 	if err := checkDigest(digest, h); err != nil {
-		return nil, nil, err
+		return signSpec{}, err
 	}
 	bits := k.pub.(*rsa.PublicKey).N.BitLen()
 	maxSalt := (bits-1+7)/8 - 2 - h.Size()
 	if maxSalt < 0 {
-		return nil, nil, errOpts("a %d-bit RSA key is too small for PSS with %v", bits, h)
+		return signSpec{}, errOpts("a %d-bit RSA key is too small for PSS with %v", bits, h)
 	}
 	var salt int
 	switch {
@@ -279,23 +325,22 @@ func (k *key) pssMechanism(digest []byte, o *rsa.PSSOptions) ([]*pkcs11.Mechanis
 	case o.SaltLength == rsa.PSSSaltLengthEqualsHash:
 		salt = h.Size()
 	case o.SaltLength < 0:
-		return nil, nil, errOpts("PSS salt length %d is invalid", o.SaltLength)
+		return signSpec{}, errOpts("PSS salt length %d is invalid", o.SaltLength)
 	default:
 		salt = o.SaltLength
 	}
 	if salt > maxSalt {
-		return nil, nil, errOpts("PSS salt length %d is too long for a %d-bit key with %v (at most %d)", salt, bits, h, maxSalt)
+		return signSpec{}, errOpts("PSS salt length %d is too long for a %d-bit key with %v (at most %d)", salt, bits, h, maxSalt)
 	}
-	params := pkcs11.NewPSSParams(m[0], m[1], uint(salt))
-	return []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_PSS, params)}, digest, nil
+	return signSpec{digest: digest, pssHash: m[0], pssMGF: m[1], pssSalt: uint(salt)}, nil
 }
 
-func (k *key) ecdsaMechanism(digest []byte, h crypto.Hash) ([]*pkcs11.Mechanism, []byte, error) {
+func (k *key) ecdsaSpec(digest []byte, h crypto.Hash) (signSpec, error) {
 	if len(digest) == 0 {
-		return nil, nil, errOpts("empty digest")
+		return signSpec{}, errOpts("empty digest")
 	}
 	if err := checkDigest(digest, h); err != nil {
-		return nil, nil, err
+		return signSpec{}, err
 	}
 	// ECDSA uses the leftmost bits of a digest longer than the order
 	// (ecdsa.SignASN1 does the same). For P-256 and P-384 those are whole
@@ -303,7 +348,7 @@ func (k *key) ecdsaMechanism(digest []byte, h crypto.Hash) ([]*pkcs11.Mechanism,
 	if n := k.size / 2; len(digest) > n && k.pubOrderBits()%8 == 0 {
 		digest = digest[:n]
 	}
-	return []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_ECDSA, nil)}, digest, nil
+	return signSpec{mech: mechECDSA, digest: digest}, nil
 }
 
 // ecdsaDER converts the token's r||s into the ASN.1 DER form of

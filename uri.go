@@ -418,9 +418,10 @@ func (u *URI) Config(base Config) (Config, error) {
 // maxPINFile is the largest pin-source file read: a PIN is short.
 const maxPINFile = 1024
 
-// readPIN reads the first line of the file a pin-source names. The file
-// must be a regular file of at most maxPINFile bytes: a FIFO would block, a
-// device would hand out bytes that cost a PIN attempt each.
+// readPIN reads the first line of the file a pin-source names, without a
+// leading byte-order mark or a trailing carriage return. The file must be a
+// regular file of at most maxPINFile bytes: a FIFO would block, a device
+// would hand out bytes that cost a PIN attempt each.
 func readPIN(src string) (string, error) {
 	path := src
 	if rest, ok := strings.CutPrefix(src, "file:"); ok {
@@ -451,6 +452,7 @@ func readPIN(src string) (string, error) {
 	if len(b) > maxPINFile {
 		return "", uriErr("pin-source %s has more than %d bytes; a PIN file has at most %d", path, maxPINFile, maxPINFile)
 	}
+	b = bytes.TrimPrefix(b, []byte("\ufeff")) // the byte-order mark some editors write
 	line, _, _ := bytes.Cut(b, []byte("\n"))
 	line = bytes.TrimSuffix(line, []byte("\r"))
 	if len(line) == 0 {

@@ -225,6 +225,17 @@ func TestOpenURI(t *testing.T) {
 	if err := os.WriteFile(nul, []byte(tok.PIN+"\x00\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	// A byte-order mark before the PIN (some editors write one) is not
+	// part of it.
+	bom := filepath.Join(dir, "bom")
+	if err := os.WriteFile(bom, []byte("\ufeff"+tok.PIN+"\r\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if p, err := OpenURI(base+"&pin-source="+bom, func(c *Config) {}); err != nil {
+		t.Fatalf("pin-source with a byte-order mark: %v", err)
+	} else {
+		p.Close()
+	}
 	for _, tt := range []struct{ uri, says string }{
 		{"pkcs11:token=" + escape([]byte(tok.Label), false) + ";manufacturer=Other?module-path=" + softhsmtest.SoftHSMModule + "&pin-value=" + tok.PIN, `manufacturer is "SoftHSM project", not "Other"`},
 		{"pkcs11:serial=" + tok.Serial + ";token=wrong?module-path=" + softhsmtest.SoftHSMModule + "&pin-value=" + tok.PIN, `token is`},
