@@ -11,6 +11,7 @@ import (
 	"errors"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/ce46d8f2/hsm/internal/softhsmtest"
 	"github.com/miekg/pkcs11"
@@ -216,5 +217,30 @@ func TestPINRefusedBeforeLogin(t *testing.T) {
 	p := openToken(t, tok)
 	if flags := p.inst.Load().token.Flags; flags&(pkcs11.CKF_USER_PIN_COUNT_LOW|pkcs11.CKF_USER_PIN_LOCKED) != 0 {
 		t.Fatalf("token flags %#x: failed logins were counted", flags)
+	}
+}
+
+// TestURIMatchTakesASlot: OpenURI's check of the token and library
+// attributes makes PKCS#11 calls, and takes a session slot like every
+// operation: with the only slot held, it waits, then fails with ErrBusy.
+func TestURIMatchTakesASlot(t *testing.T) {
+	tok := sharedToken(t)
+	p := openToken(t, tok, func(c *Config) { c.MaxSessions = 1; c.SessionWaitTimeout = 50 * time.Millisecond })
+	u, err := ParseURI("pkcs11:token=" + escape([]byte(tok.Label), false) + ";library-manufacturer=SoftHSM")
+	if err != nil {
+		t.Fatal(err)
+	}
+	held, release := make(chan struct{}), make(chan struct{})
+	go p.withSession("hold", func(*instance, pkcs11.SessionHandle) error {
+		close(held)
+		<-release
+		return nil
+	})
+	<-held
+	err = p.matchURI(u)
+	close(release)
+	wantErr(t, err, ErrBusy)
+	if err := p.matchURI(u); err != nil {
+		t.Fatalf("with the slot free: %v", err)
 	}
 }
