@@ -130,7 +130,7 @@ func (k *key) decryptPKCS1(ct []byte, sessionKeyLen int, rand io.Reader) ([]byte
 			}
 			sessionKey = make([]byte, sessionKeyLen)
 			if _, err := io.ReadFull(rand, sessionKey); err != nil {
-				return nil, opErr("decrypt", k.gen, err, "")
+				return nil, &Error{Op: "decrypt", Generation: k.gen, Err: err}
 			}
 		}
 		em, err := k.rawRSA(ct)
@@ -157,7 +157,7 @@ func (k *key) decryptPKCS1(ct []byte, sessionKeyLen int, rand io.Reader) ([]byte
 	if sessionKeyLen > 0 && (rejected || (err == nil && len(out) != sessionKeyLen)) {
 		key := make([]byte, sessionKeyLen)
 		if _, err := io.ReadFull(rand, key); err != nil {
-			return nil, opErr("decrypt", k.gen, err, "")
+			return nil, &Error{Op: "decrypt", Generation: k.gen, Err: err}
 		}
 		return key, nil
 	}
@@ -179,7 +179,7 @@ func (k *key) rawRSA(ct []byte) ([]byte, error) {
 	if err != nil {
 		if atInit && refusesParams(err) {
 			if !k.in.rawRefused.Swap(true) {
-				code, _ := CodeOf(err)
+				code, _ := codeOf(err)
 				k.p.log.Info("hsm: the token refuses raw RSA (CKM_RSA_X_509); PKCS #1 v1.5 decryption goes through its CKM_RSA_PKCS, OAEP with parameters it refuses is not available",
 					"key", k.ref.String(), "generation", k.gen, "code", CodeName(code))
 			}
@@ -325,15 +325,15 @@ func (k *key) decryptOn(in *instance, s pkcs11.SessionHandle, mech uint, oaep *p
 // (tpm2-pkcs11 answers CKR_GENERAL_ERROR to an OAEP label without a
 // trailing NUL byte).
 func (k *key) decryptionError(err error) error {
-	code, _ := CodeOf(err)
-	return &Error{Op: "decrypt", Code: code, Generation: k.gen, Err: fmt.Errorf("%w (%w)", ErrDecryption, pkcs11.Error(code))}
+	code, _ := codeOf(err)
+	return &Error{Op: "decrypt", Code: code, Generation: k.gen, Err: causedBy(ErrDecryption, pkcs11.Error(code))}
 }
 
 // isRejection reports whether a failure of C_Decrypt (not of C_DecryptInit)
 // means the token refused the ciphertext. SoftHSM reports bad padding as
 // CKR_GENERAL_ERROR.
 func isRejection(err error) bool {
-	code, ok := CodeOf(err)
+	code, ok := codeOf(err)
 	if !ok {
 		return false
 	}
@@ -348,7 +348,7 @@ func isRejection(err error) bool {
 // refusesParams reports whether a C_DecryptInit failure means the token does
 // not support the mechanism or its parameters.
 func refusesParams(err error) bool {
-	code, ok := CodeOf(err)
+	code, ok := codeOf(err)
 	if !ok {
 		return false
 	}

@@ -13,11 +13,6 @@ import (
 	"sync/atomic"
 )
 
-// ErrKeyChanged is returned by a durable key when, in a new generation, the
-// key found under its CKA_CLASS, CKA_ID and CKA_LABEL has another public key
-// than the one pinned when it was first bound. The other key is never used.
-var ErrKeyChanged = errors.New("hsm: the key on the token is not the key that was pinned")
-
 // durable is a private key that finds itself again in every generation.
 type durable struct {
 	p       *Provider

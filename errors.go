@@ -3,7 +3,7 @@ package hsm
 import (
 	"errors"
 	"fmt"
-	"strings"
+	"strconv"
 
 	"github.com/miekg/pkcs11"
 )
@@ -14,71 +14,94 @@ import (
 var (
 	// ErrClosed is returned by every method of a Provider, and of the keys it
 	// handed out, once Close has been called.
-	ErrClosed = errors.New("hsm: provider is closed")
+	ErrClosed = newSentinel("provider is closed")
 
 	// ErrStaleKey is returned by a key that was looked up in an earlier
 	// generation of the PKCS#11 library. Its handles are meaningless now (the
 	// same numbers may name a different key), so no PKCS#11 call was made.
 	// Look the key up again.
-	ErrStaleKey = errors.New("hsm: key belongs to an earlier generation of the PKCS#11 library; look it up again")
+	ErrStaleKey = newSentinel("key belongs to an earlier generation of the PKCS#11 library; look it up again")
 
 	// ErrUnavailable is returned, without any PKCS#11 call, while the provider
 	// is not admitting operations: during a re-initialization, or after one
 	// failed and before one succeeds.
-	ErrUnavailable = errors.New("hsm: HSM unavailable")
+	ErrUnavailable = newSentinel("HSM unavailable")
 
 	// ErrBusy is returned when every session of the pool stayed in use for
 	// Config.SessionWaitTimeout.
-	ErrBusy = errors.New("hsm: all sessions busy")
+	ErrBusy = newSentinel("all sessions busy")
 
 	// ErrDrainTimeout is returned by Reinitialize and Close when operations
 	// were still inside the PKCS#11 library after Config.DrainTimeout. The
 	// library was not finalized (that would be undefined behaviour under a
 	// running call); try again later.
-	ErrDrainTimeout = errors.New("hsm: operations still in flight after the drain timeout")
+	ErrDrainTimeout = newSentinel("operations still in flight after the drain timeout")
 
 	// ErrKeyNotFound is returned when no private key matches a KeyRef.
-	ErrKeyNotFound = errors.New("hsm: key not found")
+	ErrKeyNotFound = newSentinel("key not found")
 
 	// ErrAmbiguousKey is returned when more than one private key matches a
 	// KeyRef. Select by both ID and label, or make them unique on the token.
-	ErrAmbiguousKey = errors.New("hsm: more than one key matches")
+	ErrAmbiguousKey = newSentinel("more than one key matches")
 
 	// ErrUnsupportedKey is returned for a key type this package cannot use
 	// for the requested purpose (for example an EC key as a Decrypter).
-	ErrUnsupportedKey = errors.New("hsm: unsupported key")
+	ErrUnsupportedKey = newSentinel("unsupported key")
 
 	// ErrInvalidOptions is returned for signing or decryption options that
 	// do not fit the key or the input: nil opts, a hash the mechanism does
 	// not support, a digest whose length does not match the hash, a PSS
 	// salt too long for the key, ciphertext of the wrong size.
-	ErrInvalidOptions = errors.New("hsm: invalid options or input")
+	ErrInvalidOptions = newSentinel("invalid options or input")
 
 	// ErrDecryption is returned when the token rejects a ciphertext (bad
 	// padding, OAEP label mismatch). Like rsa.ErrDecryption it says nothing
 	// more, on purpose.
-	ErrDecryption = errors.New("hsm: decryption error")
+	ErrDecryption = newSentinel("decryption error")
 
 	// ErrTokenNotFound is returned when no slot holds the configured token.
-	ErrTokenNotFound = errors.New("hsm: token not found")
+	ErrTokenNotFound = newSentinel("token not found")
 
 	// ErrTokenChanged is returned by a re-initialization that finds a token
 	// with a different serial number behind the configured selector. The
 	// provider refuses to use it.
-	ErrTokenChanged = errors.New("hsm: a different token answers to the configured selector")
+	ErrTokenChanged = newSentinel("a different token answers to the configured selector")
 
 	// ErrPIN matches every PIN failure of the token (incorrect, locked,
 	// expired, invalid). A PIN error never triggers a retry or a
 	// re-initialization: retrying would lock the token.
-	ErrPIN = errors.New("hsm: PIN rejected")
+	ErrPIN = newSentinel("PIN rejected")
 
 	// ErrModuleInUse is returned by Open when the PKCS#11 module is already
 	// owned by a live Provider of this process, or was initialized by other
 	// code in this process.
-	ErrModuleInUse = errors.New("hsm: PKCS#11 module already in use in this process")
+	ErrModuleInUse = newSentinel("PKCS#11 module already in use in this process")
 
 	// ErrConfig is returned by Open for an invalid Config.
-	ErrConfig = errors.New("hsm: invalid config")
+	ErrConfig = newSentinel("invalid config")
+
+	// ErrURI is matched by every error about a PKCS#11 URI.
+	ErrURI = newSentinel("invalid PKCS#11 URI")
+
+	// ErrKeyChanged is returned by a durable key when, in a new generation,
+	// the key found under its CKA_CLASS, CKA_ID and CKA_LABEL has another
+	// public key than the one pinned when it was first bound. The other key
+	// is never used.
+	ErrKeyChanged = newSentinel("the key on the token is not the key that was pinned")
+
+	// ErrHung is the cause recorded when the HSM stops answering: a probe got
+	// no answer, or calls inside the library made no progress, within
+	// Config.ProbeTimeout. Open, Reinitialize and Close return an error
+	// matching it when one of their own PKCS#11 calls did not return within
+	// Config.ProbeTimeout, or an earlier one still has not.
+	ErrHung = newSentinel("HSM not answering")
+
+	// ErrDeviceLost matches (errors.Is) every error whose PKCS#11 code means
+	// that the connection to the HSM is gone and only a re-initialization
+	// can bring it back: CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED,
+	// CKR_TOKEN_NOT_PRESENT, CKR_TOKEN_NOT_RECOGNIZED,
+	// CKR_CRYPTOKI_NOT_INITIALIZED.
+	ErrDeviceLost = newSentinel("device lost")
 )
 
 // Error describes a failed operation. Every error returned by this package
@@ -97,28 +120,24 @@ type Error struct {
 	// Generation is the generation of the PKCS#11 library the operation ran
 	// in, or was refused for.
 	Generation uint64
-	// Err is the cause: a pkcs11.Error when Code is set, otherwise one of the
-	// sentinel errors of this package or another error.
+	// Err is the cause: a sentinel of this package, a pkcs11.Error, or
+	// either with more words (errors.Is and errors.As see through them).
 	Err error
 }
 
-func (e *Error) Error() string {
-	msg := "hsm: " + e.Op
+// Error reads "hsm: op (generation g): cause", e.g.
+// "hsm: sign (generation 1): CKR_DEVICE_ERROR (0x30)".
+func (e *Error) Error() string { return "hsm: " + e.text() }
+
+func (e *Error) text() string {
+	msg := e.Op
 	if e.Generation != 0 {
-		msg += fmt.Sprintf(" (generation %d)", e.Generation)
+		msg += " (generation " + strconv.FormatUint(e.Generation, 10) + ")"
 	}
 	if e.Err == nil {
 		return msg + ": " + CodeName(e.Code)
 	}
-	// Sentinels already carry the "hsm: " prefix; do not repeat it.
-	cause := e.Err.Error()
-	if len(cause) > 5 && cause[:5] == "hsm: " {
-		cause = cause[5:]
-	}
-	if e.Code != 0 { // "pkcs11: 0x30: CKR_DEVICE_ERROR" reads "CKR_DEVICE_ERROR (0x30)"
-		cause = strings.Replace(cause, pkcs11.Error(e.Code).Error(), CodeName(e.Code), 1)
-	}
-	return msg + ": " + cause
+	return msg + ": " + text(e.Err)
 }
 
 // Unwrap returns the cause.
@@ -132,127 +151,177 @@ func (e *Error) Is(target error) bool {
 	case ErrPIN:
 		return isPINCode(e.Code)
 	case ErrDeviceLost:
-		return e.Code != 0 && classifyCode(e.Code) == ClassDeviceLost
+		return e.Code != 0 && classify(e.Code) == classDeviceLost
 	}
 	return false
 }
 
-// ErrDeviceLost matches (errors.Is) every error whose PKCS#11 code means
-// the connection to the HSM is gone and only a re-initialization can bring
-// it back. See Classify.
-var ErrDeviceLost = errors.New("hsm: device lost")
+// The errors of this package print "hsm: " once, however they are nested:
+// each type has a text without it, which Error prefixes.
+
+// sentinel is the type of the sentinel errors.
+type sentinel struct{ msg string }
+
+func newSentinel(msg string) error { return &sentinel{msg} }
+func (s *sentinel) Error() string  { return "hsm: " + s.msg }
+
+// detail is a cause with more words: "cause: msg".
+type detail struct {
+	err error
+	msg string
+}
+
+func (d *detail) Error() string { return "hsm: " + text(d) }
+func (d *detail) Unwrap() error { return d.err }
+
+// wrapf returns err with the words of format: "err: words".
+func wrapf(err error, format string, args ...any) error {
+	return &detail{err, fmt.Sprintf(format, args...)}
+}
+
+// chain is an error that matches both what and why (errors.Is, As) and
+// reads "what: why".
+type chain struct{ what, why error }
+
+func (c chain) Error() string   { return "hsm: " + text(c) }
+func (c chain) Unwrap() []error { return []error{c.what, c.why} }
+
+// step is the failure of a PKCS#11 function: "C_Initialize: CKR_...".
+type step struct {
+	fn  string
+	err error
+}
+
+func (s *step) Error() string { return "hsm: " + text(s) }
+func (s *step) Unwrap() error { return s.err }
+
+func stepErr(fn string, err error) error { return &step{fn, err} }
+
+// causedBy returns an error matching both what and why; what alone if why
+// is nil.
+func causedBy(what, why error) error {
+	if why == nil {
+		return what
+	}
+	return chain{what, why}
+}
+
+// text is err's message without the "hsm: " of this package's errors, and
+// with PKCS#11 codes by name.
+func text(err error) string {
+	switch e := err.(type) {
+	case *sentinel:
+		return e.msg
+	case *detail:
+		return text(e.err) + ": " + e.msg
+	case chain:
+		return text(e.what) + ": " + text(e.why)
+	case *step:
+		return e.fn + ": " + text(e.err)
+	case *Error:
+		return e.text()
+	case pkcs11.Error:
+		return CodeName(uint(e))
+	}
+	return err.Error()
+}
 
 // CodeName returns the symbolic name of a PKCS#11 return value with its
-// number, e.g. "CKR_DEVICE_ERROR (0x30)".
+// number, e.g. "CKR_DEVICE_ERROR (0x30)"; a value the standard does not
+// name reads "CKR 0x1234", a vendor's "CKR_VENDOR_DEFINED+0x12 (0x80000012)".
 func CodeName(code uint) string {
-	s := pkcs11.Error(code).Error() // "pkcs11: 0x30: CKR_DEVICE_ERROR"
-	name := ""
-	for i := len(s) - 1; i >= 0; i-- {
-		if s[i] == ' ' {
-			name = s[i+1:]
-			break
-		}
+	const vendor = 0x80000000
+	if name, ok := ckrNames[code]; ok {
+		return fmt.Sprintf("%s (0x%X)", name, code)
 	}
-	if name == "" || name == ":" {
-		return fmt.Sprintf("CKR 0x%X", code)
+	if code > vendor {
+		return fmt.Sprintf("CKR_VENDOR_DEFINED+0x%X (0x%X)", code-vendor, code)
 	}
-	return fmt.Sprintf("%s (0x%X)", name, code)
+	return fmt.Sprintf("CKR 0x%X", code)
 }
 
-// Class is the category of an error, as far as the health of the HSM
-// connection is concerned. It is a function of the PKCS#11 code alone.
-type Class int
+// class is the category of a PKCS#11 code, as far as the health of the HSM
+// connection is concerned.
+type class int
 
 const (
-	// ClassNone: no error, or an error that does not come from the token
-	// (bad options, key not found, ...). No effect on health.
-	ClassNone Class = iota
-	// ClassCaller: the token refused the request itself (mechanism, data
+	// classNone: no error. No effect on health.
+	classNone class = iota
+	// classCaller: the token refused the request itself (mechanism, data
 	// length, key type, PIN, attribute). No effect on health; do not retry
 	// the same request.
-	ClassCaller
-	// ClassSession: the session is unusable (an operation left active, a
+	classCaller
+	// classSession: the session is unusable (an operation left active, a
 	// read-only session, ...); discard the session, the device is fine.
-	ClassSession
-	// ClassSuspect: could be the session or could be the device (session
-	// handle invalid, general error, function failed). Probe before deciding.
-	ClassSuspect
-	// ClassDeviceLost: the library has lost the device; only C_Finalize and
-	// C_Initialize cure it (Provider.Reinitialize).
-	ClassDeviceLost
+	classSession
+	// classSuspect: could be the session or could be the device (session
+	// handle invalid, general error, function failed). Probe before
+	// deciding.
+	classSuspect
+	// classDeviceLost: the library has lost the device; only C_Finalize
+	// and C_Initialize cure it (Provider.Reinitialize).
+	classDeviceLost
 )
 
-func (c Class) String() string {
+func (c class) String() string {
 	switch c {
-	case ClassNone:
+	case classNone:
 		return "none"
-	case ClassCaller:
+	case classCaller:
 		return "caller"
-	case ClassSession:
+	case classSession:
 		return "session"
-	case ClassSuspect:
+	case classSuspect:
 		return "suspect"
-	case ClassDeviceLost:
+	case classDeviceLost:
 		return "device-lost"
 	}
-	return fmt.Sprintf("Class(%d)", int(c))
+	return fmt.Sprintf("class(%d)", int(c))
 }
 
-// Classify returns the class of err. It looks through any wrapping that
-// supports errors.As (this package's *Error, fmt.Errorf with %w) for a
-// pkcs11.Error, and also through the older github.com/pkg/errors wrapping
-// (a Cause method), as used by some releases of crypto11.
-func Classify(err error) Class {
-	code, ok := CodeOf(err)
+// classOf returns the class of err's PKCS#11 code; classNone without one.
+func classOf(err error) class {
+	code, ok := codeOf(err)
 	if !ok {
-		return ClassNone
+		return classNone
 	}
-	return classifyCode(code)
+	return classify(code)
 }
 
-// CodeOf returns the PKCS#11 return value carried by err, if any.
-func CodeOf(err error) (uint, bool) {
-	for err != nil {
-		var e *Error
-		if errors.As(err, &e) && e.Code != 0 {
-			return e.Code, true
-		}
-		var p pkcs11.Error
-		if errors.As(err, &p) {
-			return uint(p), true
-		}
-		c, ok := err.(interface{ Cause() error })
-		if !ok {
-			return 0, false
-		}
-		err = c.Cause()
+// codeOf returns the PKCS#11 return value carried by err, if any: an
+// *Error's Code, or a pkcs11.Error in its chain (errors.As).
+func codeOf(err error) (uint, bool) {
+	var e *Error
+	if errors.As(err, &e) && e.Code != 0 {
+		return e.Code, true
+	}
+	var p pkcs11.Error
+	if errors.As(err, &p) {
+		return uint(p), true
 	}
 	return 0, false
 }
 
-// IsDeviceLost reports whether err means the HSM connection is lost and a
-// re-initialization is needed.
-func IsDeviceLost(err error) bool { return Classify(err) == ClassDeviceLost }
-
-func classifyCode(code uint) Class {
+// classify is a function of the code alone.
+func classify(code uint) class {
 	switch code {
 	case pkcs11.CKR_OK:
-		return ClassNone
+		return classNone
 	case pkcs11.CKR_DEVICE_ERROR, pkcs11.CKR_DEVICE_REMOVED,
 		pkcs11.CKR_TOKEN_NOT_PRESENT, pkcs11.CKR_TOKEN_NOT_RECOGNIZED,
 		pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED:
-		return ClassDeviceLost
+		return classDeviceLost
 	case pkcs11.CKR_SESSION_HANDLE_INVALID, pkcs11.CKR_SESSION_CLOSED,
 		pkcs11.CKR_GENERAL_ERROR, pkcs11.CKR_FUNCTION_FAILED,
 		pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_KEY_HANDLE_INVALID,
 		pkcs11.CKR_USER_NOT_LOGGED_IN, pkcs11.CKR_HOST_MEMORY:
-		return ClassSuspect
+		return classSuspect
 	case pkcs11.CKR_OPERATION_ACTIVE, pkcs11.CKR_OPERATION_NOT_INITIALIZED,
 		pkcs11.CKR_SESSION_READ_ONLY, pkcs11.CKR_SESSION_COUNT,
 		pkcs11.CKR_SESSION_EXISTS:
-		return ClassSession
+		return classSession
 	}
-	return ClassCaller
+	return classCaller
 }
 
 func isPINCode(code uint) bool {
@@ -264,38 +333,18 @@ func isPINCode(code uint) bool {
 	return false
 }
 
-// causedBy returns an error matching both what and why (errors.Is, As),
-// reading "what: why" without a second "hsm: " prefix.
-func causedBy(what, why error) error {
-	if why == nil {
-		return what
-	}
-	return chain{what, why}
-}
-
-type chain struct{ what, why error }
-
-func (c chain) Error() string {
-	return c.what.Error() + ": " + strings.TrimPrefix(c.why.Error(), "hsm: ")
-}
-func (c chain) Unwrap() []error { return []error{c.what, c.why} }
-
-// p11err wraps a PKCS#11 failure of op in generation gen. A nil err stays nil.
+// p11err wraps a failure of op in generation gen, with its PKCS#11 code
+// when it has one. A nil err stays nil.
 func p11err(op string, gen uint64, err error) error {
 	if err == nil {
 		return nil
 	}
-	var code pkcs11.Error
-	if errors.As(err, &code) {
-		return &Error{Op: op, Code: uint(code), Generation: gen, Err: err}
-	}
-	return &Error{Op: op, Generation: gen, Err: err}
+	code, _ := codeOf(err)
+	return &Error{Op: op, Code: code, Generation: gen, Err: err}
 }
 
-// opErr builds an *Error for a failure that does not come from the token.
+// opErr builds an *Error for a failure of op in generation gen: err with
+// the words of format.
 func opErr(op string, gen uint64, err error, format string, args ...any) error {
-	if format != "" {
-		err = fmt.Errorf("%w: "+format, append([]any{err}, args...)...)
-	}
-	return &Error{Op: op, Generation: gen, Err: err}
+	return &Error{Op: op, Generation: gen, Err: wrapf(err, format, args...)}
 }

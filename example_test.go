@@ -207,7 +207,7 @@ func ExampleProvider_Reinitialize() {
 	defer p.Close()
 	old, _ := p.Signer(hsm.KeyRef{Label: "tls"})
 
-	// Typically after an error for which hsm.IsDeviceLost is true; pass
+	// Typically after an error matching hsm.ErrDeviceLost; pass
 	// the generation the error carries (hsm.Error.Generation).
 	if err := p.ReinitializeFrom(context.Background(), old.Generation()); err != nil {
 		log.Fatal(err)

@@ -197,7 +197,7 @@ func TestCloseWhenFrozen(t *testing.T) {
 		r.srv.Pause()
 		_, err := s.Sign(nil, d[:], crypto.SHA256)
 		lostAt := time.Now()
-		if !IsDeviceLost(err) {
+		if !errors.Is(err, ErrDeviceLost) {
 			t.Fatalf("sign after the kill: %v", err)
 		}
 		// Automatic recovery gets stuck in C_Initialize: the attempt fails

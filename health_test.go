@@ -115,7 +115,7 @@ func TestAutomaticRecovery(t *testing.T) {
 				if s == nil {
 					var err error
 					if s, err = p.Signer(KeyRef{Label: "ec"}); err != nil {
-						if !errors.Is(err, ErrUnavailable) && !IsDeviceLost(err) {
+						if !errors.Is(err, ErrUnavailable) && !errors.Is(err, ErrDeviceLost) {
 							bad.Store(fmt.Errorf("lookup: %w", err))
 						}
 						time.Sleep(time.Millisecond)
@@ -146,7 +146,7 @@ func TestAutomaticRecovery(t *testing.T) {
 					lossAt.CompareAndSwap(0, time.Now().UnixNano())
 					ws[w].sawUnavailable.Store(true)
 					time.Sleep(time.Millisecond)
-				case IsDeviceLost(err):
+				case errors.Is(err, ErrDeviceLost):
 					lossAt.CompareAndSwap(0, time.Now().UnixNano())
 				case errors.Is(err, ErrStaleKey):
 					s = nil
@@ -311,7 +311,7 @@ func TestWrongPINAfterOutage(t *testing.T) {
 	s := mustSigner(t, p, "ec")
 	r.kill(t)
 	digest := sha256.Sum256(nil)
-	if _, err := s.Sign(nil, digest[:], crypto.SHA256); !IsDeviceLost(err) {
+	if _, err := s.Sign(nil, digest[:], crypto.SHA256); !errors.Is(err, ErrDeviceLost) {
 		t.Fatalf("after kill: %v", err)
 	}
 	r.tok.ChangePIN(t, "4321") // the provider still has "1234"
@@ -363,7 +363,7 @@ func TestOtherTokenSameLabel(t *testing.T) {
 // mustSignerOrLost makes one call after a kill so that the provider notices.
 func mustSignerOrLost(t *testing.T, p *Provider) {
 	t.Helper()
-	if _, err := p.Signer(KeyRef{Label: "ec"}); !IsDeviceLost(err) {
+	if _, err := p.Signer(KeyRef{Label: "ec"}); !errors.Is(err, ErrDeviceLost) {
 		t.Fatalf("lookup after kill: %v, want device lost", err)
 	}
 }
@@ -391,8 +391,8 @@ func TestSuspectCodeProbes(t *testing.T) {
 	probes := p.Stats().Probes
 	d := sha256.Sum256([]byte("x"))
 	_, err = s.Sign(nil, d[:], crypto.SHA256)
-	if Classify(err) != ClassSuspect {
-		t.Fatalf("sign with a destroyed key: %v, class %v; want a suspect code", err, Classify(err))
+	if classOf(err) != classSuspect {
+		t.Fatalf("sign with a destroyed key: %v, class %v; want a suspect code", err, classOf(err))
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for p.Stats().Probes == probes {
@@ -408,7 +408,7 @@ func TestSuspectCodeProbes(t *testing.T) {
 	if st.State != StateHealthy || st.ProbeFailures != 0 {
 		t.Fatalf("after probe: %+v", st)
 	}
-	code, _ := CodeOf(err)
+	code, _ := codeOf(err)
 	if st.ErrorsByCode[CodeName(code)] != 1 {
 		t.Fatalf("errors by code: %v", st.ErrorsByCode)
 	}

@@ -63,7 +63,7 @@ func (p *Provider) Keys() ([]KeyInfo, error) {
 				if _, active := err.(*marked); active {
 					return err
 				}
-				if code, ok := CodeOf(err); ok && classifyCode(code) != ClassCaller {
+				if code, ok := codeOf(err); ok && classify(code) != classCaller {
 					return err
 				}
 				out = append(out, KeyInfo{Ref: ref, Type: "unsupported: " + err.Error()})

@@ -83,8 +83,8 @@ func TestOutageThroughRemoting(t *testing.T) {
 	start := time.Now()
 	_, err := ec.Sign(nil, digest[:], crypto.SHA256)
 	took := time.Since(start)
-	if !IsDeviceLost(err) || !errors.Is(err, ErrDeviceLost) {
-		t.Fatalf("after kill: %v (class %v), want device lost", err, Classify(err))
+	if !errors.Is(err, ErrDeviceLost) || !errors.Is(err, ErrDeviceLost) {
+		t.Fatalf("after kill: %v (class %v), want device lost", err, classOf(err))
 	}
 	var e *Error
 	if !errors.As(err, &e) || e.Generation != 1 || e.Code == 0 {
@@ -103,7 +103,7 @@ func TestOutageThroughRemoting(t *testing.T) {
 	// raw call (nothing else is inside the library) still fails.
 	r.restart(t)
 	in := p.inst.Load()
-	if _, err := in.ctx.GetSessionInfo(in.login); !IsDeviceLost(p11err("raw", 1, err)) {
+	if _, err := in.ctx.GetSessionInfo(in.login); !errors.Is(p11err("raw", 1, err), ErrDeviceLost) {
 		t.Fatalf("raw call after restart, before re-initialization: %v; DESIGN.md says the library stays broken", err)
 	}
 	_, err = ec.Sign(nil, digest[:], crypto.SHA256)
@@ -161,7 +161,7 @@ func TestOutageStampede(t *testing.T) {
 			handle := func(err error) bool {
 				var e *Error
 				switch {
-				case errors.As(err, &e) && (IsDeviceLost(err) || errors.Is(err, ErrUnavailable)):
+				case errors.As(err, &e) && (errors.Is(err, ErrDeviceLost) || errors.Is(err, ErrUnavailable)):
 					// The first worker sees the device-loss code; the
 					// provider is unavailable from then on and the others
 					// see ErrUnavailable, with the same generation.
@@ -366,8 +366,8 @@ func TestEd25519ThroughRemoting(t *testing.T) {
 	if err == nil {
 		t.Skip("this p11-kit carries CKM_EDDSA: the limitation is gone")
 	}
-	if code, _ := CodeOf(err); code != 0x70 || Classify(err) != ClassCaller {
-		t.Fatalf("%v (class %v), want CKR_MECHANISM_INVALID as a caller error", err, Classify(err))
+	if code, _ := codeOf(err); code != 0x70 || classOf(err) != classCaller {
+		t.Fatalf("%v (class %v), want CKR_MECHANISM_INVALID as a caller error", err, classOf(err))
 	}
 	if r.p.State() != StateHealthy {
 		t.Fatalf("state %v after a caller error", r.p.State())

@@ -1,295 +1,19 @@
-// Package hsm makes private keys that live in a Hardware Security Module,
-// reached through PKCS#11, usable as ordinary crypto.Signer and
-// crypto.Decrypter values, and survives the loss of the HSM.
-//
-// When a network HSM loses every member, the PKCS#11 library does not
-// recover by itself: every call fails (CKR_DEVICE_ERROR and friends) until
-// the application calls C_Finalize and C_Initialize. After that, every
-// session and object handle from before is meaningless, and the same numbers
-// are handed out again, so a stale handle can reach a different key.
-//
-// This package owns the library's life cycle. Every key carries the
-// generation of the library instance it was found in; Provider.Reinitialize
-// drains the calls in flight, finalizes, initializes again and moves to the
-// next generation; keys of an earlier generation then fail with ErrStaleKey
-// without making any PKCS#11 call.
-//
-// A Provider must be the only user of its PKCS#11 module in the process:
-// Open refuses a module that another live Provider, or other code, has
-// initialized (ErrModuleInUse).
 package hsm
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
-	"unicode"
-	"unicode/utf8"
 	"unsafe"
 
 	"github.com/miekg/pkcs11"
 	"golang.org/x/sync/singleflight"
 )
-
-// Defaults for the zero values of Config.
-const (
-	DefaultMaxSessions        = 32
-	DefaultDrainTimeout       = 30 * time.Second
-	DefaultSessionWaitTimeout = 10 * time.Second
-)
-
-// Config says which PKCS#11 module and token to use, and how.
-type Config struct {
-	// Path is the file name of the PKCS#11 module (shared library), e.g.
-	// /usr/lib/softhsm/libsofthsm2.so.
-	Path string
-
-	// Exactly one of TokenLabel, TokenSerial and SlotNumber selects the
-	// token. Prefer the label or the serial: slot numbers can change when
-	// the library is re-initialized (HA groups, remoting renumber slots).
-	TokenLabel  string
-	TokenSerial string
-	SlotNumber  *int
-
-	// PIN is the user PIN. It is required unless NoLogin is set. It is
-	// never printed by String or %v.
-	PIN string
-	// NoLogin skips C_Login, for tokens whose keys need none.
-	NoLogin bool
-
-	// MaxSessions bounds the number of sessions used for operations, and so
-	// the number of goroutines that can be inside the PKCS#11 library at
-	// once. Zero means DefaultMaxSessions. It is lowered to what the token
-	// reports it supports.
-	MaxSessions int
-
-	// SessionWaitTimeout bounds how long an operation waits for a free
-	// session when all MaxSessions are busy; then it fails with ErrBusy (and
-	// the provider probes the HSM). An operation waiting for a session fails
-	// at once with ErrUnavailable when the provider becomes unavailable.
-	// Zero means DefaultSessionWaitTimeout.
-	SessionWaitTimeout time.Duration
-
-	// DrainTimeout bounds how long Reinitialize and Close wait for calls
-	// already inside the PKCS#11 library to return before they finalize it.
-	// It should be longer than the HSM's own command timeout (20 s for
-	// Luna). Zero means DefaultDrainTimeout.
-	DrainTimeout time.Duration
-
-	// Logger receives state changes (HSM lost, re-initialized, failed),
-	// never a line per failed operation; failed re-initializations are
-	// logged at most once a minute. Nil means no logging.
-	Logger *slog.Logger
-
-	// ProbeInterval is how often the provider checks, while healthy, that
-	// the token is present with the same serial and still logged in. An
-	// operation that fails with a suspect code (see Classify) triggers a
-	// probe at once. Zero means DefaultProbeInterval; negative disables the
-	// periodic probe (suspect codes still trigger one).
-	ProbeInterval time.Duration
-	// ProbeTimeout is how long the HSM may stay silent before the provider
-	// decides that it hangs (ErrHung) and becomes unavailable: a probe
-	// without an answer, or calls inside the library while none completes
-	// (a watchdog looks every ProbeTimeout/10, at most every 500ms, so a
-	// frozen HSM under load is noticed within ProbeTimeout plus that). It
-	// also bounds each of the provider's own conversations with the module:
-	// C_Initialize to C_Login at Open and at each re-initialization,
-	// C_Finalize, and C_Logout with C_Finalize at Close. Such a call that
-	// does not return in time fails with ErrHung and is left to return when
-	// the module lets it; no other of these calls starts until it has.
-	// Zero means DefaultProbeTimeout.
-	ProbeTimeout time.Duration
-
-	// DisableAutoRecovery stops the provider from re-initializing by itself
-	// when it becomes unavailable; call Reinitialize instead.
-	DisableAutoRecovery bool
-	// RecoveryBackoffMin and RecoveryBackoffMax bound the wait between two
-	// automatic re-initializations that fail: it starts at the minimum and
-	// doubles up to the maximum, with jitter. Zero means
-	// DefaultRecoveryBackoffMin and DefaultRecoveryBackoffMax; the maximum
-	// is how late, at worst, recovery notices that the HSM is back.
-	RecoveryBackoffMin, RecoveryBackoffMax time.Duration
-
-	// OnStateChange, if set, is called for every change of State, in order,
-	// from a goroutine of the provider (never with a lock held: it may call
-	// the provider, Reinitialize and Close included). A slow callback does
-	// not slow the provider; changes it falls behind on are counted in
-	// Stats.EventsDropped. Close waits for a running callback, except when
-	// called from inside it.
-	OnStateChange func(StateChange)
-}
-
-// String describes the configuration without the PIN.
-func (c Config) String() string {
-	sel := "no token selector"
-	switch {
-	case c.TokenLabel != "":
-		sel = fmt.Sprintf("token label %q", c.TokenLabel)
-	case c.TokenSerial != "":
-		sel = fmt.Sprintf("token serial %q", c.TokenSerial)
-	case c.SlotNumber != nil:
-		sel = fmt.Sprintf("slot %d", *c.SlotNumber)
-	}
-	pin := "no PIN"
-	if c.PIN != "" {
-		pin = "PIN set"
-	}
-	return fmt.Sprintf("hsm.Config{module %q, %s, %s}", c.Path, sel, pin)
-}
-
-// GoString is String, so that %#v does not print the PIN either.
-func (c Config) GoString() string { return c.String() }
-
-// Format makes every verb print String, so that %+v does not print the PIN.
-func (c Config) Format(f fmt.State, verb rune) { _, _ = io.WriteString(f, c.String()) }
-
-func (c *Config) validate() error {
-	var sel []string
-	if c.TokenLabel != "" {
-		sel = append(sel, "TokenLabel")
-	}
-	if c.TokenSerial != "" {
-		sel = append(sel, "TokenSerial")
-	}
-	if c.SlotNumber != nil {
-		sel = append(sel, "SlotNumber")
-	}
-	switch {
-	case c.Path == "":
-		return fmt.Errorf("%w: Path (the PKCS#11 module) is empty", ErrConfig)
-	case len(sel) == 0:
-		return fmt.Errorf("%w: no token selector: set exactly one of TokenLabel, TokenSerial, SlotNumber", ErrConfig)
-	case len(sel) > 1:
-		return fmt.Errorf("%w: %d token selectors (%v): set exactly one", ErrConfig, len(sel), sel)
-	case c.SlotNumber != nil && *c.SlotNumber < 0:
-		return fmt.Errorf("%w: SlotNumber %d is negative", ErrConfig, *c.SlotNumber)
-	case c.PIN == "" && !c.NoLogin:
-		return fmt.Errorf("%w: PIN is empty (set NoLogin for tokens that need no login)", ErrConfig)
-	case c.PIN != "" && checkPIN(c.PIN) != nil:
-		return fmt.Errorf("%w: %w", ErrConfig, checkPIN(c.PIN))
-	case c.MaxSessions < 0:
-		return fmt.Errorf("%w: MaxSessions %d is negative", ErrConfig, c.MaxSessions)
-	case c.DrainTimeout < 0 || c.SessionWaitTimeout < 0 || c.ProbeTimeout < 0 || c.RecoveryBackoffMin < 0 || c.RecoveryBackoffMax < 0:
-		return fmt.Errorf("%w: negative timeout", ErrConfig)
-	}
-	orDefault(&c.MaxSessions, DefaultMaxSessions)
-	orDefault(&c.DrainTimeout, DefaultDrainTimeout)
-	orDefault(&c.SessionWaitTimeout, DefaultSessionWaitTimeout)
-	orDefault(&c.ProbeInterval, DefaultProbeInterval)
-	orDefault(&c.ProbeTimeout, DefaultProbeTimeout)
-	orDefault(&c.RecoveryBackoffMin, DefaultRecoveryBackoffMin)
-	orDefault(&c.RecoveryBackoffMax, DefaultRecoveryBackoffMax)
-	if c.RecoveryBackoffMax < c.RecoveryBackoffMin {
-		return fmt.Errorf("%w: RecoveryBackoffMax %v is below RecoveryBackoffMin %v", ErrConfig, c.RecoveryBackoffMax, c.RecoveryBackoffMin)
-	}
-	return nil
-}
-
-// checkPIN refuses a PIN no token has, before it costs a login attempt:
-// PKCS#11 PINs are UTF-8 text, so invalid UTF-8, a NUL byte or another
-// control character (a line end read from a file, a byte of /dev/zero), or
-// an invisible format or separator character (a byte-order mark, U+2028)
-// is a mistake. The error does not show the PIN.
-func checkPIN(pin string) error {
-	if !utf8.ValidString(pin) {
-		return errors.New("the PIN is not valid UTF-8")
-	}
-	for i, r := range pin {
-		switch {
-		case unicode.IsControl(r):
-			return fmt.Errorf("the PIN has control character %U at byte %d", r, i)
-		case unicode.In(r, unicode.Cf, unicode.Zl, unicode.Zp):
-			return fmt.Errorf("the PIN has invisible character %U at byte %d", r, i)
-		}
-	}
-	return nil
-}
-
-// orDefault sets *v to def when it is the zero value.
-func orDefault[T comparable](v *T, def T) {
-	var zero T
-	if *v == zero {
-		*v = def
-	}
-}
-
-// Modules are loaded once per process and never unloaded: a dlclose'd
-// miekg/pkcs11 context crashes on use, a finalized one only returns
-// CKR_CRYPTOKI_NOT_INITIALIZED. owned says whether a live Provider holds it.
-var modules = struct {
-	sync.Mutex
-	m map[string]*module
-}{m: map[string]*module{}}
-
-type module struct {
-	ctx   *pkcs11.Ctx
-	owned bool
-	// closing: the owner was closed (or failed to open) and waits for
-	// calls into the module to return before it releases it.
-	closing bool
-}
-
-// claimModule loads (once) and claims the module at path for one Provider.
-func claimModule(path string) (string, *pkcs11.Ctx, error) {
-	abs, err := filepath.Abs(path)
-	if err == nil {
-		abs, err = filepath.EvalSymlinks(abs)
-	}
-	if err != nil {
-		return "", nil, fmt.Errorf("%w: module %q: %w", ErrConfig, path, err)
-	}
-	fi, err := os.Stat(abs)
-	if err != nil {
-		return "", nil, fmt.Errorf("%w: module %q: %w", ErrConfig, path, err)
-	}
-	if !fi.Mode().IsRegular() {
-		return "", nil, fmt.Errorf("%w: module %q is not a regular file", ErrConfig, path)
-	}
-	modules.Lock()
-	defer modules.Unlock()
-	m := modules.m[abs]
-	switch {
-	case m != nil && m.owned && m.closing:
-		return "", nil, fmt.Errorf("%w: %s is still held by a closed Provider: PKCS#11 calls of it have not returned (a frozen HSM); it is finalized and released when they do", ErrModuleInUse, abs)
-	case m != nil && m.owned:
-		return "", nil, fmt.Errorf("%w: %s is owned by another open Provider", ErrModuleInUse, abs)
-	}
-	if m == nil {
-		ctx := pkcs11.New(abs)
-		if ctx == nil {
-			return "", nil, fmt.Errorf("%w: %s could not be loaded as a PKCS#11 module (not a shared library exporting C_GetFunctionList?)", ErrConfig, abs)
-		}
-		m = &module{ctx: ctx}
-		modules.m[abs] = m
-	}
-	m.owned = true
-	return abs, m.ctx, nil
-}
-
-func releaseModule(abs string) {
-	modules.Lock()
-	defer modules.Unlock()
-	if m := modules.m[abs]; m != nil {
-		m.owned, m.closing = false, false
-	}
-}
-
-// closingModule records that the owner of the module at abs is closing.
-func closingModule(abs string) {
-	modules.Lock()
-	defer modules.Unlock()
-	if m := modules.m[abs]; m != nil {
-		m.closing = true
-	}
-}
 
 // Provider owns one PKCS#11 module and one token in it, and hands out keys
 // that are valid for one generation of the library. All methods are safe for
@@ -392,64 +116,6 @@ func Open(cfg Config) (*Provider, error) {
 	return p, nil
 }
 
-// moduleCall is a life cycle call in progress.
-type moduleCall struct {
-	what  string
-	since time.Time
-}
-
-// inModule runs f, PKCS#11 calls the provider makes on its own to the
-// module's life cycle, in a goroutine, and waits for it up to
-// Config.ProbeTimeout, or until stop is closed (errStopped). A call that
-// does not return in time fails with ErrHung and is left to return when the
-// module lets it; until then inModule fails at once with ErrHung and starts
-// nothing, so that no second C_Finalize or C_Initialize enters a module that
-// has not returned from the first.
-func (p *Provider) inModule(op string, gen uint64, what string, stop <-chan struct{}, f func() error) error {
-	select {
-	case <-stop:
-		return errStopped // Close has begun: start nothing
-	default:
-	}
-	select {
-	case p.modBusy <- struct{}{}:
-	default:
-		return p.stuckError(op, gen)
-	}
-	p.modCall.Store(&moduleCall{what: what, since: time.Now()})
-	done := make(chan error, 1)
-	go func() { // owned by the module: it returns when f's calls do
-		err := f()
-		p.modCall.Store(nil)
-		<-p.modBusy
-		done <- err
-	}()
-	t := time.NewTimer(p.cfg.ProbeTimeout)
-	defer t.Stop()
-	select {
-	case err := <-done:
-		return err
-	case <-t.C:
-		return &Error{Op: op, Generation: gen,
-			Err: fmt.Errorf("%w: %s did not return in %v (ProbeTimeout); nothing else enters the module until it does", ErrHung, what, p.cfg.ProbeTimeout)}
-	case <-stop:
-		return errStopped
-	}
-}
-
-// stuckError says which life cycle call has not returned.
-func (p *Provider) stuckError(op string, gen uint64) error {
-	return &Error{Op: op, Generation: gen, Err: fmt.Errorf("%w: %s has not returned; nothing else enters the module until it does", ErrHung, p.stuckCall("an earlier call"))}
-}
-
-// stuckCall describes the life cycle call in progress, or returns none.
-func (p *Provider) stuckCall(none string) string {
-	if c := p.modCall.Load(); c != nil {
-		return fmt.Sprintf("%s (%v ago)", c.what, time.Since(c.since).Round(time.Millisecond))
-	}
-	return none
-}
-
 // start initializes the library and sets up generation gen. On failure the
 // library is left finalized. Called through inModule.
 func (p *Provider) start(gen uint64) (*instance, error) {
@@ -458,11 +124,11 @@ func (p *Provider) start(gen uint64) (*instance, error) {
 		op = "reinitialize"
 	}
 	if err := p.ctx.Initialize(); err != nil {
-		if code, _ := CodeOf(err); code == pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED {
+		if code, _ := codeOf(err); code == pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED {
 			return nil, &Error{Op: op, Code: code, Generation: gen,
-				Err: fmt.Errorf("%w: %s was initialized by other code in this process (%w)", ErrModuleInUse, p.modPath, err)}
+				Err: causedBy(wrapf(ErrModuleInUse, "%s was initialized by other code in this process", p.modPath), err)}
 		}
-		return nil, p11err(op, gen, fmt.Errorf("C_Initialize: %w", err))
+		return nil, p11err(op, gen, stepErr("C_Initialize", err))
 	}
 	p.initialized = true
 	in, err := p.setup(op, gen)
@@ -489,12 +155,12 @@ func (p *Provider) setup(op string, gen uint64) (*instance, error) {
 		if n, lo, hi := len(p.cfg.PIN), token.MinPinLen, token.MaxPinLen; hi != 0 && hi != pkcs11.CK_UNAVAILABLE_INFORMATION && hi >= lo &&
 			(uint64(n) < uint64(lo) || uint64(n) > uint64(hi)) {
 			return nil, &Error{Op: "login", Generation: gen,
-				Err: fmt.Errorf("%w: the PIN has %d bytes and the token takes %d to %d; not sent, so that it costs no login attempt", ErrPIN, n, lo, hi)}
+				Err: wrapf(ErrPIN, "the PIN has %d bytes and the token takes %d to %d; not sent, so that it costs no login attempt", n, lo, hi)}
 		}
 		err := p.ctx.Login(login, pkcs11.CKU_USER, p.cfg.PIN)
 		// Already logged in cannot come from a PIN we did not check: this
 		// Provider initialized the library itself, moments ago.
-		if code, _ := CodeOf(err); err != nil && code != pkcs11.CKR_USER_ALREADY_LOGGED_IN {
+		if code, _ := codeOf(err); err != nil && code != pkcs11.CKR_USER_ALREADY_LOGGED_IN {
 			return nil, p11err("login", gen, err)
 		}
 		// Self-test: the session must now be a user session.
@@ -533,7 +199,7 @@ func (p *Provider) findToken(gen uint64) (uint, pkcs11.TokenInfo, error) {
 		}
 		ti, err := p.ctx.GetTokenInfo(s)
 		if err != nil {
-			if code, _ := CodeOf(err); code == pkcs11.CKR_TOKEN_NOT_PRESENT || code == pkcs11.CKR_TOKEN_NOT_RECOGNIZED {
+			if code, _ := codeOf(err); code == pkcs11.CKR_TOKEN_NOT_PRESENT || code == pkcs11.CKR_TOKEN_NOT_RECOGNIZED {
 				continue
 			}
 			return 0, pkcs11.TokenInfo{}, p11err(op, gen, err)
@@ -566,7 +232,7 @@ func slotList(ctx *pkcs11.Ctx) ([]uint, error) {
 		if slots, err = ctx.GetSlotList(true); err == nil {
 			return slots, nil
 		}
-		if code, _ := CodeOf(err); code != pkcs11.CKR_BUFFER_TOO_SMALL {
+		if code, _ := codeOf(err); code != pkcs11.CKR_BUFFER_TOO_SMALL {
 			return nil, err
 		}
 	}
@@ -583,18 +249,6 @@ func selectorText(c Config) string {
 		return fmt.Sprintf("slot number %d", *c.SlotNumber)
 	}
 	return "no selector"
-}
-
-// finalize calls C_Finalize if the library is initialized. Called through
-// inModule (or with modBusy held) and nothing in flight.
-func (p *Provider) finalize() {
-	if !p.initialized {
-		return
-	}
-	if err := p.ctx.Finalize(); err != nil {
-		p.log.Warn("hsm: C_Finalize failed", "module", p.modPath, "err", err)
-	}
-	p.initialized = false
 }
 
 // Generation returns the current generation of the PKCS#11 library: 1 after
@@ -693,10 +347,10 @@ func (p *Provider) closeResult(gen uint64) error {
 	case <-p.drained:
 	default:
 		return &Error{Op: "close", Generation: gen,
-			Err: fmt.Errorf("%w: %d calls still inside the PKCS#11 library after %v; %s", ErrDrainTimeout, p.gate.inFlight(), p.cfg.DrainTimeout, released)}
+			Err: wrapf(ErrDrainTimeout, "%d calls still inside the PKCS#11 library after %v; %s", p.gate.inFlight(), p.cfg.DrainTimeout, released)}
 	}
 	return &Error{Op: "close", Generation: gen,
-		Err: fmt.Errorf("%w: %s has not returned; %s", ErrHung, p.stuckCall("C_Logout and C_Finalize of Close"), strings.Replace(released, "they return", "it does", 1))}
+		Err: wrapf(ErrHung, "%s has not returned; %s", p.stuckCall("C_Logout and C_Finalize of Close"), strings.Replace(released, "they return", "it does", 1))}
 }
 
 // finish ends the provider's use of the module once nothing is inside it:

@@ -67,10 +67,10 @@ func TestOpenWrongPINIsCallerError(t *testing.T) {
 	if !errors.As(err, &p11) || p11 != pkcs11.CKR_PIN_INCORRECT {
 		t.Fatalf("errors.As pkcs11.Error: %v", err)
 	}
-	if c := Classify(err); c != ClassCaller {
+	if c := classOf(err); c != classCaller {
 		t.Fatalf("Classify = %v, want caller", c)
 	}
-	if IsDeviceLost(err) {
+	if errors.Is(err, ErrDeviceLost) {
 		t.Fatal("a PIN error is classified as device loss")
 	}
 }
@@ -212,45 +212,59 @@ func TestErrorModel(t *testing.T) {
 	if got, want := err.Error(), "hsm: sign (generation 3): CKR_DEVICE_ERROR (0x30)"; got != want {
 		t.Errorf("Error() = %q, want %q", got, want)
 	}
-	if got, want := p11err("sign", 3, fmt.Errorf("open session: %w", pkcs11.Error(pkcs11.CKR_DEVICE_ERROR))).Error(),
-		"hsm: sign (generation 3): open session: CKR_DEVICE_ERROR (0x30)"; got != want {
-		t.Errorf("Error() = %q, want %q", got, want)
+	// One "hsm: " however the errors nest, codes by name, vendor codes too.
+	for _, tt := range []struct {
+		err  error
+		want string
+	}{
+		{p11err("sign", 3, stepErr("C_OpenSession", pkcs11.Error(pkcs11.CKR_DEVICE_ERROR))), "hsm: sign (generation 3): C_OpenSession: CKR_DEVICE_ERROR (0x30)"},
+		{opErr("sign", 1, ErrInvalidOptions, "digest is %d bytes", 31), "hsm: sign (generation 1): invalid options or input: digest is 31 bytes"},
+		{&Error{Op: "sign", Generation: 2, Err: causedBy(ErrUnavailable, &Error{Op: "wait", Generation: 2, Err: ErrClosed})}, "hsm: sign (generation 2): HSM unavailable: wait (generation 2): provider is closed"},
+		{causedBy(ErrConfig, errors.New("the PIN is not valid UTF-8")), "hsm: invalid config: the PIN is not valid UTF-8"},
+		{wrapf(ErrURI, "no %s", "module-path"), "hsm: invalid PKCS#11 URI: no module-path"},
+		{ErrClosed, "hsm: provider is closed"},
+		{&Error{Op: "decrypt", Code: 0x80000012, Err: pkcs11.Error(0x80000012)}, "hsm: decrypt: CKR_VENDOR_DEFINED+0x12 (0x80000012)"},
+		{&Error{Op: "x", Code: 0x1234}, "hsm: x: CKR 0x1234"},
+	} {
+		if got := tt.err.Error(); got != tt.want {
+			t.Errorf("Error() = %q, want %q", got, tt.want)
+		}
 	}
 	wrapped := fmt.Errorf("handshake: %w", err)
 	var e *Error
 	if !errors.As(wrapped, &e) || e.Op != "sign" || e.Code != 0x30 || e.Generation != 3 {
 		t.Fatalf("errors.As: %+v", e)
 	}
-	if !errors.Is(wrapped, ErrDeviceLost) || !IsDeviceLost(wrapped) {
+	if !errors.Is(wrapped, ErrDeviceLost) || !errors.Is(wrapped, ErrDeviceLost) {
 		t.Error("device error does not match ErrDeviceLost")
 	}
-	// Old pkg/errors-style wrapping (Cause), as crypto11 v1.2 used.
-	if Classify(causer{pkcs11.Error(pkcs11.CKR_TOKEN_NOT_PRESENT)}) != ClassDeviceLost {
-		t.Error("Classify does not see through Cause()")
+	var p pkcs11.Error
+	if dec := (&key{gen: 1}).decryptionError(pkcs11.Error(pkcs11.CKR_GENERAL_ERROR)); !errors.Is(dec, ErrDecryption) || !errors.As(dec, &p) || p != pkcs11.CKR_GENERAL_ERROR {
+		t.Errorf("a rejected ciphertext's error %v hides its code", dec)
 	}
-	classes := map[uint]Class{
-		pkcs11.CKR_DEVICE_ERROR:             ClassDeviceLost,
-		pkcs11.CKR_DEVICE_REMOVED:           ClassDeviceLost,
-		pkcs11.CKR_TOKEN_NOT_PRESENT:        ClassDeviceLost,
-		pkcs11.CKR_TOKEN_NOT_RECOGNIZED:     ClassDeviceLost,
-		pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED: ClassDeviceLost,
-		pkcs11.CKR_SESSION_HANDLE_INVALID:   ClassSuspect,
-		pkcs11.CKR_SESSION_CLOSED:           ClassSuspect,
-		pkcs11.CKR_GENERAL_ERROR:            ClassSuspect,
-		pkcs11.CKR_FUNCTION_FAILED:          ClassSuspect,
-		pkcs11.CKR_OPERATION_ACTIVE:         ClassSession,
-		pkcs11.CKR_MECHANISM_INVALID:        ClassCaller,
-		pkcs11.CKR_DATA_LEN_RANGE:           ClassCaller,
-		pkcs11.CKR_KEY_TYPE_INCONSISTENT:    ClassCaller,
-		pkcs11.CKR_PIN_INCORRECT:            ClassCaller,
-		pkcs11.CKR_PIN_LOCKED:               ClassCaller,
+	classes := map[uint]class{
+		pkcs11.CKR_DEVICE_ERROR:             classDeviceLost,
+		pkcs11.CKR_DEVICE_REMOVED:           classDeviceLost,
+		pkcs11.CKR_TOKEN_NOT_PRESENT:        classDeviceLost,
+		pkcs11.CKR_TOKEN_NOT_RECOGNIZED:     classDeviceLost,
+		pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED: classDeviceLost,
+		pkcs11.CKR_SESSION_HANDLE_INVALID:   classSuspect,
+		pkcs11.CKR_SESSION_CLOSED:           classSuspect,
+		pkcs11.CKR_GENERAL_ERROR:            classSuspect,
+		pkcs11.CKR_FUNCTION_FAILED:          classSuspect,
+		pkcs11.CKR_OPERATION_ACTIVE:         classSession,
+		pkcs11.CKR_MECHANISM_INVALID:        classCaller,
+		pkcs11.CKR_DATA_LEN_RANGE:           classCaller,
+		pkcs11.CKR_KEY_TYPE_INCONSISTENT:    classCaller,
+		pkcs11.CKR_PIN_INCORRECT:            classCaller,
+		pkcs11.CKR_PIN_LOCKED:               classCaller,
 	}
 	for code, want := range classes {
-		if got := Classify(p11err("x", 1, pkcs11.Error(code))); got != want {
-			t.Errorf("Classify(%s) = %v, want %v", CodeName(code), got, want)
+		if got := classOf(p11err("x", 1, pkcs11.Error(code))); got != want {
+			t.Errorf("classOf(%s) = %v, want %v", CodeName(code), got, want)
 		}
 	}
-	if Classify(nil) != ClassNone || Classify(ErrKeyNotFound) != ClassNone {
+	if classOf(nil) != classNone || classOf(ErrKeyNotFound) != classNone {
 		t.Error("non-PKCS#11 errors must classify as none")
 	}
 	pin := p11err("login", 1, pkcs11.Error(pkcs11.CKR_PIN_LOCKED))
@@ -258,11 +272,6 @@ func TestErrorModel(t *testing.T) {
 		t.Error("PIN code does not match ErrPIN only")
 	}
 }
-
-type causer struct{ err error }
-
-func (c causer) Error() string { return "wrapped: " + c.err.Error() }
-func (c causer) Cause() error  { return c.err }
 
 func TestModuleInfoAndKeys(t *testing.T) {
 	p := openShared(t)

@@ -97,7 +97,7 @@ func (p *Provider) reinitialize(failed uint64) error {
 	cancel()
 	if err != nil && err != errStopped {
 		err = &Error{Op: op, Generation: gen,
-			Err: fmt.Errorf("%w: %d calls in flight after %v; not finalizing", ErrDrainTimeout, p.gate.inFlight(), p.cfg.DrainTimeout)}
+			Err: wrapf(ErrDrainTimeout, "%d calls in flight after %v; not finalizing", p.gate.inFlight(), p.cfg.DrainTimeout)}
 	}
 	if err != nil {
 		return p.reinitFailed(gen, err)

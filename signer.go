@@ -156,7 +156,7 @@ func (s *signSpec) build() ([]*pkcs11.Mechanism, []byte) {
 }
 
 func errOpts(format string, args ...any) error {
-	return fmt.Errorf("%w: "+format, append([]any{ErrInvalidOptions}, args...)...)
+	return wrapf(ErrInvalidOptions, format, args...)
 }
 
 // signSpec validates opts and digest for the key.
@@ -185,7 +185,7 @@ func (k *key) signSpec(digest []byte, opts crypto.SignerOpts) (signSpec, error) 
 		}
 		return signSpec{mech: mechEdDSA, digest: digest}, nil
 	}
-	return signSpec{}, fmt.Errorf("%w: %v", ErrUnsupportedKey, k.kind)
+	return signSpec{}, wrapf(ErrUnsupportedKey, "%v", k.kind)
 }
 
 // DigestInfo prefixes of PKCS #1 v1.5, as in crypto/rsa.

@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
-	"fmt"
 
 	"github.com/miekg/pkcs11"
 )
@@ -131,5 +130,5 @@ func (p *Provider) ready(op string) error {
 	case StateClosed:
 		return &Error{Op: op, Generation: gen, Err: ErrClosed}
 	}
-	return &Error{Op: op, Generation: gen, Err: fmt.Errorf("%w (%v)", ErrUnavailable, st)}
+	return &Error{Op: op, Generation: gen, Err: wrapf(ErrUnavailable, "%v", st)}
 }

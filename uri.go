@@ -2,7 +2,6 @@ package hsm
 
 import (
 	"bytes"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -13,9 +12,6 @@ import (
 
 	"github.com/miekg/pkcs11"
 )
-
-// ErrURI is matched by every error about a PKCS#11 URI.
-var ErrURI = errors.New("hsm: invalid PKCS#11 URI")
 
 // URI is a parsed PKCS#11 URI (RFC 7512), the way p11-kit, GnuTLS and
 // OpenSSL's pkcs11-provider name a module, a token and an object:
@@ -80,7 +76,7 @@ func ParseURI(s string) (*URI, error) {
 }
 
 func uriErr(format string, args ...any) error {
-	return fmt.Errorf("%w: "+format, append([]any{ErrURI}, args...)...)
+	return wrapf(ErrURI, format, args...)
 }
 
 func truncate(s string) string {
@@ -580,7 +576,7 @@ func (p *Provider) matchURI(u *URI) error {
 		return err
 	}
 	if len(mismatch) > 0 {
-		return &Error{Op: op, Generation: gen, Err: fmt.Errorf("%w: %s", ErrTokenNotFound, strings.Join(mismatch, "; "))}
+		return &Error{Op: op, Generation: gen, Err: wrapf(ErrTokenNotFound, "%s", strings.Join(mismatch, "; "))}
 	}
 	return nil
 }

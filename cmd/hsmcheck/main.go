@@ -31,7 +31,7 @@ import (
 
 	"github.com/ce46d8f2/hsm"
 	"github.com/ce46d8f2/hsm/internal/soak"
-	"github.com/ce46d8f2/hsm/internal/softhsmtest"
+	"github.com/ce46d8f2/hsm/internal/softhsm"
 )
 
 const usage = `usage: hsmcheck <command> [flags]
@@ -260,7 +260,7 @@ func isTerminal(w io.Writer) bool {
 }
 
 func runSoak(d, every time.Duration, workers int, w io.Writer) error {
-	if missing := softhsmtest.Missing(true); len(missing) > 0 {
+	if missing := softhsm.Missing(true); len(missing) > 0 {
 		return fmt.Errorf("not installed: %s; run `make deps`", strings.Join(missing, ", "))
 	}
 	if every <= 0 || d <= 0 {
@@ -271,7 +271,7 @@ func runSoak(d, every time.Duration, workers int, w io.Writer) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	if err := softhsmtest.Setup(dir); err != nil {
+	if err := softhsm.Setup(dir); err != nil {
 		return err
 	}
 	fmt.Fprintf(w, "soak: %v, an outage about every %v, %d goroutines signing with ECDSA P-256 and RSA-2048 (PKCS #1 v1.5 and PSS) through p11-kit\n", d, every, max(workers, 8))

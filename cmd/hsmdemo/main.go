@@ -26,7 +26,7 @@ import (
 	"time"
 
 	"github.com/ce46d8f2/hsm"
-	"github.com/ce46d8f2/hsm/internal/softhsmtest"
+	"github.com/ce46d8f2/hsm/internal/softhsm"
 )
 
 func main() {
@@ -37,7 +37,7 @@ func main() {
 }
 
 func run() error {
-	if missing := softhsmtest.Missing(true); len(missing) > 0 {
+	if missing := softhsm.Missing(true); len(missing) > 0 {
 		return fmt.Errorf("not installed: %s; run `make deps`", strings.Join(missing, ", "))
 	}
 	dir, err := os.MkdirTemp("", "hsmdemo-")
@@ -45,14 +45,14 @@ func run() error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	if err := softhsmtest.Setup(dir); err != nil {
+	if err := softhsm.Setup(dir); err != nil {
 		return err
 	}
-	tok, err := softhsmtest.CreateToken("demo")
+	tok, err := softhsm.CreateToken("demo")
 	if err != nil {
 		return err
 	}
-	if err := tok.Generate(softhsmtest.P256, []byte{1}, "demo-key"); err != nil {
+	if err := tok.Generate(softhsm.P256, []byte{1}, "demo-key"); err != nil {
 		return err
 	}
 	fmt.Printf("Created SoftHSM2 token %q in %s with an ECDSA P-256 key \"demo-key\".\n\n", tok.Label, dir)
@@ -86,9 +86,9 @@ func signVerify(s *hsm.Signer, pub *ecdsa.PublicKey) (time.Duration, error) {
 	return took, nil
 }
 
-func direct(tok *softhsmtest.Token) error {
+func direct(tok *softhsm.Token) error {
 	fmt.Println("== Part 1: SoftHSM2 loaded directly ==")
-	p, err := hsm.Open(hsm.Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label, PIN: tok.PIN})
+	p, err := hsm.Open(hsm.Config{Path: softhsm.SoftHSMModule, TokenLabel: tok.Label, PIN: tok.PIN})
 	if err != nil {
 		return err
 	}
@@ -128,7 +128,7 @@ func direct(tok *softhsmtest.Token) error {
 }
 
 // remoteConfig is the Config for tok served by p11-kit.
-func remoteConfig(srv *softhsmtest.Server, tok *softhsmtest.Token) hsm.Config {
+func remoteConfig(srv *softhsm.Server, tok *softhsm.Token) hsm.Config {
 	return hsm.Config{
 		Path: srv.Module(), TokenLabel: tok.Label, PIN: tok.PIN,
 		// p11-kit 0.24's client can hang when the server dies with several
@@ -137,9 +137,9 @@ func remoteConfig(srv *softhsmtest.Server, tok *softhsmtest.Token) hsm.Config {
 	}
 }
 
-func manual(tok *softhsmtest.Token) error {
+func manual(tok *softhsm.Token) error {
 	fmt.Println("== Part 2: the same token as a network HSM (p11-kit server + p11-kit-client.so), recovery by hand ==")
-	srv, err := softhsmtest.Serve(tok)
+	srv, err := softhsm.Serve(tok)
 	if err != nil {
 		return err
 	}
@@ -167,10 +167,10 @@ func manual(tok *softhsmtest.Token) error {
 	}
 	took, err = signVerify(key, pub)
 	var herr *hsm.Error
-	if !hsm.IsDeviceLost(err) || !errors.As(err, &herr) {
+	if !errors.Is(err, hsm.ErrDeviceLost) || !errors.As(err, &herr) {
 		return fmt.Errorf("after killing the server: %v, want a device-lost error", err)
 	}
-	fmt.Printf("killed the HSM; the next signature failed in %v:\n    %v (class %v)\n", took.Round(time.Microsecond), err, hsm.Classify(err))
+	fmt.Printf("killed the HSM; the next signature failed in %v:\n    %v (matches hsm.ErrDeviceLost)\n", took.Round(time.Microsecond), err)
 
 	took, err = signVerify(key, pub)
 	if !errors.Is(err, hsm.ErrUnavailable) {
@@ -211,9 +211,9 @@ func manual(tok *softhsmtest.Token) error {
 	return nil
 }
 
-func automatic(tok *softhsmtest.Token) error {
+func automatic(tok *softhsm.Token) error {
 	fmt.Println("\n== Part 3: the same outage with automatic recovery (the default) ==")
-	srv, err := softhsmtest.Serve(tok)
+	srv, err := softhsm.Serve(tok)
 	if err != nil {
 		return err
 	}
@@ -237,7 +237,7 @@ func automatic(tok *softhsmtest.Token) error {
 		return err
 	}
 	_, err = signVerify(key, pub)
-	if !hsm.IsDeviceLost(err) {
+	if !errors.Is(err, hsm.ErrDeviceLost) {
 		return fmt.Errorf("after the kill: %v", err)
 	}
 	took, err := signVerify(key, pub)

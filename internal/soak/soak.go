@@ -7,7 +7,7 @@
 // returned verifies, none is wrong, nothing panics, there is one
 // re-initialization per outage, recovery is quick, no goroutine is left.
 //
-// softhsmtest.Setup must have run (cmd/hsmcheck and TestMain do it).
+// softhsm.Setup must have run (cmd/hsmcheck and TestMain do it).
 package soak
 
 import (
@@ -27,7 +27,7 @@ import (
 	"time"
 
 	"github.com/ce46d8f2/hsm"
-	"github.com/ce46d8f2/hsm/internal/softhsmtest"
+	"github.com/ce46d8f2/hsm/internal/softhsm"
 )
 
 // Options configure a soak.
@@ -98,17 +98,17 @@ func Run(opts Options) (Result, error) {
 			fmt.Fprintf(opts.Log, format+"\n", args...)
 		}
 	}
-	tok, err := softhsmtest.CreateToken("soak")
+	tok, err := softhsm.CreateToken("soak")
 	if err != nil {
 		return res, err
 	}
-	if err := tok.Generate(softhsmtest.P256, []byte{1}, "ec"); err != nil {
+	if err := tok.Generate(softhsm.P256, []byte{1}, "ec"); err != nil {
 		return res, err
 	}
-	if err := tok.Generate(softhsmtest.RSA2048, []byte{2}, "rsa"); err != nil {
+	if err := tok.Generate(softhsm.RSA2048, []byte{2}, "rsa"); err != nil {
 		return res, err
 	}
-	srv, err := softhsmtest.Serve(tok)
+	srv, err := softhsm.Serve(tok)
 	if err != nil {
 		return res, err
 	}
@@ -187,7 +187,7 @@ func Run(opts Options) (Result, error) {
 						}
 						backAt.CompareAndSwap(b, 0)
 					}
-				case errors.Is(err, hsm.ErrUnavailable), errors.Is(err, hsm.ErrBusy), hsm.IsDeviceLost(err):
+				case errors.Is(err, hsm.ErrUnavailable), errors.Is(err, hsm.ErrBusy), errors.Is(err, hsm.ErrDeviceLost):
 					refused.Add(1)
 					time.Sleep(time.Millisecond)
 				default:

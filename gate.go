@@ -3,47 +3,8 @@ package hsm
 import (
 	"context"
 	"errors"
-	"fmt"
 	"sync/atomic"
 )
-
-// State is the provider's state as far as admitting operations goes.
-type State uint32
-
-const (
-	// StateHealthy: operations of the current generation are admitted.
-	StateHealthy State = iota
-	// StateUnavailable: operations fail fast with ErrUnavailable; a
-	// re-initialization is needed (or failed and must be retried).
-	StateUnavailable
-	// StateReinitializing: a re-initialization is draining calls in flight
-	// or re-opening the library; operations fail fast with ErrUnavailable.
-	StateReinitializing
-	// StateClosed: Close was called; everything fails with ErrClosed.
-	StateClosed
-	// StateFailed: a re-initialization hit an error that retrying cannot
-	// fix: the token rejected the PIN (retrying could lock it), or a token
-	// with another serial number answers to the selector. Operations fail
-	// fast with ErrUnavailable, automatic recovery has stopped, LastError
-	// says why; an explicit Reinitialize tries once more.
-	StateFailed
-)
-
-func (s State) String() string {
-	switch s {
-	case StateHealthy:
-		return "healthy"
-	case StateUnavailable:
-		return "unavailable"
-	case StateReinitializing:
-		return "reinitializing"
-	case StateClosed:
-		return "closed"
-	case StateFailed:
-		return "failed"
-	}
-	return fmt.Sprintf("State(%d)", uint32(s))
-}
 
 const stateBits = 8
 

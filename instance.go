@@ -2,7 +2,6 @@ package hsm
 
 import (
 	"errors"
-	"fmt"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -148,16 +147,16 @@ const (
 // error and l what its calls left on the session: a session whose state is
 // in doubt is not pooled again.
 func (in *instance) giveBack(s pkcs11.SessionHandle, err error, l left) {
-	code, _ := CodeOf(err)
+	code, _ := codeOf(err)
 	switch {
 	case code == pkcs11.CKR_SESSION_HANDLE_INVALID, code == pkcs11.CKR_SESSION_CLOSED,
-		classifyCode(code) == ClassDeviceLost:
+		classify(code) == classDeviceLost:
 		// The library no longer knows this handle, and may already have
 		// issued the same number to another session of ours: closing it
 		// could close a session another goroutine is using. Forget it;
 		// C_Finalize reclaims whatever is left.
 	case l == leftClean && (code == pkcs11.CKR_OBJECT_HANDLE_INVALID || code == pkcs11.CKR_KEY_HANDLE_INVALID ||
-		classifyCode(code) == ClassNone || classifyCode(code) == ClassCaller):
+		classify(code) == classNone || classify(code) == classCaller):
 		// The session is fine: nothing is active on it.
 		in.idle <- s
 	default:
@@ -248,7 +247,7 @@ func (p *Provider) run(gen uint64, r *refusals, wait time.Duration, kind runKind
 			return r.busy
 		}
 		p.observe(gen, err, true)
-		return p11err(r.op, gen, fmt.Errorf("open session: %w", err))
+		return p11err(r.op, gen, stepErr("C_OpenSession", err))
 	}
 	returned := false
 	defer func() {

@@ -1,0 +1,189 @@
+package softhsm
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Server serves one token through `p11-kit server`, the way a network HSM
+// is reached: every PKCS#11 call of a client that loads ClientModule is a
+// round trip over a Unix socket to a p11-kit-remote process that runs
+// SoftHSM. The server runs in a session of its own (setsid), so that Kill,
+// Pause and Resume reach it and every per-connection child it started.
+//
+// A Server is not safe for concurrent use.
+type Server struct {
+	tok  *Token
+	sock string
+	cmd  *exec.Cmd
+	log  bytes.Buffer
+}
+
+// running guards the one socket of the process.
+var running sync.Mutex
+
+// Serve starts p11-kit server for tok on the process's socket (the address
+// Setup put in P11_KIT_SERVER_ADDRESS). One server runs at a time: a second
+// Serve waits until the first is stopped with Stop.
+func Serve(tok *Token) (*Server, error) {
+	if dir == "" {
+		return nil, fmt.Errorf("softhsm: Setup has not run")
+	}
+	running.Lock()
+	s := &Server{tok: tok, sock: socketPath()}
+	if err := s.start(); err != nil {
+		running.Unlock()
+		return nil, err
+	}
+	return s, nil
+}
+
+// Address is the value for P11_KIT_SERVER_ADDRESS.
+func (s *Server) Address() string { return "unix:path=" + s.sock }
+
+// Module is the PKCS#11 module a client loads: p11-kit's client.
+func (s *Server) Module() string { return ClientModule }
+
+func (s *Server) start() error {
+	_ = os.Remove(s.sock)
+	cmd := exec.Command("p11-kit", "server", "-f", "-n", s.sock, "-p", SoftHSMModule, "pkcs11:token="+s.tok.Label)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	s.log.Reset()
+	cmd.Stdout = &s.log
+	cmd.Stderr = &s.log
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("softhsm: start p11-kit server: %w", err)
+	}
+	s.cmd = cmd
+	// The socket file appears at bind(), before listen(); p11-kit-client
+	// turns a refused connection into an empty slot list. Wait until a
+	// connection is accepted.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if c, err := net.Dial("unix", s.sock); err == nil {
+			c.Close()
+			return nil
+		}
+		if time.Now().After(deadline) {
+			s.kill()
+			return fmt.Errorf("softhsm: p11-kit server did not accept on %s in 10s; output:\n%s", s.sock, s.log.String())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// Pids returns the processes of the server's session: the server and the
+// p11-kit-remote child of every connection.
+func (s *Server) Pids() []int {
+	if s.cmd == nil {
+		return nil
+	}
+	return sessionPids(s.cmd.Process.Pid)
+}
+
+// sessionPids lists the live processes whose session id is sid, read from
+// /proc/PID/stat (field 6).
+func sessionPids(sid int) []int {
+	entries, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		// The command name (field 2) is in parentheses and may hold spaces.
+		i := bytes.LastIndexByte(b, ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(string(b[i+1:]))
+		// f[0] state, f[1] ppid, f[2] pgrp, f[3] session
+		if len(f) > 3 && f[0] != "Z" && f[3] == strconv.Itoa(sid) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+func (s *Server) signal(sig syscall.Signal) int {
+	pids := s.Pids()
+	for _, pid := range pids {
+		_ = syscall.Kill(pid, sig)
+	}
+	return len(pids)
+}
+
+// Kill sends SIGKILL to every process of the server's session: the HSM is
+// gone, connections break. It returns once they have all exited.
+func (s *Server) Kill() error {
+	if s.cmd == nil {
+		return nil
+	}
+	sid := s.kill()
+	deadline := time.Now().Add(5 * time.Second)
+	for len(sessionPids(sid)) > 0 {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("softhsm: processes of session %d survive SIGKILL: %v", sid, sessionPids(sid))
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	return nil
+}
+
+// kill signals the session and reaps the server; it returns the session id.
+func (s *Server) kill() int {
+	s.signal(syscall.SIGCONT) // a stopped process would not die until continued
+	s.signal(syscall.SIGKILL)
+	_ = s.cmd.Wait()
+	sid := s.cmd.Process.Pid
+	s.cmd = nil
+	return sid
+}
+
+// Pause stops (SIGSTOP) every process of the server's session: calls in
+// flight hang, as with a stalled network. It returns how many processes it
+// stopped.
+func (s *Server) Pause() int { return s.signal(syscall.SIGSTOP) }
+
+// Resume continues what Pause stopped.
+func (s *Server) Resume() int { return s.signal(syscall.SIGCONT) }
+
+// Restart kills the server if it runs and starts a new one on the same
+// socket: the HSM is back.
+func (s *Server) Restart() error {
+	if err := s.Kill(); err != nil {
+		return err
+	}
+	return s.start()
+}
+
+// Stop kills the server and frees the socket for the next Serve. Calling it
+// twice is harmless.
+func (s *Server) Stop() {
+	if s.sock == "" {
+		return
+	}
+	if s.cmd != nil {
+		s.kill()
+	}
+	s.sock = ""
+	running.Unlock()
+}
+
+// String names the server for logs.
+func (s *Server) String() string {
+	return fmt.Sprintf("p11-kit server for token %q at %s", s.tok.Label, s.sock)
+}

@@ -1,0 +1,171 @@
+package hsm
+
+import (
+	"fmt"
+	"time"
+)
+
+// State is the provider's state as far as admitting operations goes.
+type State uint32
+
+const (
+	// StateHealthy: operations of the current generation are admitted.
+	StateHealthy State = iota
+	// StateUnavailable: operations fail fast with ErrUnavailable; a
+	// re-initialization is needed (or failed and must be retried).
+	StateUnavailable
+	// StateReinitializing: a re-initialization is draining calls in flight
+	// or re-opening the library; operations fail fast with ErrUnavailable.
+	StateReinitializing
+	// StateClosed: Close was called; everything fails with ErrClosed.
+	StateClosed
+	// StateFailed: a re-initialization hit an error that retrying cannot
+	// fix: the token rejected the PIN (retrying could lock it), or a token
+	// with another serial number answers to the selector. Operations fail
+	// fast with ErrUnavailable, automatic recovery has stopped, LastError
+	// says why; an explicit Reinitialize tries once more.
+	StateFailed
+)
+
+func (s State) String() string {
+	switch s {
+	case StateHealthy:
+		return "healthy"
+	case StateUnavailable:
+		return "unavailable"
+	case StateReinitializing:
+		return "reinitializing"
+	case StateClosed:
+		return "closed"
+	case StateFailed:
+		return "failed"
+	}
+	return fmt.Sprintf("State(%d)", uint32(s))
+}
+
+// StateChange describes one change of Provider.State, as passed to
+// Config.OnStateChange.
+type StateChange struct {
+	From, To State
+	// Generation is the generation after the change.
+	Generation uint64
+	// Err is what caused the change to Unavailable or Failed, or the error
+	// of a failed re-initialization; nil otherwise.
+	Err error
+	At  time.Time
+}
+
+// setState moves the gate to (gen, to) and does the bookkeeping of a state
+// change. Callers hold p.life, except Open before the provider is shared.
+// The change and its bookkeeping happen under h.mu, as markLost's do, so
+// that every observer sees changes in one order: OnStateChange's events,
+// LastError, Since.
+func (p *Provider) setState(gen uint64, to State, cause error) {
+	h := &p.health
+	h.mu.Lock()
+	_, from := p.gate.load()
+	p.gate.set(gen, to)
+	p.recordLocked(from, to, gen, cause)
+	h.mu.Unlock()
+	p.announce(from, to, gen, cause)
+}
+
+// recordLocked records and queues for OnStateChange a state change that
+// has just happened. Called with h.mu held.
+func (p *Provider) recordLocked(from, to State, gen uint64, cause error) {
+	h := &p.health
+	now := time.Now()
+	h.lastChange.Store(now.UnixNano())
+	if cause != nil {
+		h.lastErr = cause
+	} else if to == StateHealthy {
+		h.lastErr = nil
+	}
+	close(h.changed)
+	h.changed = make(chan struct{})
+	if h.events != nil && !h.eventsClosed {
+		select {
+		case h.events <- StateChange{From: from, To: to, Generation: gen, Err: cause, At: now}:
+		default:
+			h.eventsDropped.Add(1)
+		}
+	}
+}
+
+// announce wakes the monitor and logs a state change, outside h.mu.
+func (p *Provider) announce(from, to State, gen uint64, cause error) {
+	p.health.poke()
+	switch {
+	case to == StateUnavailable && from == StateHealthy:
+		p.log.Warn("hsm: HSM lost; operations fail fast until it is re-initialized", "generation", gen, "err", cause)
+	case to == StateUnavailable && from == StateReinitializing:
+		p.logReinitFailure(gen, cause)
+	case to == StateFailed:
+		p.log.Error("hsm: re-initialization cannot succeed without a change; automatic recovery stopped", "generation", gen, "err", cause)
+	case to == StateHealthy && from != StateHealthy:
+		p.log.Info("hsm: healthy", "generation", gen)
+	}
+}
+
+// logReinitFailure logs failed re-initializations: the first at once, then
+// at most one line a minute with how many were not logged.
+func (p *Provider) logReinitFailure(gen uint64, err error) {
+	h := &p.health
+	h.mu.Lock()
+	now := time.Now()
+	if now.Before(h.logNext) {
+		h.logSuppressed++
+		h.mu.Unlock()
+		return
+	}
+	n := h.logSuppressed
+	h.logSuppressed = 0
+	h.logNext = now.Add(time.Minute)
+	h.mu.Unlock()
+	p.log.Warn("hsm: re-initialization failed; provider stays unavailable", "generation", gen, "err", err, "failures_not_logged", n)
+}
+
+// markLost moves the provider from healthy to unavailable in generation gen,
+// once: the first device-loss error wins, later ones find the state changed.
+// Operations waiting for a session of gen are woken and fail fast.
+func (p *Provider) markLost(gen uint64, cause error) {
+	if p.gate.word.Load() != pack(gen, StateHealthy) {
+		return // no lock for the many that find it already done
+	}
+	h := &p.health
+	h.mu.Lock()
+	if !p.gate.word.CompareAndSwap(pack(gen, StateHealthy), pack(gen, StateUnavailable)) {
+		h.mu.Unlock()
+		return
+	}
+	p.recordLocked(StateHealthy, StateUnavailable, gen, cause)
+	h.mu.Unlock()
+	if in := p.inst.Load(); in != nil && in.gen == gen {
+		in.stop()
+	}
+	p.announce(StateHealthy, StateUnavailable, gen, cause)
+}
+
+// observe accounts for the error of an admitted operation of generation gen
+// and, with react, reacts to it: a device-loss code makes the provider
+// unavailable, a suspect code asks the monitor for a probe.
+func (p *Provider) observe(gen uint64, err error, react bool) {
+	code, ok := codeOf(err)
+	if !ok {
+		return
+	}
+	h := &p.health
+	h.failed.Add(1)
+	h.mu.Lock()
+	h.byCode[code]++
+	h.mu.Unlock()
+	if !react {
+		return
+	}
+	switch classify(code) {
+	case classDeviceLost:
+		p.markLost(gen, err)
+	case classSuspect:
+		h.poke()
+	}
+}
