@@ -13,10 +13,25 @@ import (
 )
 
 // Decrypter is an RSA private key on the token that implements
-// crypto.Decrypter with the semantics of crypto/rsa, and crypto.Signer (it is
-// a Signer too). Like Signer it belongs to one generation of the PKCS#11
-// library. Safe for concurrent use.
-type Decrypter struct{ Signer }
+// crypto.Decrypter with the semantics of crypto/rsa, and crypto.Signer. Like
+// Signer it belongs to one generation of the PKCS#11 library. Safe for
+// concurrent use.
+type Decrypter struct{ k *key }
+
+// Public returns the *rsa.PublicKey. It makes no PKCS#11 call.
+func (d *Decrypter) Public() crypto.PublicKey { return d.k.pub }
+
+// Generation returns the generation of the PKCS#11 library the key was
+// found in.
+func (d *Decrypter) Generation() uint64 { return d.k.gen }
+
+// KeyRef returns the key's own CKA_ID and CKA_LABEL as read from the token.
+func (d *Decrypter) KeyRef() KeyRef { return d.k.ref }
+
+// Sign signs as Signer.Sign does; the key must allow signing (CKA_SIGN).
+func (d *Decrypter) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return d.k.sign(digest, opts)
+}
 
 // Decrypter looks up the RSA private key ref in the current generation, as
 // Signer does, and requires that it allows decryption (CKA_DECRYPT). An EC or
@@ -32,7 +47,7 @@ func (p *Provider) Decrypter(ref KeyRef) (*Decrypter, error) {
 	if !k.canDecrypt {
 		return nil, opErr("find key", k.gen, ErrUnsupportedKey, "%s does not allow decryption (CKA_DECRYPT is false)", k.ref)
 	}
-	return &Decrypter{Signer{k}}, nil
+	return &Decrypter{k}, nil
 }
 
 // String describes the key without secrets.

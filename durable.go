@@ -18,7 +18,7 @@ type durable struct {
 	p       *Provider
 	ref     KeyRef // the key's own CKA_ID and CKA_LABEL, read at first binding
 	pub     crypto.PublicKey
-	pinned  string // SHA-256 of the pinned public key, for messages
+	pinned  string // the first 8 bytes of the SHA-256 of the pinned public key, in hex, for messages
 	decrypt bool
 
 	cur atomic.Pointer[key] // the key bound in some generation
@@ -54,6 +54,12 @@ func (p *Provider) durable(ref KeyRef, decrypt bool) (*durable, error) {
 	if err != nil {
 		return nil, err
 	}
+	return p.durableFrom(k, decrypt)
+}
+
+// durableFrom makes a durable key of k, found with the checks of
+// Decrypter (decrypt) or Signer, and pins its public key.
+func (p *Provider) durableFrom(k *key, decrypt bool) (*durable, error) {
 	der, err := x509.MarshalPKIXPublicKey(k.pub)
 	if err != nil {
 		return nil, opErr("find key", k.gen, ErrUnsupportedKey, "public key: %v", err)
@@ -102,16 +108,22 @@ func (d *durable) bound() (*key, error) {
 	return nk, nil
 }
 
-// do runs op with the key bound in the current generation. A key that turns
-// stale between binding and the call (a re-initialization in between) is
-// bound again, once. With wait, an unavailable provider is waited for,
-// until ctx ends.
-func (d *durable) do(ctx context.Context, wait bool, op func(*key) ([]byte, error)) ([]byte, error) {
-	for attempt := 0; ; attempt++ {
+// maxRebinds bounds how many times in a row one call of a durable key binds
+// it again because it turned stale between binding and the call (a
+// re-initialization in between each time). Past it the call fails with
+// ErrUnavailable: re-initializations follow one another too fast to sign.
+const maxRebinds = 3
+
+// do runs f, the operation op, with the key bound in the current
+// generation. A key that turns stale between binding and the call is bound
+// again, at most maxRebinds times. With wait, an unavailable provider is
+// waited for, until ctx ends.
+func (d *durable) do(ctx context.Context, wait bool, op string, f func(*key) ([]byte, error)) ([]byte, error) {
+	for rebinds := 0; ; rebinds++ {
 		k, err := d.bound()
 		var out []byte
 		if err == nil {
-			out, err = op(k)
+			out, err = f(k)
 		}
 		switch {
 		case err == nil:
@@ -119,7 +131,7 @@ func (d *durable) do(ctx context.Context, wait bool, op func(*key) ([]byte, erro
 		case errors.Is(err, ErrStaleKey):
 			// Re-initialized between binding and the call: bind again. A
 			// durable key never reports ErrStaleKey.
-			if attempt < 3 {
+			if rebinds < maxRebinds {
 				continue
 			}
 			err = d.unavailable
@@ -128,7 +140,11 @@ func (d *durable) do(ctx context.Context, wait bool, op func(*key) ([]byte, erro
 			return nil, err
 		}
 		if werr := d.p.WaitHealthy(ctx); werr != nil {
-			return nil, causedBy(err, werr)
+			// WaitHealthy's *Error, as this operation's: it matches
+			// ErrUnavailable and ctx's error, or ErrClosed.
+			e := *werr.(*Error)
+			e.Op = op
+			return nil, &e
 		}
 	}
 }
@@ -170,20 +186,34 @@ func (s *DurableSigner) String() string {
 // generation. It does not wait for an unavailable provider: it fails fast
 // with ErrUnavailable (use SignContext to wait).
 func (s *DurableSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
-	return s.d.do(context.Background(), false, func(k *key) ([]byte, error) { return k.sign(digest, opts) })
+	return s.d.do(context.Background(), false, "sign", func(k *key) ([]byte, error) { return k.sign(digest, opts) })
 }
 
 // SignContext is Sign, except that while the provider is unavailable or
 // re-initializing it waits for it to be healthy again, until ctx ends; then
 // it returns an error matching both ErrUnavailable and ctx's error.
 func (s *DurableSigner) SignContext(ctx context.Context, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
-	return s.d.do(ctx, true, func(k *key) ([]byte, error) { return k.sign(digest, opts) })
+	return s.d.do(ctx, true, "sign", func(k *key) ([]byte, error) { return k.sign(digest, opts) })
 }
 
 // DurableDecrypter is the RSA counterpart of DurableSigner: a
 // crypto.Decrypter (and crypto.Signer) that finds its key again in every
 // generation. Safe for concurrent use.
-type DurableDecrypter struct{ DurableSigner }
+type DurableDecrypter struct{ d *durable }
+
+// Public returns the pinned *rsa.PublicKey. It makes no PKCS#11 call.
+func (d *DurableDecrypter) Public() crypto.PublicKey { return d.d.pub }
+
+// KeyRef returns the key's CKA_ID and CKA_LABEL used to find it again.
+func (d *DurableDecrypter) KeyRef() KeyRef { return d.d.ref }
+
+// Generation returns the generation the key is currently bound in.
+func (d *DurableDecrypter) Generation() uint64 { return d.d.cur.Load().gen }
+
+// Sign signs as DurableSigner.Sign does; the key must allow signing.
+func (d *DurableDecrypter) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return d.d.do(context.Background(), false, "sign", func(k *key) ([]byte, error) { return k.sign(digest, opts) })
+}
 
 // DurableDecrypter looks up the RSA key ref now, as Decrypter does, and
 // pins its public key.
@@ -192,7 +222,7 @@ func (p *Provider) DurableDecrypter(ref KeyRef) (*DurableDecrypter, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &DurableDecrypter{DurableSigner{d}}, nil
+	return &DurableDecrypter{d}, nil
 }
 
 // String describes the key without secrets.
@@ -204,11 +234,11 @@ func (d *DurableDecrypter) String() string {
 // Decrypt decrypts as Decrypter.Decrypt does, with the key bound in the
 // current generation, failing fast while the provider is unavailable.
 func (d *DurableDecrypter) Decrypt(rand io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {
-	return d.d.do(context.Background(), false, func(k *key) ([]byte, error) { return k.decryptWith(rand, ciphertext, opts) })
+	return d.d.do(context.Background(), false, "decrypt", func(k *key) ([]byte, error) { return k.decryptWith(rand, ciphertext, opts) })
 }
 
 // DecryptContext is Decrypt, waiting for an unavailable provider until ctx
 // ends, as SignContext does.
 func (d *DurableDecrypter) DecryptContext(ctx context.Context, rand io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {
-	return d.d.do(ctx, true, func(k *key) ([]byte, error) { return k.decryptWith(rand, ciphertext, opts) })
+	return d.d.do(ctx, true, "decrypt", func(k *key) ([]byte, error) { return k.decryptWith(rand, ciphertext, opts) })
 }

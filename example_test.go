@@ -263,7 +263,7 @@ func ExampleOpenURI() {
 	uri := "pkcs11:token=" + url.PathEscape(cfg.TokenLabel) + ";object=tls;type=private" +
 		"?module-path=" + cfg.Path + "&pin-value=" + cfg.PIN
 
-	p, err := hsm.OpenURI(uri, func(c *hsm.Config) { c.MaxSessions = 8 })
+	p, err := hsm.OpenURI(uri, hsm.Config{MaxSessions: 8})
 	if err != nil {
 		log.Fatal(err)
 	}

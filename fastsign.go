@@ -102,26 +102,72 @@ import "C"
 
 import (
 	"fmt"
+	"reflect"
+	"runtime/debug"
 	"unsafe"
 
 	"github.com/miekg/pkcs11"
 )
 
 // fastList returns the function list of the module miekg/pkcs11 loaded from
-// path, or nil (with the reason) when it cannot be validated.
-func fastList(ctx *pkcs11.Ctx, path string) (unsafe.Pointer, int) {
-	// *pkcs11.Ctx is a pointer to a struct whose only field is the C ctx.
+// path, or nil with the reason why it cannot be used. It reads miekg's
+// unexported structures only when the build links exactly the version whose
+// layout was validated (under minimal version selection a program may link
+// a newer one), and checks what it reads before use.
+func fastList(ctx *pkcs11.Ctx, path string) (unsafe.Pointer, string) {
+	if v := linkedMiekg(); v != miekgValidated && v != "" {
+		return nil, fmt.Sprintf("github.com/miekg/pkcs11 %s is linked; the two-call path reads the layout of %s only", v, miekgValidated)
+	}
+	// *pkcs11.Ctx is a pointer to a struct whose only field is a pointer
+	// to the C struct ctx { void *handle; CK_FUNCTION_LIST_PTR sym; }.
+	if t := reflect.TypeFor[pkcs11.Ctx](); t.NumField() != 1 || t.Field(0).Type.Kind() != reflect.Pointer {
+		return nil, "pkcs11.Ctx is not a struct of one pointer"
+	}
 	cctx := *(*unsafe.Pointer)(unsafe.Pointer(ctx))
 	if cctx == nil {
-		return nil, 1
+		return nil, "the module is not loaded (nil C context)"
 	}
 	fields := (*[2]unsafe.Pointer)(cctx)
 	cpath := C.CString(path)
 	defer C.free(unsafe.Pointer(cpath))
 	if rc := C.hsm_check_list(cpath, fields[0], fields[1]); rc != 0 {
-		return nil, int(rc)
+		return nil, listProblems[rc]
 	}
-	return fields[1], 0
+	return fields[1], ""
+}
+
+// miekgValidated is the version of github.com/miekg/pkcs11 whose
+// unexported layout fastList reads. TestFastPathLayout fails when go.mod
+// moves to another one, until the layout is checked again.
+const miekgValidated = "v1.1.2"
+
+// linkedMiekg returns the version of github.com/miekg/pkcs11 this program
+// links, or "" when the binary does not record its dependencies (test
+// binaries do not), and then only the structural checks apply.
+func linkedMiekg() string {
+	bi, ok := debug.ReadBuildInfo()
+	if !ok || len(bi.Deps) == 0 {
+		return ""
+	}
+	for _, d := range bi.Deps {
+		if d.Path == "github.com/miekg/pkcs11" {
+			if d.Replace != nil {
+				return d.Version + " replaced by " + d.Replace.Path + " " + d.Replace.Version
+			}
+			return d.Version
+		}
+	}
+	return "(not in the build information)"
+}
+
+// listProblems names the results of hsm_check_list.
+var listProblems = map[C.int]string{
+	1: "no module handle or function list",
+	2: "the module at the path is not the one loaded (dlopen RTLD_NOLOAD)",
+	3: "another copy of the module is loaded",
+	4: "the function list's version is neither 2.x nor 3.x",
+	5: "C_SignInit and C_Sign are not at the standard indexes of the function list",
+	6: "C_DecryptInit and C_Decrypt are not at the standard indexes of the function list",
 }
 
 // bytesPtr is the address of b's first byte, or nil when b is empty.

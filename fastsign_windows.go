@@ -10,7 +10,9 @@ import (
 
 // On Windows the module's structures are packed; the two-call path is not
 // used there (fastList reports it unavailable).
-func fastList(*pkcs11.Ctx, string) (unsafe.Pointer, int) { return nil, -1 }
+func fastList(*pkcs11.Ctx, string) (unsafe.Pointer, string) {
+	return nil, "not on Windows (packed structures)"
+}
 
 func fastSign(unsafe.Pointer, pkcs11.SessionHandle, *pkcs11.Mechanism, pkcs11.ObjectHandle, []byte, int) ([]byte, error) {
 	return nil, pkcs11.Error(pkcs11.CKR_FUNCTION_NOT_SUPPORTED)

@@ -228,7 +228,7 @@ func TestAutomaticRecovery(t *testing.T) {
 	if err := p.WaitHealthy(contextWithTimeout(t, 10*time.Second)); err != nil {
 		t.Fatal(err)
 	}
-	if n := p.Reinitializations(); n != 2 {
+	if n := p.Stats().Reinitializations; n != 2 {
 		t.Fatalf("%d re-initializations after two outages", n)
 	}
 }

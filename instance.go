@@ -148,24 +148,42 @@ const (
 // in doubt is not pooled again.
 func (in *instance) giveBack(s pkcs11.SessionHandle, err error, l left) {
 	code, _ := codeOf(err)
-	switch {
-	case code == pkcs11.CKR_SESSION_HANDLE_INVALID, code == pkcs11.CKR_SESSION_CLOSED,
-		classify(code) == classDeviceLost:
-		// The library no longer knows this handle, and may already have
-		// issued the same number to another session of ours: closing it
-		// could close a session another goroutine is using. Forget it;
-		// C_Finalize reclaims whatever is left.
-	case l == leftClean && (code == pkcs11.CKR_OBJECT_HANDLE_INVALID || code == pkcs11.CKR_KEY_HANDLE_INVALID ||
-		classify(code) == classNone || classify(code) == classCaller):
-		// The session is fine: nothing is active on it.
+	switch fateOf(code, l) {
+	case pool:
 		in.idle <- s
-	default:
-		// The session is valid but its state is in doubt (an operation may
-		// be active; a general failure): close it, open a fresh one next
-		// time.
+	case closeIt:
 		_ = in.ctx.CloseSession(s)
 	}
 	in.release()
+}
+
+// fate is what becomes of a session after an operation.
+type fate uint8
+
+const (
+	pool    fate = iota // nothing is active on it: pool it
+	closeIt             // valid, but its state is in doubt: close it
+	forget              // the library no longer knows it: leave it alone
+)
+
+// fateOf decides a session's fate from the operation's PKCS#11 code (0 for
+// none) and what its calls left on it.
+func fateOf(code uint, l left) fate {
+	switch {
+	case code == pkcs11.CKR_SESSION_HANDLE_INVALID, code == pkcs11.CKR_SESSION_CLOSED,
+		classify(code) == classDeviceLost:
+		// The library may already have issued the same number to another
+		// session of ours: closing it could close a session another
+		// goroutine is using. C_Finalize reclaims whatever is left.
+		return forget
+	case l == leftClean && (code == pkcs11.CKR_OBJECT_HANDLE_INVALID || code == pkcs11.CKR_KEY_HANDLE_INVALID ||
+		classify(code) == classNone || classify(code) == classCaller):
+		return pool
+	}
+	// An operation may be active (l is not leftClean), or the failure
+	// leaves the session's state in doubt (a general error, an operation
+	// left active by someone): a fresh session next time.
+	return closeIt
 }
 
 // runKind says how run accounts for a task.

@@ -9,6 +9,7 @@ import (
 	"crypto/rsa"
 	"crypto/x509"
 	"encoding/asn1"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -204,18 +205,13 @@ func (in *instance) keyFromHandle(s pkcs11.SessionHandle, h pkcs11.ObjectHandle,
 
 // ulong decodes a CK_ULONG attribute value (native byte order and size).
 func ulong(b []byte) uint {
-	var v uint
 	switch len(b) {
 	case 8:
-		for i := 7; i >= 0; i-- {
-			v = v<<8 | uint(b[i])
-		}
+		return uint(binary.NativeEndian.Uint64(b))
 	case 4:
-		for i := 3; i >= 0; i-- {
-			v = v<<8 | uint(b[i])
-		}
+		return uint(binary.NativeEndian.Uint32(b))
 	}
-	return v
+	return 0
 }
 
 func (in *instance) rsaPublic(s pkcs11.SessionHandle, k *key) error {

@@ -238,7 +238,7 @@ func TestOutageStampede(t *testing.T) {
 	for err := range fail {
 		t.Error(err)
 	}
-	if got := p.Reinitializations(); got != 1 {
+	if got := p.Stats().Reinitializations; got != 1 {
 		t.Fatalf("%d workers that saw one outage caused %d re-initializations, want 1", workers, got)
 	}
 	if recovered.Load() != workers {
@@ -343,8 +343,8 @@ func TestReinitializeWhileDown(t *testing.T) {
 	if err := p.Reinitialize(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	if p.Generation() != 2 || p.Reinitializations() != 1 {
-		t.Fatalf("generation %d, reinits %d", p.Generation(), p.Reinitializations())
+	if p.Generation() != 2 || p.Stats().Reinitializations != 1 {
+		t.Fatalf("generation %d, reinits %d", p.Generation(), p.Stats().Reinitializations)
 	}
 	digest := sha256.Sum256(nil)
 	_, err := s.Sign(nil, digest[:], crypto.SHA256)

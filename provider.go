@@ -88,7 +88,7 @@ func Open(cfg Config) (*Provider, error) {
 	if fl, why := fastList(ctx, abs); fl != nil {
 		p.fast = fl
 	} else {
-		p.log.Info("hsm: signing and decrypting through miekg/pkcs11 (3 calls per operation, not 2)", "module", abs, "check", why)
+		p.log.Info("hsm: signing and decrypting through miekg/pkcs11 (3 calls per operation, not 2)", "module", abs, "because", why)
 	}
 	var in *instance
 	err = p.inModule("open", 1, "C_Initialize to C_Login", nil, func() (err error) {
@@ -264,14 +264,20 @@ func (p *Provider) State() State {
 	return s
 }
 
-// TokenInfo returns the label, serial, model and manufacturer of the token as
-// found by the current generation. It makes no PKCS#11 call.
-func (p *Provider) TokenInfo() (label, serial, model, manufacturer string) {
+// TokenInfo describes the token a provider uses.
+type TokenInfo struct {
+	Label, Serial, Model, Manufacturer string
+}
+
+// TokenInfo describes the token as the current generation found it. It
+// makes no PKCS#11 call; it is the zero TokenInfo once the provider is
+// closed.
+func (p *Provider) TokenInfo() TokenInfo {
 	in := p.inst.Load()
 	if in == nil {
-		return "", "", "", ""
+		return TokenInfo{}
 	}
-	return in.token.Label, in.token.SerialNumber, in.token.Model, in.token.ManufacturerID
+	return TokenInfo{Label: in.token.Label, Serial: in.token.SerialNumber, Model: in.token.Model, Manufacturer: in.token.ManufacturerID}
 }
 
 // Close stops admitting operations (they fail with ErrClosed), waits for

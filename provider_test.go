@@ -78,7 +78,8 @@ func TestOpenWrongPINIsCallerError(t *testing.T) {
 func TestOpenSelectors(t *testing.T) {
 	tok := sharedToken(t)
 	p := openToken(t, tok, func(c *Config) { c.TokenLabel = ""; c.TokenSerial = tok.Serial })
-	label, serial, _, _ := p.TokenInfo()
+	ti := p.TokenInfo()
+	label, serial := ti.Label, ti.Serial
 	if label != tok.Label || serial != tok.Serial {
 		t.Fatalf("TokenInfo = %q %q, want %q %q", label, serial, tok.Label, tok.Serial)
 	}
@@ -88,7 +89,7 @@ func TestOpenSelectors(t *testing.T) {
 	}
 	slot := int(in.slot)
 	q := openToken(t, tok, func(c *Config) { c.TokenLabel = ""; c.SlotNumber = &slot })
-	if label, _, _, _ := q.TokenInfo(); label != tok.Label {
+	if label := q.TokenInfo().Label; label != tok.Label {
 		t.Fatalf("slot %d holds %q", slot, label)
 	}
 }

@@ -59,10 +59,6 @@ func (p *Provider) ReinitializeFrom(ctx context.Context, failed uint64) error {
 	}
 }
 
-// Reinitializations returns how many re-initializations have succeeded
-// since Open.
-func (p *Provider) Reinitializations() uint64 { return p.reinits.Load() }
-
 // reinitialize does the work of one re-initialization, unless the provider
 // has already moved past generation failed. Each of its waits is bounded:
 // the drain by Config.DrainTimeout, C_Finalize and the set-up of the next

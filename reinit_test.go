@@ -29,8 +29,8 @@ func TestReinitializeStaleKeys(t *testing.T) {
 	if err := p.Reinitialize(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	if p.Generation() != 2 || p.State() != StateHealthy || p.Reinitializations() != 1 {
-		t.Fatalf("after reinit: generation %d, state %v, reinits %d", p.Generation(), p.State(), p.Reinitializations())
+	if p.Generation() != 2 || p.State() != StateHealthy || p.Stats().Reinitializations != 1 {
+		t.Fatalf("after reinit: generation %d, state %v, reinits %d", p.Generation(), p.State(), p.Stats().Reinitializations)
 	}
 	digest := sha256.Sum256([]byte("m"))
 	_, err = s.Sign(nil, digest[:], crypto.SHA256)
@@ -171,7 +171,7 @@ func TestStampede(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if got := p.Reinitializations(); got != uint64(round) {
+		if got := p.Stats().Reinitializations; got != uint64(round) {
 			t.Fatalf("round %d: %d callers caused %d re-initializations in all, want %d", round, callers, got, round)
 		}
 		if p.Generation() != seen+1 {
@@ -179,8 +179,8 @@ func TestStampede(t *testing.T) {
 		}
 	}
 	// A late caller that saw generation 1 fail changes nothing.
-	if err := p.ReinitializeFrom(t.Context(), 1); err != nil || p.Reinitializations() != 3 {
-		t.Fatalf("late caller: %v, %d reinits", err, p.Reinitializations())
+	if err := p.ReinitializeFrom(t.Context(), 1); err != nil || p.Stats().Reinitializations != 3 {
+		t.Fatalf("late caller: %v, %d reinits", err, p.Stats().Reinitializations)
 	}
 }
 
@@ -262,13 +262,13 @@ func TestConcurrentSignAndReinitialize(t *testing.T) {
 	for err := range fail {
 		t.Error(err)
 	}
-	if p.Reinitializations() != reinits {
-		t.Errorf("%d re-initializations, want %d", p.Reinitializations(), reinits)
+	if p.Stats().Reinitializations != reinits {
+		t.Errorf("%d re-initializations, want %d", p.Stats().Reinitializations, reinits)
 	}
 	if stale.Load() == 0 {
 		t.Error("no signer ever saw ErrStaleKey: the test did not overlap signing and re-initialization")
 	}
-	t.Logf("%d good signatures, %d stale, %d unavailable, %d re-initializations", good.Load(), stale.Load(), unavailable.Load(), p.Reinitializations())
+	t.Logf("%d good signatures, %d stale, %d unavailable, %d re-initializations", good.Load(), stale.Load(), unavailable.Load(), p.Stats().Reinitializations)
 }
 
 // signInput returns the digest and options to sign msg with s.

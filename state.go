@@ -56,7 +56,7 @@ type StateChange struct {
 }
 
 // setState moves the gate to (gen, to) and does the bookkeeping of a state
-// change. Callers hold p.life, except Open before the provider is shared.
+// change. Callers hold p.life.
 // The change and its bookkeeping happen under h.mu, as markLost's do, so
 // that every observer sees changes in one order: OnStateChange's events,
 // LastError, Since.

@@ -21,18 +21,18 @@ import (
 // use.
 func (p *Provider) TLSCertificate(ref KeyRef, chainPEM []byte) (tls.Certificate, error) {
 	const op = "tls certificate"
-	var key crypto.Signer
-	ds, err := p.DurableSigner(ref)
+	k, err := p.lookupFor(ref, false) // one lookup, with Signer's checks
 	if err != nil {
 		return tls.Certificate{}, err
 	}
-	key = ds
-	if k := ds.d.cur.Load(); k.kind == kindRSA && k.canDecrypt {
-		dd, err := p.DurableDecrypter(ref)
-		if err != nil {
-			return tls.Certificate{}, err
-		}
-		key = dd
+	decrypt := k.kind == kindRSA && k.canDecrypt
+	d, err := p.durableFrom(k, decrypt)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	var key crypto.Signer = &DurableSigner{d}
+	if decrypt {
+		key = &DurableDecrypter{d}
 	}
 	var chain [][]byte
 	if chainPEM != nil {
@@ -50,7 +50,7 @@ func (p *Provider) TLSCertificate(ref KeyRef, chainPEM []byte) (tls.Certificate,
 			return tls.Certificate{}, opErr(op, p.Generation(), ErrInvalidOptions, "no PEM CERTIFICATE block in the chain")
 		}
 	} else {
-		der, err := p.certificateObject(ds.KeyRef())
+		der, err := p.certificateObject(d.ref)
 		if err != nil {
 			return tls.Certificate{}, err
 		}
@@ -60,8 +60,8 @@ func (p *Provider) TLSCertificate(ref KeyRef, chainPEM []byte) (tls.Certificate,
 	if err != nil {
 		return tls.Certificate{}, opErr(op, p.Generation(), ErrInvalidOptions, "leaf certificate: %v", err)
 	}
-	if eq, ok := leaf.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !eq.Equal(ds.Public()) {
-		return tls.Certificate{}, opErr(op, p.Generation(), ErrKeyChanged, "the certificate %q is not for the key %s", leaf.Subject, ds.KeyRef())
+	if eq, ok := leaf.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !eq.Equal(d.pub) {
+		return tls.Certificate{}, opErr(op, p.Generation(), ErrKeyChanged, "the certificate %q is not for the key %s", leaf.Subject, d.ref)
 	}
 	return tls.Certificate{Certificate: chain, PrivateKey: key, Leaf: leaf}, nil
 }

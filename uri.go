@@ -57,14 +57,14 @@ func ParseURI(s string) (*URI, error) {
 	u := &URI{present: map[string]bool{}}
 	if path != "" {
 		for _, attr := range strings.Split(path, ";") {
-			if err := u.set(attr, false); err != nil {
+			if err := setAttr(u, attr, false); err != nil {
 				return nil, err
 			}
 		}
 	}
 	if hasQuery && query != "" {
 		for _, attr := range strings.Split(query, "&") {
-			if err := u.set(attr, true); err != nil {
+			if err := setAttr(u, attr, true); err != nil {
 				return nil, err
 			}
 		}
@@ -86,7 +86,8 @@ func truncate(s string) string {
 	return s
 }
 
-func (u *URI) set(attr string, query bool) error {
+// setAttr decodes one attribute into u.
+func setAttr(u *URI, attr string, query bool) error {
 	where := "path"
 	if query {
 		where = "query"
@@ -341,7 +342,7 @@ func (u URI) Format(f fmt.State, verb rune) { _, _ = io.WriteString(f, u.String(
 
 // unused returns an error naming the attributes of u that are not among
 // used, or nil.
-func (u *URI) unused(used ...string) error {
+func (u URI) unused(used ...string) error {
 	var extra []string
 	for name := range u.present {
 		if !slices.Contains(used, name) {
@@ -370,7 +371,7 @@ var objectAttrs = []string{"object", "type", "id"}
 // or pin-source: a file, as file:/path or /path, whose first line is the
 // PIN). Other settings come from base. The remaining token, slot and library
 // attributes are checked by OpenURI after the token is found.
-func (u *URI) Config(base Config) (Config, error) {
+func (u URI) Config(base Config) (Config, error) {
 	if err := u.unused(append(tokenAttrs, objectAttrs...)...); err != nil {
 		return Config{}, err
 	}
@@ -479,7 +480,7 @@ func fileKind(m os.FileMode) string {
 
 // KeyRef returns the private key the URI names: object is CKA_LABEL, id is
 // CKA_ID; type, if given, must be private.
-func (u *URI) KeyRef() (KeyRef, error) {
+func (u URI) KeyRef() (KeyRef, error) {
 	if err := u.unused(append(tokenAttrs, objectAttrs...)...); err != nil {
 		return KeyRef{}, err
 	}
@@ -501,20 +502,18 @@ func KeyRefFromURI(uri string) (KeyRef, error) {
 	return u.KeyRef()
 }
 
-// OpenURI opens the module and token a PKCS#11 URI names; opts may set the
-// other fields of Config (MaxSessions, Logger, ...). Token, slot and library
+// OpenURI opens the module and token a PKCS#11 URI names; the other fields
+// of Config (MaxSessions, Logger, ...) come from base, whose module, token
+// selector and PIN the URI replaces (base.Path is used when the URI has no
+// module-path). Token, slot and library
 // attributes beyond the selector (a label next to a serial, manufacturer,
 // model, library-*, slot-*) must match what the module reports, or OpenURI
 // fails. Object attributes are ignored here: pass the same URI to
 // KeyRefFromURI.
-func OpenURI(uri string, opts ...func(*Config)) (*Provider, error) {
+func OpenURI(uri string, base Config) (*Provider, error) {
 	u, err := ParseURI(uri)
 	if err != nil {
 		return nil, &Error{Op: "open", Err: err}
-	}
-	var base Config
-	for _, o := range opts {
-		o(&base)
 	}
 	cfg, err := u.Config(base)
 	if err != nil {

@@ -192,7 +192,7 @@ func TestOpenURI(t *testing.T) {
 		base + "&pin-value=" + tok.PIN,
 		"pkcs11:serial=" + tok.Serial + ";token=" + escape([]byte(tok.Label), false) + ";manufacturer=SoftHSM%20project;model=SoftHSM%20v2;library-manufacturer=SoftHSM;id=%02?module-path=" + softhsmtest.SoftHSMModule + "&pin-value=" + tok.PIN,
 	} {
-		p, err := OpenURI(uri, func(c *Config) { c.MaxSessions = 4 })
+		p, err := OpenURI(uri, Config{MaxSessions: 4})
 		if err != nil {
 			t.Fatalf("OpenURI(%s): %v", uri, err)
 		}
@@ -231,7 +231,7 @@ func TestOpenURI(t *testing.T) {
 	if err := os.WriteFile(bom, []byte("\ufeff"+tok.PIN+"\r\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if p, err := OpenURI(base+"&pin-source="+bom, func(c *Config) {}); err != nil {
+	if p, err := OpenURI(base+"&pin-source="+bom, Config{}); err != nil {
 		t.Fatalf("pin-source with a byte-order mark: %v", err)
 	} else {
 		p.Close()
@@ -254,7 +254,7 @@ func TestOpenURI(t *testing.T) {
 		{"pkcs11:token=x?module-name=softhsm2&pin-value=1", "module-path"},
 		{"pkcs11:object=k?module-path=/x.so&pin-value=1", "no token selector"},
 	} {
-		p, err := OpenURI(tt.uri)
+		p, err := OpenURI(tt.uri, Config{})
 		if err == nil {
 			p.Close()
 			t.Fatalf("OpenURI(%s) succeeded", tt.uri)

@@ -104,10 +104,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 }
 
 func open(uri string) (*hsm.Provider, error) {
-	return hsm.OpenURI(uri, func(c *hsm.Config) {
-		c.ProbeInterval = -1
-		c.DisableAutoRecovery = true
-	})
+	return hsm.OpenURI(uri, hsm.Config{ProbeInterval: -1, DisableAutoRecovery: true})
 }
 
 func probe(uri string, w io.Writer) error {
@@ -120,7 +117,8 @@ func probe(uri string, w io.Writer) error {
 	if err != nil {
 		return err
 	}
-	label, serial, model, manufacturer := p.TokenInfo()
+	ti := p.TokenInfo()
+	label, serial, model, manufacturer := ti.Label, ti.Serial, ti.Model, ti.Manufacturer
 	fmt.Fprintf(w, "module:  %s %s (library %s, Cryptoki %s)\n", mi.Manufacturer, mi.LibraryDescription, mi.LibraryVersion, mi.CryptokiVersion)
 	fmt.Fprintf(w, "token:   %q serial %s, %s %s\n", label, serial, manufacturer, model)
 	fmt.Fprintln(w, "login:   ok")

@@ -191,7 +191,7 @@ func manual(tok *softhsm.Token) error {
 		return err
 	}
 	fmt.Printf("ReinitializeFrom(generation %d) took %v: now generation %d\n", herr.Generation, time.Since(start).Round(time.Microsecond), p.Generation())
-	if err := p.ReinitializeFrom(context.Background(), herr.Generation); err != nil || p.Reinitializations() != 1 {
+	if err := p.ReinitializeFrom(context.Background(), herr.Generation); err != nil || p.Stats().Reinitializations != 1 {
 		return fmt.Errorf("a second caller that saw the same outage re-initialized again (%v)", err)
 	}
 	fmt.Println("a second caller reporting the same outage changed nothing (still one re-initialization)")
@@ -259,7 +259,7 @@ func automatic(tok *softhsm.Token) error {
 		return err
 	}
 	fmt.Printf("restarted the HSM: healthy again %v later, generation %d, %d re-initialization\n",
-		time.Since(restarted).Round(time.Millisecond), p.Generation(), p.Reinitializations())
+		time.Since(restarted).Round(time.Millisecond), p.Generation(), p.Stats().Reinitializations)
 	key, err = p.Signer(hsm.KeyRef{Label: "demo-key"})
 	if err != nil {
 		return err

@@ -253,7 +253,7 @@ func Run(opts Options) (Result, error) {
 		p.Close()
 		return res, fmt.Errorf("not healthy after the soak: %w", err)
 	}
-	res.Reinitializations = p.Reinitializations()
+	res.Reinitializations = p.Stats().Reinitializations
 	res.ReinitFailures = p.Stats().ReinitializationFailures
 	if err := p.Close(); err != nil {
 		return res, err
