@@ -10,11 +10,15 @@ import (
 	"unicode/utf8"
 )
 
-// Defaults for the zero values of Config.
+// Defaults for the zero values of Config, all in one place.
 const (
 	DefaultMaxSessions        = 32
-	DefaultDrainTimeout       = 30 * time.Second
 	DefaultSessionWaitTimeout = 10 * time.Second
+	DefaultDrainTimeout       = 30 * time.Second // above Luna's 20 s command timeout
+	DefaultProbeInterval      = 10 * time.Second
+	DefaultProbeTimeout       = 5 * time.Second
+	DefaultRecoveryBackoffMin = 50 * time.Millisecond
+	DefaultRecoveryBackoffMax = time.Second
 )
 
 // Config says which PKCS#11 module and token to use, and how.
@@ -191,11 +195,3 @@ func orDefault[T comparable](v *T, def T) {
 		*v = def
 	}
 }
-
-// Defaults for the health settings of Config.
-const (
-	DefaultProbeInterval      = 10 * time.Second
-	DefaultProbeTimeout       = 5 * time.Second
-	DefaultRecoveryBackoffMin = 50 * time.Millisecond
-	DefaultRecoveryBackoffMax = time.Second
-)

@@ -23,9 +23,9 @@ type durable struct {
 
 	cur atomic.Pointer[key] // the key bound in some generation
 
-	mu sync.Mutex // serializes re-binding: one lookup per generation
+	mu sync.Mutex // protects following fields, and serializes re-binding: one lookup per generation
 	// changedGen is the generation in which the key behind the reference
-	// was found to be another key; calls in it fail fast. Guarded by mu.
+	// was found to be another key; calls in it fail fast.
 	changedGen uint64
 	changedErr error
 

@@ -30,13 +30,15 @@ type Provider struct {
 	// decryptions (see fastsign.go), or nil to go through miekg/pkcs11.
 	fast unsafe.Pointer
 
-	// life serializes state changes: re-initialization and Close. Its
-	// holder waits for nothing unbounded: every wait under it ends at a
-	// timeout, or when Close closes health.stop.
-	life sync.Mutex
 	// serial is the serial number of the token found at Open; a later
 	// generation must find the same token. Written once by Open.
 	serial string
+
+	// life serializes re-initialization and Close: the gate's state moves
+	// (setState) only with life held, except markLost's healthy to
+	// unavailable. Its holder waits for nothing unbounded: every wait under
+	// it ends at a timeout, or when Close closes health.stop.
+	life sync.Mutex
 
 	// modBusy holds a value while a goroutine of the provider is inside the
 	// module's life cycle calls (C_Initialize to C_Login, C_Finalize,
@@ -56,7 +58,7 @@ type Provider struct {
 	// module released.
 	drained, finished chan struct{}
 
-	flights singleflight.Group
+	flights singleflight.Group // one re-initialization at a time, shared
 	reinits atomic.Uint64
 	health  health
 

@@ -38,27 +38,33 @@ type Stats struct {
 
 // health holds the provider's health bookkeeping.
 type health struct {
-	ops, refused, failed    atomic.Uint64
-	reinitFailures          atomic.Uint64
-	probes, probeFailures   atomic.Uint64
-	eventsDropped           atomic.Uint64
-	lastChange              atomic.Int64 // unix nanoseconds
-	probing                 atomic.Bool
-	probeSince              atomic.Int64  // unix nanoseconds; 0 when no probe is inside the library
-	notifier                atomic.Uint64 // the goroutine that runs OnStateChange
-	muted                   atomic.Bool   // Close was called from inside OnStateChange
-	mu                      sync.Mutex
-	byCode                  map[uint]uint64
-	lastErr                 error
-	changed                 chan struct{} // closed and replaced at every state change
-	logNext                 time.Time     // rate limit of "re-initialization failed" lines
-	logSuppressed           int
+	// Counters, read by Stats.
+	ops, refused, failed  atomic.Uint64
+	reinitFailures        atomic.Uint64
+	probes, probeFailures atomic.Uint64
+	eventsDropped         atomic.Uint64
+	lastChange            atomic.Int64 // unix nanoseconds
+
+	probing    atomic.Bool  // a probe goroutine runs
+	probeSince atomic.Int64 // unix nanoseconds; 0 when no probe is inside the library
+	notifier   atomic.Uint64
+	muted      atomic.Bool // Close was called from inside OnStateChange: deliver no more
+
+	// The monitor's and the notifier's channels, set by init (and Open)
+	// and not changed after.
 	kick                    chan struct{} // wakes the monitor
 	stop                    chan struct{} // closed by Close
 	stopOnce                sync.Once
 	monitorDone, notifyDone chan struct{}
-	events                  chan StateChange
-	eventsClosed            bool // guarded by mu
+	events                  chan StateChange // nil without OnStateChange
+
+	mu            sync.Mutex // protects following fields, and orders state changes (setState, markLost)
+	byCode        map[uint]uint64
+	lastErr       error
+	changed       chan struct{} // closed and replaced at every state change
+	logNext       time.Time     // rate limit of "re-initialization failed" lines
+	logSuppressed int
+	eventsClosed  bool
 }
 
 func (h *health) init() {
