@@ -220,3 +220,71 @@ func countDecryptCalls(t *testing.T, p *Provider, n float64) (map[string]float64
 	}
 	return per, pub
 }
+
+// TestCallsPerLookup counts, with pkcs11-spy, the PKCS#11 calls of a key
+// lookup, of a durable key's re-binding after a re-initialization, and of
+// Keys: one find (three calls) and one attribute read per object.
+func TestCallsPerLookup(t *testing.T) {
+	useSpy(t)
+	tok := sharedToken(t)
+	p, err := Open(Config{Path: spyModule, TokenLabel: tok.Label, PIN: tok.PIN, ProbeInterval: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	if _, err := p.Signer(KeyRef{Label: "p256"}); err != nil { // the pool has a session now
+		t.Fatal(err)
+	}
+	for _, label := range []string{"p256", "ed25519", "rsa2048"} {
+		calls := callsByName(t, func() {
+			if _, err := p.Signer(KeyRef{Label: label}); err != nil {
+				t.Fatal(err)
+			}
+		})
+		n := total(calls)
+		t.Logf("Signer(%q): %d calls %v", label, n, calls)
+		if n > 5 || calls["C_FindObjectsInit"] != 1 {
+			t.Errorf("Signer(%q): %d calls, %d finds; want at most 5 (one find, one read of each half)", label, n, calls["C_FindObjectsInit"])
+		}
+	}
+
+	ds, err := p.DurableSigner(KeyRef{Label: "p256"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Reinitialize(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	quiet(t, p)
+	d := digest32[:]
+	calls := callsByName(t, func() {
+		if _, err := ds.Sign(nil, d, crypto.SHA256); err != nil {
+			t.Fatal(err)
+		}
+	})
+	// The re-binding, the session the new generation opens, the signature.
+	rebind := total(calls) - calls["C_OpenSession"] - 2
+	t.Logf("durable re-bind after a re-initialization: %d calls (%v in all, with C_OpenSession and the signature)", rebind, calls)
+	if rebind > 5 || calls["C_FindObjectsInit"] != 1 {
+		t.Errorf("re-bind: %d calls, %d finds; want at most 5, one find", rebind, calls["C_FindObjectsInit"])
+	}
+
+	var keys []KeyInfo
+	calls = callsByName(t, func() {
+		if keys, err = p.Keys(); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Logf("Keys() of %d keys: %d calls %v", len(keys), total(calls), calls)
+	if want := 6 + 2*len(keys); total(calls) > want || calls["C_FindObjectsInit"] != 2 {
+		t.Errorf("Keys(): %d calls, %d finds for %d keys; want at most %d, two finds", total(calls), calls["C_FindObjectsInit"], len(keys), want)
+	}
+}
+
+func total(calls map[string]int) int {
+	n := 0
+	for _, c := range calls {
+		n += c
+	}
+	return n
+}

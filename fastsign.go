@@ -35,7 +35,29 @@ typedef struct { unsigned char major, minor; } hsm_version;
 // C_SignInit the 43rd, C_Sign the 44th.
 typedef struct { hsm_version version; void *fn[44]; } hsm_flist;
 
-enum { IDX_DECRYPT_INIT = 33, IDX_DECRYPT = 34, IDX_SIGN_INIT = 42, IDX_SIGN = 43 };
+enum { IDX_GET_ATTRIBUTE_VALUE = 24, IDX_DECRYPT_INIT = 33, IDX_DECRYPT = 34, IDX_SIGN_INIT = 42, IDX_SIGN = 43 };
+
+// CK_ATTRIBUTE, and C_GetAttributeValue.
+typedef struct { hsm_ul type; void *pValue; hsm_ul ulValueLen; } hsm_attr;
+typedef hsm_ul (*hsm_getattr_fn)(hsm_ul session, hsm_ul obj, hsm_attr *t, hsm_ul n);
+
+// hsm_get_attrs reads the n attributes of obj whose types are in types,
+// in one C_GetAttributeValue, each into its own slot of size bytes of
+// buf; lens gets each length (CK_UNAVAILABLE_INFORMATION when the
+// attribute is absent, sensitive or longer than the slot).
+static hsm_ul hsm_get_attrs(void *fl, hsm_ul session, hsm_ul obj, hsm_ul *types, hsm_ul n,
+                            unsigned char *buf, hsm_ul size, hsm_ul *lens) {
+	hsm_attr t[32];
+	if (n > 32) return 0x7; // CKR_ARGUMENTS_BAD
+	for (hsm_ul i = 0; i < n; i++) {
+		t[i].type = types[i];
+		t[i].pValue = buf + i * size;
+		t[i].ulValueLen = size;
+	}
+	hsm_ul rv = ((hsm_getattr_fn)((hsm_flist *)fl)->fn[IDX_GET_ATTRIBUTE_VALUE])(session, obj, t, n);
+	for (hsm_ul i = 0; i < n; i++) lens[i] = t[i].ulValueLen;
+	return rv;
+}
 
 // hsm_run: the init function at index init, then the single-part
 // operation after it. *stage says how far it got (0: init).
@@ -95,6 +117,7 @@ static int hsm_check_list(const char *path, void *handle, void *fl) {
 	// the indexes used here.
 	if (hsm_check_fn(handle, f, IDX_SIGN_INIT, "C_SignInit") || hsm_check_fn(handle, f, IDX_SIGN, "C_Sign")) return 5;
 	if (hsm_check_fn(handle, f, IDX_DECRYPT_INIT, "C_DecryptInit") || hsm_check_fn(handle, f, IDX_DECRYPT, "C_Decrypt")) return 6;
+	if (hsm_check_fn(handle, f, IDX_GET_ATTRIBUTE_VALUE, "C_GetAttributeValue")) return 7;
 	return 0;
 }
 */
@@ -168,6 +191,43 @@ var listProblems = map[C.int]string{
 	4: "the function list's version is neither 2.x nor 3.x",
 	5: "C_SignInit and C_Sign are not at the standard indexes of the function list",
 	6: "C_DecryptInit and C_Decrypt are not at the standard indexes of the function list",
+	7: "C_GetAttributeValue is not at the standard index of the function list",
+}
+
+// attrSlot is how many bytes fastAttrs gives each attribute: an RSA-8192
+// modulus, an EC point of P-521, a label of any sensible length fit.
+const attrSlot = 1024
+
+// fastAttrs reads the attributes types of object h in one
+// C_GetAttributeValue. A value that is absent (the object has no such
+// attribute, or it is sensitive) is nil; one longer than attrSlot makes
+// the whole read fail with CKR_BUFFER_TOO_SMALL, for the caller to read it
+// another way.
+func fastAttrs(fl unsafe.Pointer, s pkcs11.SessionHandle, h pkcs11.ObjectHandle, types []uint) ([][]byte, error) {
+	n := len(types)
+	ctypes := make([]C.hsm_ul, n)
+	for i, t := range types {
+		ctypes[i] = C.hsm_ul(t)
+	}
+	buf := make([]byte, n*attrSlot)
+	lens := make([]C.hsm_ul, n)
+	rv := C.hsm_get_attrs(fl, C.hsm_ul(s), C.hsm_ul(h), &ctypes[0], C.hsm_ul(n), bytesPtr(buf), attrSlot, &lens[0])
+	switch rv {
+	case pkcs11.CKR_OK, pkcs11.CKR_ATTRIBUTE_TYPE_INVALID, pkcs11.CKR_ATTRIBUTE_SENSITIVE:
+	default:
+		return nil, pkcs11.Error(rv)
+	}
+	out := make([][]byte, n)
+	for i, l := range lens {
+		switch {
+		case l == C.hsm_ul(pkcs11.CK_UNAVAILABLE_INFORMATION):
+		case l > attrSlot:
+			return nil, pkcs11.Error(pkcs11.CKR_BUFFER_TOO_SMALL)
+		default:
+			out[i] = buf[i*attrSlot : i*attrSlot+int(l) : i*attrSlot+int(l)]
+		}
+	}
+	return out, nil
 }
 
 // bytesPtr is the address of b's first byte, or nil when b is empty.

@@ -42,36 +42,19 @@ type KeyInfo struct {
 	CanSign, CanDecrypt bool
 }
 
+// maxKeys bounds the keys Keys lists.
+const maxKeys = 100000
+
 // Keys lists the private keys the provider can see on the token (at most
-// 10,000), with their type and size. It makes a few PKCS#11 calls per key.
+// 100,000), with their type and size; a key that cannot be used is listed
+// with why. It makes a fixed number of finds (one of the private keys, and
+// one of the public keys when an EC or Ed25519 key is among them) and one
+// attribute read per object, and blocks as long as they take.
 func (p *Provider) Keys() ([]KeyInfo, error) {
 	var out []KeyInfo
-	err := p.withSession("list keys", func(in *instance, s pkcs11.SessionHandle) error {
-		objs, err := in.findObjects(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY)}, 10000)
-		if err != nil {
-			return err
-		}
-		for _, h := range objs {
-			attrs, err := in.ctx.GetAttributeValue(s, h, []*pkcs11.Attribute{
-				pkcs11.NewAttribute(pkcs11.CKA_ID, nil), pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
-			if err != nil {
-				return err
-			}
-			ref := KeyRef{ID: attrs[0].Value, Label: string(attrs[1].Value)}
-			k, err := in.keyFromHandle(s, h, ref)
-			if err != nil {
-				if _, active := err.(*marked); active {
-					return err
-				}
-				if code, ok := codeOf(err); ok && classify(code) != classCaller {
-					return err
-				}
-				out = append(out, KeyInfo{Ref: ref, Type: "unsupported: " + err.Error()})
-				continue
-			}
-			out = append(out, KeyInfo{Ref: k.ref, Type: k.describe(), CanSign: k.canSign, CanDecrypt: k.canDecrypt})
-		}
-		return nil
+	err := p.withSession("list keys", func(in *instance, s pkcs11.SessionHandle) (err error) {
+		out, err = in.keysOnToken(s, maxKeys)
+		return err
 	})
 	return out, err
 }

@@ -5,6 +5,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/miekg/pkcs11"
 )
@@ -18,6 +19,7 @@ import (
 type instance struct {
 	gen   uint64
 	ctx   *pkcs11.Ctx
+	fast  unsafe.Pointer // the module's function list (fastsign.go), or nil
 	slot  uint
 	token pkcs11.TokenInfo
 	login pkcs11.SessionHandle
@@ -50,9 +52,9 @@ type instance struct {
 	oaepSoft sync.Map
 }
 
-func newInstance(ctx *pkcs11.Ctx, gen uint64, slot uint, token pkcs11.TokenInfo, login pkcs11.SessionHandle, maxSessions int) *instance {
+func newInstance(ctx *pkcs11.Ctx, fast unsafe.Pointer, gen uint64, slot uint, token pkcs11.TokenInfo, login pkcs11.SessionHandle, maxSessions int) *instance {
 	in := &instance{
-		gen: gen, ctx: ctx, slot: slot, token: token, login: login,
+		gen: gen, ctx: ctx, fast: fast, slot: slot, token: token, login: login,
 		slots:   make(chan struct{}, maxSessions),
 		idle:    make(chan pkcs11.SessionHandle, maxSessions),
 		closing: make(chan struct{}),

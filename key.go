@@ -1,19 +1,16 @@
 package hsm
 
 import (
-	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/elliptic"
-	"crypto/rsa"
 	"crypto/x509"
 	"encoding/asn1"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"math/big"
 
 	"github.com/miekg/pkcs11"
 )
@@ -127,8 +124,14 @@ func (in *instance) findObjects(s pkcs11.SessionHandle, tmpl []*pkcs11.Attribute
 	return objs, err
 }
 
+// refTemplate is the search template for objects with CKA_ID id and
+// CKA_LABEL label (each when set), of class when it is not 0 (CKO_DATA,
+// which no lookup searches for).
 func refTemplate(class uint, id []byte, label string) []*pkcs11.Attribute {
-	t := []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, class)}
+	var t []*pkcs11.Attribute
+	if class != 0 {
+		t = append(t, pkcs11.NewAttribute(pkcs11.CKA_CLASS, class))
+	}
 	if len(id) > 0 {
 		t = append(t, pkcs11.NewAttribute(pkcs11.CKA_ID, id))
 	}
@@ -136,71 +139,6 @@ func refTemplate(class uint, id []byte, label string) []*pkcs11.Attribute {
 		t = append(t, pkcs11.NewAttribute(pkcs11.CKA_LABEL, label))
 	}
 	return t
-}
-
-func (in *instance) find(s pkcs11.SessionHandle, ref KeyRef) (*key, error) {
-	const op = "find key"
-	objs, err := in.findObjects(s, refTemplate(pkcs11.CKO_PRIVATE_KEY, ref.ID, ref.Label), 1)
-	if err != nil {
-		return nil, err
-	}
-	switch len(objs) {
-	case 0:
-		return nil, opErr(op, in.gen, ErrKeyNotFound, "no private key with %s", ref)
-	case 1:
-	default:
-		return nil, opErr(op, in.gen, ErrAmbiguousKey, "several private keys with %s", ref)
-	}
-	return in.keyFromHandle(s, objs[0], ref)
-}
-
-// keyFromHandle reads the private key object h: type, identity, usage and
-// public key. ref names it in errors.
-func (in *instance) keyFromHandle(s pkcs11.SessionHandle, h pkcs11.ObjectHandle, ref KeyRef) (*key, error) {
-	const op = "find key"
-	attrs, err := in.ctx.GetAttributeValue(s, h, []*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, nil),
-		pkcs11.NewAttribute(pkcs11.CKA_ID, nil),
-		pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil),
-		pkcs11.NewAttribute(pkcs11.CKA_SIGN, nil),
-		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, nil),
-	})
-	if err != nil {
-		return nil, err
-	}
-	k := &key{in: in, gen: in.gen, handle: h}
-	var keyType uint
-	for _, a := range attrs {
-		switch a.Type {
-		case pkcs11.CKA_KEY_TYPE:
-			keyType = ulong(a.Value)
-		case pkcs11.CKA_ID:
-			k.ref.ID = bytes.Clone(a.Value)
-		case pkcs11.CKA_LABEL:
-			k.ref.Label = string(a.Value)
-		case pkcs11.CKA_SIGN:
-			k.canSign = len(a.Value) == 1 && a.Value[0] != 0
-		case pkcs11.CKA_DECRYPT:
-			k.canDecrypt = len(a.Value) == 1 && a.Value[0] != 0
-		}
-	}
-	switch keyType {
-	case pkcs11.CKK_RSA:
-		k.kind = kindRSA
-		err = in.rsaPublic(s, k)
-	case pkcs11.CKK_EC:
-		k.kind = kindECDSA
-		err = in.ecPublic(s, k)
-	case ckkECEdwards:
-		k.kind = kindEd25519
-		err = in.ecPublic(s, k)
-	default:
-		return nil, opErr(op, in.gen, ErrUnsupportedKey, "%s has key type 0x%x; only RSA, EC and Ed25519 keys are supported", ref, keyType)
-	}
-	if err != nil {
-		return nil, err
-	}
-	return k, nil
 }
 
 // ulong decodes a CK_ULONG attribute value (native byte order and size).
@@ -214,127 +152,12 @@ func ulong(b []byte) uint {
 	return 0
 }
 
-func (in *instance) rsaPublic(s pkcs11.SessionHandle, k *key) error {
-	get := func(h pkcs11.ObjectHandle) (*rsa.PublicKey, error) {
-		attrs, err := in.ctx.GetAttributeValue(s, h, []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_MODULUS, nil),
-			pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, nil),
-		})
-		if err != nil {
-			return nil, err
-		}
-		n := new(big.Int).SetBytes(attrs[0].Value)
-		e := new(big.Int).SetBytes(attrs[1].Value)
-		if n.Sign() == 0 || !e.IsInt64() || e.Int64() < 3 || e.Int64() > 1<<31-1 {
-			return nil, fmt.Errorf("RSA key %s has an unusable modulus or exponent", k.ref)
-		}
-		return &rsa.PublicKey{N: n, E: int(e.Int64())}, nil
-	}
-	// Most tokens expose the modulus and exponent on the private key.
-	pub, err := get(k.handle)
-	if err != nil {
-		h, perr := in.publicHandle(s, k, pkcs11.CKK_RSA)
-		if perr != nil {
-			return perr
-		}
-		if pub, err = get(h); err != nil {
-			return err
-		}
-	}
-	if pub.N.BitLen() < 1024 {
-		return opErr("find key", in.gen, ErrUnsupportedKey, "RSA key %s has %d bits; at least 1024 are required", k.ref, pub.N.BitLen())
-	}
-	k.pub = pub
-	k.size = (pub.N.BitLen() + 7) / 8
-	return nil
-}
-
-// publicHandle finds the public key object of k: same CKA_ID (or, for a key
-// without one, same CKA_LABEL) and key type.
-func (in *instance) publicHandle(s pkcs11.SessionHandle, k *key, keyType uint) (pkcs11.ObjectHandle, error) {
-	label := ""
-	if len(k.ref.ID) == 0 {
-		label = k.ref.Label
-	}
-	tmpl := append(refTemplate(pkcs11.CKO_PUBLIC_KEY, k.ref.ID, label), pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, keyType))
-	objs, err := in.findObjects(s, tmpl, 1)
-	if err != nil {
-		return 0, err
-	}
-	switch len(objs) {
-	case 0:
-		return 0, opErr("find key", in.gen, ErrKeyNotFound, "no public key object with %s for the private key", KeyRef{ID: k.ref.ID, Label: label})
-	case 1:
-		return objs[0], nil
-	}
-	return 0, opErr("find key", in.gen, ErrAmbiguousKey, "several public key objects with %s", KeyRef{ID: k.ref.ID, Label: label})
-}
-
 var (
 	oidP256    = asn1.ObjectIdentifier{1, 2, 840, 10045, 3, 1, 7}
 	oidP384    = asn1.ObjectIdentifier{1, 3, 132, 0, 34}
 	oidP521    = asn1.ObjectIdentifier{1, 3, 132, 0, 35}
 	oidEd25519 = asn1.ObjectIdentifier{1, 3, 101, 112}
 )
-
-// ecPublic reads the curve from the private key and the point from the
-// public key object (or a certificate with the same CKA_ID).
-func (in *instance) ecPublic(s pkcs11.SessionHandle, k *key) error {
-	attrs, err := in.ctx.GetAttributeValue(s, k.handle, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, nil)})
-	if err != nil {
-		return err
-	}
-	params := attrs[0].Value
-	var curve elliptic.Curve
-	if k.kind == kindECDSA {
-		if curve, err = curveOf(params); err != nil {
-			return opErr("find key", in.gen, ErrUnsupportedKey, "%s: %v", k.ref, err)
-		}
-	} else if !isEd25519Params(params) {
-		return opErr("find key", in.gen, ErrUnsupportedKey, "%s: Edwards curve parameters %x are not Ed25519 (Ed448 is not supported)", k.ref, params)
-	}
-
-	keyType := uint(pkcs11.CKK_EC)
-	if k.kind == kindEd25519 {
-		keyType = ckkECEdwards
-	}
-	h, herr := in.publicHandle(s, k, keyType)
-	if herr != nil {
-		pub, cerr := in.certPublic(s, k)
-		if _, active := cerr.(*marked); active {
-			return cerr // the session must not be pooled
-		} else if cerr != nil {
-			return herr
-		}
-		return k.setECPublic(pub)
-	}
-	attrs, err = in.ctx.GetAttributeValue(s, h, []*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_EC_POINT, nil),
-		pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, nil),
-	})
-	if err != nil {
-		return err
-	}
-	if !bytes.Equal(attrs[1].Value, params) {
-		return opErr("find key", in.gen, ErrUnsupportedKey, "%s: public key object has other curve parameters than the private key", k.ref)
-	}
-	rawLen := ed25519.PublicKeySize
-	if curve != nil {
-		rawLen = 1 + 2*((curve.Params().BitSize+7)/8)
-	}
-	point := ecPoint(attrs[0].Value, rawLen)
-	if k.kind == kindEd25519 {
-		if len(point) != ed25519.PublicKeySize {
-			return opErr("find key", in.gen, ErrUnsupportedKey, "%s: Ed25519 public key is %d bytes, want 32", k.ref, len(point))
-		}
-		return k.setECPublic(ed25519.PublicKey(bytes.Clone(point)))
-	}
-	pub, err := ecdsa.ParseUncompressedPublicKey(curve, point)
-	if err != nil {
-		return opErr("find key", in.gen, ErrUnsupportedKey, "%s: public point: %v", k.ref, err)
-	}
-	return k.setECPublic(pub)
-}
 
 func (k *key) setECPublic(pub crypto.PublicKey) error {
 	switch pub := pub.(type) {

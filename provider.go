@@ -179,7 +179,7 @@ func (p *Provider) setup(op string, gen uint64) (*instance, error) {
 	if n := token.MaxRwSessionCount; n != pkcs11.CK_UNAVAILABLE_INFORMATION && n != pkcs11.CK_EFFECTIVELY_INFINITE && n > 1 && uint64(n-1) < uint64(maxSessions) {
 		maxSessions = int(n - 1)
 	}
-	return newInstance(p.ctx, gen, slot, token, login, maxSessions), nil
+	return newInstance(p.ctx, p.fast, gen, slot, token, login, maxSessions), nil
 }
 
 func (p *Provider) findToken(gen uint64) (uint, pkcs11.TokenInfo, error) {

@@ -1,0 +1,361 @@
+package hsm
+
+import (
+	"bytes"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rsa"
+	"math/big"
+
+	"github.com/miekg/pkcs11"
+)
+
+// A lookup costs one find and one attribute read per object it looks at:
+// the find by CKA_ID and CKA_LABEL has no CKA_CLASS, so that the private key
+// and its public half (which shares them) come back from one scan of the
+// token, and every object is read in one C_GetAttributeValue (fastAttrs).
+// SoftHSM scans the token and decrypts the attributes of private objects for
+// every find, and a network HSM adds a round trip per call, so the number of
+// finds is what a lookup costs.
+
+// object is what a lookup reads of one object.
+type object struct {
+	h                    pkcs11.ObjectHandle
+	class, keyType       uint
+	hasClass, hasKeyType bool
+	id                   []byte
+	label                string
+	sign, decrypt        bool
+	// Public parts: on RSA private keys (most tokens), on public keys.
+	modulus, exponent, ecParams, ecPoint []byte
+}
+
+// lookupAttrs are the attributes readObject reads, in its order.
+var lookupAttrs = []uint{pkcs11.CKA_CLASS, pkcs11.CKA_KEY_TYPE, pkcs11.CKA_ID, pkcs11.CKA_LABEL,
+	pkcs11.CKA_SIGN, pkcs11.CKA_DECRYPT, pkcs11.CKA_MODULUS, pkcs11.CKA_PUBLIC_EXPONENT,
+	pkcs11.CKA_EC_PARAMS, pkcs11.CKA_EC_POINT}
+
+// readObject reads object h: one C_GetAttributeValue where the module's
+// function list is validated.
+func (in *instance) readObject(s pkcs11.SessionHandle, h pkcs11.ObjectHandle) (object, error) {
+	v, err := in.attrValues(s, h, lookupAttrs)
+	if err != nil {
+		return object{}, err
+	}
+	o := object{h: h, id: bytes.Clone(v[2]), label: string(v[3]),
+		sign: isTrue(v[4]), decrypt: isTrue(v[5]),
+		modulus: bytes.Clone(v[6]), exponent: bytes.Clone(v[7]), ecParams: bytes.Clone(v[8]), ecPoint: bytes.Clone(v[9])}
+	if v[0] != nil {
+		o.class, o.hasClass = ulong(v[0]), true
+	}
+	if v[1] != nil {
+		o.keyType, o.hasKeyType = ulong(v[1]), true
+	}
+	return o, nil
+}
+
+func isTrue(v []byte) bool { return len(v) == 1 && v[0] != 0 }
+
+// attrValues reads the attributes types of object h; a value the object
+// does not have, or keeps secret, is nil. Through the module's function
+// list it is one call; through miekg/pkcs11 two, and two per attribute
+// when the module refuses one of them.
+func (in *instance) attrValues(s pkcs11.SessionHandle, h pkcs11.ObjectHandle, types []uint) ([][]byte, error) {
+	if in.fast != nil {
+		vals, err := fastAttrs(in.fast, s, h, types)
+		if code, _ := codeOf(err); err == nil || code != pkcs11.CKR_BUFFER_TOO_SMALL {
+			return vals, err
+		}
+	}
+	tmpl := make([]*pkcs11.Attribute, len(types))
+	for i, t := range types {
+		tmpl[i] = pkcs11.NewAttribute(t, nil)
+	}
+	vals := make([][]byte, len(types))
+	attrs, err := in.ctx.GetAttributeValue(s, h, tmpl)
+	if err == nil {
+		for i, a := range attrs {
+			vals[i] = a.Value
+		}
+		return vals, nil
+	}
+	if !absent(err) {
+		return nil, err
+	}
+	for i, t := range tmpl {
+		a, err := in.ctx.GetAttributeValue(s, h, []*pkcs11.Attribute{t})
+		switch {
+		case err == nil:
+			vals[i] = a[0].Value
+		case !absent(err):
+			return nil, err
+		}
+	}
+	return vals, nil
+}
+
+// absent reports whether err says an attribute is not there to read.
+func absent(err error) bool {
+	code, _ := codeOf(err)
+	return code == pkcs11.CKR_ATTRIBUTE_TYPE_INVALID || code == pkcs11.CKR_ATTRIBUTE_SENSITIVE
+}
+
+// maxRefObjects bounds the objects one lookup reads: a reference that more
+// objects share is looked up by class instead.
+const maxRefObjects = 16
+
+// find finds the one private key ref names, with its public key.
+func (in *instance) find(s pkcs11.SessionHandle, ref KeyRef) (*key, error) {
+	const op = "find key"
+	handles, err := in.findObjects(s, refTemplate(0, ref.ID, ref.Label), maxRefObjects)
+	if err != nil {
+		return nil, err
+	}
+	if len(handles) > maxRefObjects {
+		return in.findByClass(s, ref)
+	}
+	objs := make([]object, len(handles))
+	var priv *object
+	privs := 0
+	for i, h := range handles {
+		if objs[i], err = in.readObject(s, h); err != nil {
+			return nil, err
+		}
+		if objs[i].hasClass && objs[i].class == pkcs11.CKO_PRIVATE_KEY {
+			priv = &objs[i]
+			privs++
+		}
+	}
+	switch privs {
+	case 0:
+		return nil, opErr(op, in.gen, ErrKeyNotFound, "no private key with %s", ref)
+	case 1:
+	default:
+		return nil, opErr(op, in.gen, ErrAmbiguousKey, "several private keys with %s", ref)
+	}
+	return in.keyFrom(s, priv, objs)
+}
+
+// findByClass finds the one private key ref names with a find that names
+// the class.
+func (in *instance) findByClass(s pkcs11.SessionHandle, ref KeyRef) (*key, error) {
+	const op = "find key"
+	handles, err := in.findObjects(s, refTemplate(pkcs11.CKO_PRIVATE_KEY, ref.ID, ref.Label), 1)
+	if err != nil {
+		return nil, err
+	}
+	switch len(handles) {
+	case 0:
+		return nil, opErr(op, in.gen, ErrKeyNotFound, "no private key with %s", ref)
+	case 1:
+	default:
+		return nil, opErr(op, in.gen, ErrAmbiguousKey, "several private keys with %s", ref)
+	}
+	o, err := in.readObject(s, handles[0])
+	if err != nil {
+		return nil, err
+	}
+	return in.keyFrom(s, &o, nil)
+}
+
+// keyFrom makes the key of private key object o. cands are objects already
+// read that may hold its public half; when none does, keyFrom finds it.
+func (in *instance) keyFrom(s pkcs11.SessionHandle, o *object, cands []object) (*key, error) {
+	k := &key{in: in, gen: in.gen, handle: o.h, ref: KeyRef{ID: o.id, Label: o.label}, canSign: o.sign, canDecrypt: o.decrypt}
+	var err error
+	switch {
+	case !o.hasKeyType:
+		return nil, opErr("find key", in.gen, ErrUnsupportedKey, "%s has no readable CKA_KEY_TYPE", k.ref)
+	case o.keyType == pkcs11.CKK_RSA:
+		k.kind = kindRSA
+		err = in.rsaPublic(s, k, o, cands)
+	case o.keyType == pkcs11.CKK_EC:
+		k.kind = kindECDSA
+		err = in.ecPublic(s, k, o, cands)
+	case o.keyType == ckkECEdwards:
+		k.kind = kindEd25519
+		err = in.ecPublic(s, k, o, cands)
+	default:
+		return nil, opErr("find key", in.gen, ErrUnsupportedKey, "%s has key type 0x%x; only RSA, EC and Ed25519 keys are supported", k.ref, o.keyType)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return k, nil
+}
+
+// publicHalf returns the public key object of private key object o, of key
+// type keyType: same CKA_ID (or, for a key without one, same CKA_LABEL),
+// and for EC keys the same CKA_EC_PARAMS. It looks among cands first, then
+// finds it.
+func (in *instance) publicHalf(s pkcs11.SessionHandle, o *object, cands []object, keyType uint) (*object, error) {
+	label := ""
+	if len(o.id) == 0 {
+		label = o.label
+	}
+	match := func(p *object) bool {
+		return p.hasClass && p.class == pkcs11.CKO_PUBLIC_KEY && p.hasKeyType && p.keyType == keyType &&
+			bytes.Equal(p.id, o.id) && (label == "" || p.label == label) &&
+			(keyType == pkcs11.CKK_RSA || bytes.Equal(p.ecParams, o.ecParams))
+	}
+	var found []*object
+	for i := range cands {
+		if match(&cands[i]) {
+			found = append(found, &cands[i])
+		}
+	}
+	if len(found) == 0 {
+		// Not among the objects of the scan (the halves are labelled
+		// differently): find it by class and CKA_ID.
+		tmpl := append(refTemplate(pkcs11.CKO_PUBLIC_KEY, o.id, label), pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, keyType))
+		handles, err := in.findObjects(s, tmpl, 1)
+		if err != nil {
+			return nil, err
+		}
+		for _, h := range handles {
+			p, err := in.readObject(s, h)
+			if err != nil {
+				return nil, err
+			}
+			if match(&p) {
+				found = append(found, &p)
+			}
+		}
+	}
+	ref := KeyRef{ID: o.id, Label: label}
+	switch len(found) {
+	case 0:
+		return nil, opErr("find key", in.gen, ErrKeyNotFound, "no public key object with %s for the private key", ref)
+	case 1:
+		return found[0], nil
+	}
+	return nil, opErr("find key", in.gen, ErrAmbiguousKey, "several public key objects with %s", ref)
+}
+
+// rsaPublic sets k's public key: from the private key object, as most
+// tokens expose the modulus and exponent there, else from its public half.
+func (in *instance) rsaPublic(s pkcs11.SessionHandle, k *key, o *object, cands []object) error {
+	src := o
+	if o.modulus == nil || o.exponent == nil {
+		p, err := in.publicHalf(s, o, cands, pkcs11.CKK_RSA)
+		if err != nil {
+			return err
+		}
+		src = p
+	}
+	n := new(big.Int).SetBytes(src.modulus)
+	e := new(big.Int).SetBytes(src.exponent)
+	if n.Sign() == 0 || !e.IsInt64() || e.Int64() < 3 || e.Int64() > 1<<31-1 {
+		return opErr("find key", in.gen, ErrUnsupportedKey, "RSA key %s has an unusable modulus or exponent", k.ref)
+	}
+	if n.BitLen() < 1024 {
+		return opErr("find key", in.gen, ErrUnsupportedKey, "RSA key %s has %d bits; at least 1024 are required", k.ref, n.BitLen())
+	}
+	k.pub = &rsa.PublicKey{N: n, E: int(e.Int64())}
+	k.size = (n.BitLen() + 7) / 8
+	return nil
+}
+
+// ecPublic sets k's public key: the curve from the private key object, the
+// point from its public half, or from a certificate with the same CKA_ID.
+func (in *instance) ecPublic(s pkcs11.SessionHandle, k *key, o *object, cands []object) error {
+	params := o.ecParams
+	var curve elliptic.Curve
+	var err error
+	if k.kind == kindECDSA {
+		if curve, err = curveOf(params); err != nil {
+			return opErr("find key", in.gen, ErrUnsupportedKey, "%s: %v", k.ref, err)
+		}
+	} else if !isEd25519Params(params) {
+		return opErr("find key", in.gen, ErrUnsupportedKey, "%s: Edwards curve parameters %x are not Ed25519 (Ed448 is not supported)", k.ref, params)
+	}
+	p, herr := in.publicHalf(s, o, cands, o.keyType)
+	if herr != nil {
+		pub, cerr := in.certPublic(s, k)
+		if _, active := cerr.(*marked); active {
+			return cerr // the session must not be pooled
+		} else if cerr != nil {
+			return herr
+		}
+		return k.setECPublic(pub)
+	}
+	rawLen := ed25519.PublicKeySize
+	if curve != nil {
+		rawLen = 1 + 2*((curve.Params().BitSize+7)/8)
+	}
+	point := ecPoint(p.ecPoint, rawLen)
+	if k.kind == kindEd25519 {
+		if len(point) != ed25519.PublicKeySize {
+			return opErr("find key", in.gen, ErrUnsupportedKey, "%s: Ed25519 public key is %d bytes, want 32", k.ref, len(point))
+		}
+		return k.setECPublic(ed25519.PublicKey(bytes.Clone(point)))
+	}
+	pub, err := ecdsa.ParseUncompressedPublicKey(curve, point)
+	if err != nil {
+		return opErr("find key", in.gen, ErrUnsupportedKey, "%s: public point: %v", k.ref, err)
+	}
+	return k.setECPublic(pub)
+}
+
+// keysOnToken lists every private key: one find of the private keys, one
+// read of each, and, when some key's public key is not on its private key
+// object (EC and Ed25519 keys), one find of the public keys and one read of
+// each. A key that cannot be used is listed with why.
+func (in *instance) keysOnToken(s pkcs11.SessionHandle, max int) ([]KeyInfo, error) {
+	privs, err := in.readAll(s, pkcs11.CKO_PRIVATE_KEY, max)
+	if err != nil {
+		return nil, err
+	}
+	var pubs map[string][]object
+	for _, o := range privs {
+		if o.hasKeyType && o.keyType != pkcs11.CKK_RSA || o.modulus == nil {
+			all, err := in.readAll(s, pkcs11.CKO_PUBLIC_KEY, max)
+			if err != nil {
+				return nil, err
+			}
+			pubs = map[string][]object{}
+			for _, p := range all {
+				pubs[string(p.id)] = append(pubs[string(p.id)], p)
+			}
+			break
+		}
+	}
+	out := make([]KeyInfo, 0, len(privs))
+	for i := range privs {
+		o := &privs[i]
+		ref := KeyRef{ID: o.id, Label: o.label}
+		k, err := in.keyFrom(s, o, pubs[string(o.id)])
+		if err != nil {
+			if _, active := err.(*marked); active {
+				return nil, err
+			}
+			if code, ok := codeOf(err); ok && classify(code) != classCaller {
+				return nil, err
+			}
+			out = append(out, KeyInfo{Ref: ref, Type: "unsupported: " + err.Error()})
+			continue
+		}
+		out = append(out, KeyInfo{Ref: k.ref, Type: k.describe(), CanSign: k.canSign, CanDecrypt: k.canDecrypt})
+	}
+	return out, nil
+}
+
+// readAll finds every object of class and reads it; more than max is an
+// error.
+func (in *instance) readAll(s pkcs11.SessionHandle, class uint, max int) ([]object, error) {
+	handles, err := in.findObjects(s, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, class)}, max)
+	if err != nil {
+		return nil, err
+	}
+	if len(handles) > max {
+		return nil, opErr("list keys", in.gen, ErrUnsupportedKey, "more than %d objects of class %d on the token", max, class)
+	}
+	objs := make([]object, len(handles))
+	for i, h := range handles {
+		if objs[i], err = in.readObject(s, h); err != nil {
+			return nil, err
+		}
+	}
+	return objs, nil
+}
