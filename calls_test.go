@@ -46,6 +46,25 @@ func useSpy(t *testing.T) {
 	}
 }
 
+// openSpy opens the shared token through pkcs11-spy, without periodic
+// probes (their calls would land in the counts), and closes it when the
+// test ends.
+func openSpy(t *testing.T, mod ...func(*Config)) *Provider {
+	t.Helper()
+	useSpy(t)
+	tok := sharedToken(t)
+	cfg := Config{Path: spyModule, TokenLabel: tok.Label, PIN: tok.PIN, ProbeInterval: -1}
+	for _, m := range mod {
+		m(&cfg)
+	}
+	p, err := Open(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
+}
+
 // countCalls returns how many PKCS#11 calls the spy logged while f ran.
 func countCalls(t *testing.T, f func()) int {
 	t.Helper()
@@ -225,13 +244,7 @@ func countDecryptCalls(t *testing.T, p *Provider, n float64) (map[string]float64
 // lookup, of a durable key's re-binding after a re-initialization, and of
 // Keys: one find (three calls) and one attribute read per object.
 func TestCallsPerLookup(t *testing.T) {
-	useSpy(t)
-	tok := sharedToken(t)
-	p, err := Open(Config{Path: spyModule, TokenLabel: tok.Label, PIN: tok.PIN, ProbeInterval: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { p.Close() })
+	p := openSpy(t)
 	if _, err := p.Signer(KeyRef{Label: "p256"}); err != nil { // the pool has a session now
 		t.Fatal(err)
 	}

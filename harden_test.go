@@ -22,13 +22,7 @@ import (
 // ErrInvalidOptions, without a panic and without a PKCS#11 call (counted
 // by pkcs11-spy).
 func TestOddOptionsRefused(t *testing.T) {
-	useSpy(t)
-	tok := sharedToken(t)
-	p, err := Open(Config{Path: spyModule, TokenLabel: tok.Label, PIN: tok.PIN, ProbeInterval: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { p.Close() })
+	p := openSpy(t)
 	d := sha256.Sum256([]byte("x"))
 	signs := []struct {
 		name, key string

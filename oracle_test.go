@@ -39,15 +39,10 @@ func (s *syncBuffer) String() string {
 // closed or opened, no probe, no log line. The valid one yields the key,
 // the others as many random bytes, and no error for any.
 func TestNoPaddingOracle(t *testing.T) {
-	useSpy(t)
-	tok := sharedToken(t)
 	var logs syncBuffer
-	p, err := Open(Config{Path: spyModule, TokenLabel: tok.Label, PIN: tok.PIN, ProbeInterval: -1,
-		Logger: slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { p.Close() })
+	p := openSpy(t, func(c *Config) {
+		c.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	})
 	d, err := p.Decrypter(KeyRef{Label: "rsa2048"})
 	if err != nil {
 		t.Fatal(err)

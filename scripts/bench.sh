@@ -18,16 +18,26 @@ go test -c -o "$bin" .
 : >"$out"
 for i in $(seq "$count"); do
 	echo "bench.sh: round $i of $count" >&2
-	"$bin" -test.run '^$' -test.bench . -test.benchmem -test.timeout 60m | tee -a "$out"
+	"$bin" -test.run '^$' -test.bench 'Benchmark(Ops|Refused|SessionKey)$' -test.benchmem -test.timeout 60m | tee -a "$out"
+done
+# The cost of lookups as keys are added (100, 1,000, 5,000 keys on one
+# token): BENCH_COUNT rounds of a few iterations each, since one listing
+# of 5,000 keys takes seconds.
+scale=bench-scale.txt
+: >"$scale"
+for i in $(seq "$count"); do
+	echo "bench.sh: scale round $i of $count" >&2
+	HSM_SCALE="${HSM_SCALE:-100,1000,5000}" "$bin" -test.run '^$' -test.bench 'BenchmarkScale$' -test.benchtime 3x -test.timeout 60m | tee -a "$scale"
 done
 calls=$(go test -count=1 -run TestCallsPerOperation -v . | grep -o 'PKCS#11 calls per .*' || true)
 benchstat="go run golang.org/x/perf/cmd/benchstat@v0.0.0-20260908200009-22c9c6c9d4da"
 table=$($benchstat -col /eng "$out")
+scaletable=$($benchstat -col /eng -filter '/op:(list OR lookup)' "$scale"; echo; $benchstat -filter '/op:rebind' "$scale")
 instructions=$(bash scripts/instructions.sh)
 machine="$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(go version | cut -d' ' -f3), SoftHSM $(dpkg-query -W -f='${Version}' softhsm2 2>/dev/null), p11-kit $(dpkg-query -W -f='${Version}' p11-kit 2>/dev/null), $(date -u +%Y-%m-%d)"
-python3 - "$machine" "$calls" "$table" "$instructions" "$count" <<'PY'
+python3 - "$machine" "$calls" "$table" "$instructions" "$count" "$scaletable" <<'PY'
 import re, sys
-machine, calls, table, instructions, count = sys.argv[1:6]
+machine, calls, table, instructions, count, scaletable = sys.argv[1:7]
 calls = "\n".join(f"- {l}" for l in calls.splitlines())
 section = (f"<!-- bench:start -->\nMeasured by `make bench` on {machine}.\n\n"
            f"{calls}\n\nCPU instructions per operation, directly on SoftHSM, one goroutine "
@@ -36,6 +46,9 @@ section = (f"<!-- bench:start -->\nMeasured by `make bench` on {machine}.\n\n"
            f"`~` where the difference is not significant at p < 0.05):\n\n```\n{table}\n```\n<!-- bench:end -->")
 s = open("README.md").read()
 s = re.sub(r"<!-- bench:start -->.*<!-- bench:end -->", lambda m: section, s, flags=re.S)
+scale = (f"<!-- scale:start -->\nMeasured by `make bench` on {machine} ({count} rounds; "
+         f"`vs base` is the change from raw miekg/pkcs11):\n\n```\n{scaletable}\n```\n<!-- scale:end -->")
+s = re.sub(r"<!-- scale:start -->.*<!-- scale:end -->", lambda m: scale, s, flags=re.S)
 open("README.md", "w").write(s)
 PY
 echo "README.md updated" >&2
