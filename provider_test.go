@@ -302,3 +302,38 @@ func TestModuleInfoAndKeys(t *testing.T) {
 		}
 	}
 }
+
+// TestKeysListsUnusable: Keys lists every private key on the token, and a
+// key it cannot use with why (crypto11's FindAllKeyPairs fails as a whole
+// on the first key it cannot use).
+func TestKeysListsUnusable(t *testing.T) {
+	tok := softhsmtest.NewToken(t, "unusable")
+	tok.GenerateKey(t, softhsmtest.P256, []byte{1}, "good")
+	tok.GenerateKey(t, softhsmtest.Ed25519, []byte{2}, "ed")
+	tok.GenerateKey(t, softhsmtest.KeyType("EC:secp256k1"), []byte{3}, "k1")
+	tok.GenerateKey(t, softhsmtest.P256, []byte{4}, "halfless")
+	if out, err := tok.Tool("--delete-object", "--type", "pubkey", "--id", "04"); err != nil {
+		t.Fatalf("delete the public half: %v\n%s", err, out)
+	}
+	p := openToken(t, tok)
+	keys, err := p.Keys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]string{}
+	for _, k := range keys {
+		got[k.Ref.Label] = k.Type
+	}
+	t.Log(got)
+	for label, want := range map[string]string{"good": "ECDSA P-256", "ed": "Ed25519", "k1": "unsupported: ", "halfless": "unsupported: "} {
+		if !strings.HasPrefix(got[label], want) {
+			t.Errorf("%s: %q, want %q...", label, got[label], want)
+		}
+	}
+	if !strings.Contains(got["k1"], "curve") || !strings.Contains(got["halfless"], "no public key object") {
+		t.Errorf("the reasons do not say why: %q, %q", got["k1"], got["halfless"])
+	}
+	if len(keys) != 4 {
+		t.Errorf("%d keys listed, want 4", len(keys))
+	}
+}
