@@ -367,6 +367,7 @@ func BenchmarkSessionKey(b *testing.B) {
 		{"wrong-length", encryptTo(b, pub, key[:16], nil)},
 	} {
 		b.Run("ct="+ct.name, func(b *testing.B) {
+			//lint:ignore SA1019 crypto/tls still passes these options for the TLS 1.2 RSA key exchange; the benchmark measures that path.
 			opts := &rsa.PKCS1v15DecryptOptions{SessionKeyLen: len(key)}
 			for b.Loop() {
 				if _, err := d.Decrypt(nil, ct.ct, opts); err != nil {

@@ -83,7 +83,7 @@ func TestOutageThroughRemoting(t *testing.T) {
 	start := time.Now()
 	_, err := ec.Sign(nil, digest[:], crypto.SHA256)
 	took := time.Since(start)
-	if !errors.Is(err, ErrDeviceLost) || !errors.Is(err, ErrDeviceLost) {
+	if !errors.Is(err, ErrDeviceLost) || classOf(err) != classDeviceLost {
 		t.Fatalf("after kill: %v (class %v), want device lost", err, classOf(err))
 	}
 	var e *Error

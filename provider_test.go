@@ -236,7 +236,7 @@ func TestErrorModel(t *testing.T) {
 	if !errors.As(wrapped, &e) || e.Op != "sign" || e.Code != 0x30 || e.Generation != 3 {
 		t.Fatalf("errors.As: %+v", e)
 	}
-	if !errors.Is(wrapped, ErrDeviceLost) || !errors.Is(wrapped, ErrDeviceLost) {
+	if !errors.Is(wrapped, ErrDeviceLost) || classOf(wrapped) != classDeviceLost {
 		t.Error("device error does not match ErrDeviceLost")
 	}
 	var p pkcs11.Error
