@@ -76,6 +76,34 @@ func wantModuleFree(t *testing.T, r *remote) {
 	}
 }
 
+// signLater signs digest with s in a goroutine and sends the outcome: nil
+// for a signature that verifies.
+func signLater(s *Signer, digest []byte) <-chan error {
+	done := make(chan error, 1)
+	go func() {
+		sig, err := s.Sign(nil, digest, crypto.SHA256)
+		if err == nil && !ecdsa.VerifyASN1(s.Public().(*ecdsa.PublicKey), digest, sig) {
+			err = errors.New("the signature does not verify")
+		}
+		done <- err
+	}()
+	return done
+}
+
+// closeFrozen closes r's provider while the HSM is frozen: Close must
+// return within bound, with an error matching want that names says.
+func closeFrozen(t *testing.T, r *remote, what string, want error, says string, bound time.Duration) {
+	t.Helper()
+	var err error
+	took := within(t, 10*time.Second, "Close", func() { err = r.p.Close() })
+	t.Logf("Close, %s: %v in %v", what, err, took)
+	wantErr(t, err, want)
+	if !strings.Contains(err.Error(), says) || took > bound {
+		t.Fatalf("Close: %v after %v, want %v naming %q within %v", err, took, want, says, bound)
+	}
+	wantModuleInUse(t, r)
+}
+
 // freezeConfig: short bounds, so that the test is quick; Close must return
 // within DrainTimeout + ProbeTimeout.
 func freezeConfig(c *Config) {
@@ -94,14 +122,7 @@ func TestCloseWhenFrozen(t *testing.T) {
 	t.Run("idle", func(t *testing.T) {
 		r := openRemote(t, freezeConfig)
 		r.srv.Pause()
-		var err error
-		took := within(t, 10*time.Second, "Close", func() { err = r.p.Close() })
-		t.Logf("Close of an idle provider, HSM frozen: %v in %v", err, took)
-		wantErr(t, err, ErrHung)
-		if !strings.Contains(err.Error(), "C_Logout and C_Finalize") || took > closeBound+200*time.Millisecond {
-			t.Fatalf("Close: %v after %v, want ErrHung naming C_Logout within %v", err, took, closeBound)
-		}
-		wantModuleInUse(t, r)
+		closeFrozen(t, r, "idle provider", ErrHung, "C_Logout and C_Finalize", closeBound+200*time.Millisecond)
 		r.srv.Resume()
 		waitFinished(t, r.p)
 		if err := r.p.Close(); err != nil {
@@ -115,26 +136,12 @@ func TestCloseWhenFrozen(t *testing.T) {
 		s := mustSigner(t, r.p, "ec")
 		d := sha256.Sum256([]byte("in flight"))
 		r.srv.Pause()
-		signed := make(chan error, 1)
-		go func() {
-			sig, err := s.Sign(nil, d[:], crypto.SHA256)
-			if err == nil && !ecdsa.VerifyASN1(s.Public().(*ecdsa.PublicKey), d[:], sig) {
-				err = errors.New("the signature does not verify")
-			}
-			signed <- err
-		}()
+		signed := signLater(s, d[:])
 		for r.p.inst.Load().calls.Load() == 0 {
 			time.Sleep(time.Millisecond)
 		}
 		time.Sleep(10 * time.Millisecond) // into C_SignInit
-		var err error
-		took := within(t, 10*time.Second, "Close", func() { err = r.p.Close() })
-		t.Logf("Close with a call in flight, HSM frozen: %v in %v", err, took)
-		wantErr(t, err, ErrDrainTimeout)
-		if !strings.Contains(err.Error(), "1 calls still inside") || took > closeBound+200*time.Millisecond {
-			t.Fatalf("Close: %v after %v, want ErrDrainTimeout naming 1 call within %v", err, took, closeBound)
-		}
-		wantModuleInUse(t, r)
+		closeFrozen(t, r, "a call in flight", ErrDrainTimeout, "1 calls still inside", closeBound+200*time.Millisecond)
 		r.srv.Resume()
 		if err := <-signed; err != nil {
 			t.Fatalf("the call in flight: %v", err)
@@ -172,13 +179,7 @@ func TestCloseWhenFrozen(t *testing.T) {
 		if p.State() != StateUnavailable || p.Stats().ReinitializationFailures != 2 {
 			t.Fatalf("state %v, %d failures", p.State(), p.Stats().ReinitializationFailures)
 		}
-		took = within(t, 10*time.Second, "Close", func() { err = p.Close() })
-		t.Logf("Close, re-initialization stuck in C_Initialize: %v in %v", err, took)
-		wantErr(t, err, ErrHung)
-		if !strings.Contains(err.Error(), "C_Initialize") || took > closeBound {
-			t.Fatalf("Close: %v after %v, want ErrHung naming C_Initialize within %v", err, took, closeBound)
-		}
-		wantModuleInUse(t, r)
+		closeFrozen(t, r, "re-initialization stuck in C_Initialize", ErrHung, "C_Initialize", closeBound)
 		r.srv.Resume()
 		waitFinished(t, p)
 		wantModuleFree(t, r)
@@ -216,14 +217,7 @@ func TestCloseWhenFrozen(t *testing.T) {
 			t.Fatalf("last error %v, %d re-initializations", st.LastError, st.Reinitializations)
 		}
 		waitState(t, p, StateUnavailable, time.Second)
-		var cerr error
-		took := within(t, 10*time.Second, "Close", func() { cerr = p.Close() })
-		t.Logf("Close, recovery stuck: %v in %v", cerr, took)
-		wantErr(t, cerr, ErrHung)
-		if took > closeBound {
-			t.Fatalf("Close took %v, want at most %v", took, closeBound)
-		}
-		wantModuleInUse(t, r)
+		closeFrozen(t, r, "recovery stuck", ErrHung, "C_Initialize", closeBound)
 		r.srv.Resume()
 		waitFinished(t, p)
 		wantModuleFree(t, r)

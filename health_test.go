@@ -253,14 +253,7 @@ func TestHungHSMRecovers(t *testing.T) {
 	s := mustSigner(t, p, "ec")
 	digest := sha256.Sum256([]byte("hung"))
 	r.srv.Pause()
-	hung := make(chan error, 1)
-	go func() {
-		sig, err := s.Sign(nil, digest[:], crypto.SHA256)
-		if err == nil && !ecdsa.VerifyASN1(s.Public().(*ecdsa.PublicKey), digest[:], sig) {
-			err = errors.New("signature does not verify")
-		}
-		hung <- err
-	}()
+	hung := signLater(s, digest[:])
 	pausedAt := time.Now()
 	waitState(t, p, StateUnavailable, 5*time.Second)
 	ev := events.first(t, StateUnavailable, pausedAt)

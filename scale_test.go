@@ -8,7 +8,6 @@ package hsm
 // "100,1000,5000".
 
 import (
-	"crypto"
 	"fmt"
 	"os"
 	"strconv"
@@ -235,4 +234,3 @@ func rawFind(b *testing.B, r *rawP11, tmpl []*pkcs11.Attribute, max int) []pkcs1
 	return objs
 }
 
-var _ crypto.Signer = (*Signer)(nil)
