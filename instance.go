@@ -235,16 +235,18 @@ func unmark(err error) error {
 }
 
 // run is the one path every operation of the provider takes, key
-// operations, lookups, probes and URI checks alike. f runs while the
-// operation holds a session slot: it calls the module and nothing of the
-// caller's (options, readers), so that slow or panicking user code cannot
-// hold a session or look like a frozen HSM to the watchdog. In order: the gate admits it for
-// generation gen (a refusal is r's prebuilt error, without a PKCS#11 call),
-// it borrows a session of that generation (waiting up to wait, no longer
-// than the generation is admitted), runs f, gives the session back by what
-// f left on it, and accounts for the error (a device-loss code makes the
-// provider unavailable, a suspect one starts a probe). Errors come back as
-// *Error.
+// operations, lookups, probes and URI checks alike. In order: the gate
+// admits it for generation gen (a refusal is r's prebuilt error, without a
+// PKCS#11 call); it borrows a session of that generation (waiting up to
+// wait, no longer than the generation is admitted); it runs f; it gives
+// the session back by what f left on it; and it accounts for the error (a
+// device-loss code makes the provider unavailable, a suspect one starts a
+// probe). Errors come back as *Error.
+//
+// f runs while the operation holds a session slot: it calls the module and
+// nothing of the caller's (options, readers), so that slow or panicking
+// user code cannot hold a session or look like a frozen HSM to the
+// watchdog.
 func (p *Provider) run(gen uint64, r *refusals, wait time.Duration, kind runKind, f task) error {
 	if ok, w := p.gate.enter(gen); !ok {
 		if kind == runOp {
