@@ -233,4 +233,3 @@ func rawFind(b *testing.B, r *rawP11, tmpl []*pkcs11.Attribute, max int) []pkcs1
 	}
 	return objs
 }
-
