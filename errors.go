@@ -291,6 +291,16 @@ func classOf(err error) class {
 // codeOf returns the PKCS#11 return value carried by err, if any: an
 // *Error's Code, or a pkcs11.Error in its chain (errors.As).
 func codeOf(err error) (uint, bool) {
+	switch e := err.(type) { // the common cases, without errors.As's allocations
+	case nil:
+		return 0, false
+	case pkcs11.Error:
+		return uint(e), true
+	case *Error:
+		if e.Code != 0 {
+			return e.Code, true
+		}
+	}
 	var e *Error
 	if errors.As(err, &e) && e.Code != 0 {
 		return e.Code, true
