@@ -370,7 +370,7 @@ func TestSuspectCodeProbes(t *testing.T) {
 	tok.GenerateKey(t, softhsmtest.P256, []byte{1}, "doomed")
 	p := openToken(t, tok, func(c *Config) { c.ProbeInterval = -1 })
 	s := mustSigner(t, p, "doomed")
-	err := p.withSession("destroy", func(in *instance, sh pkcs11.SessionHandle) error {
+	err := p.withWriteSession("destroy", func(in *instance, sh pkcs11.SessionHandle) error {
 		return in.ctx.DestroyObject(sh, s.k.handle)
 	})
 	if err != nil {

@@ -74,12 +74,14 @@ func (in *instance) stop() { in.closeOnce.Do(func() { close(in.closing) }) }
 // while the operation waits for a session.
 var errClosing = errors.New("generation closing")
 
-// borrow returns a session for the exclusive use of one operation. It waits
-// for a free one up to wait, and no longer than the generation lives. The
-// caller must be admitted by the gate, and must call giveBack exactly once
-// when borrow succeeded. Without session, it takes a slot only (no
-// session is opened; the handle is 0), and the caller calls release.
-func (in *instance) borrow(wait time.Duration, session bool) (pkcs11.SessionHandle, error) {
+// borrow returns a session for the exclusive use of one operation of kind.
+// It waits for a free slot up to wait, and no longer than the generation
+// lives. The caller must be admitted by the gate, and must call giveBack
+// exactly once when borrow succeeded; for runOwn, which takes a slot only
+// (no session; the handle is 0), release. runOp gets a read-only session
+// from the pool; runWrite a read-write session of its own, which giveBack
+// closes.
+func (in *instance) borrow(wait time.Duration, kind runKind) (pkcs11.SessionHandle, error) {
 	select {
 	case <-in.slots:
 	default:
@@ -102,15 +104,20 @@ func (in *instance) borrow(wait time.Duration, session bool) (pkcs11.SessionHand
 		in.progress.Store(time.Now().UnixNano())
 	}
 	in.calls.Add(1)
-	if !session {
+	flags := uint(pkcs11.CKF_SERIAL_SESSION)
+	switch kind {
+	case runOwn:
 		return 0, nil
-	}
-	select {
-	case s := <-in.idle:
-		return s, nil
+	case runWrite:
+		flags |= pkcs11.CKF_RW_SESSION
 	default:
+		select {
+		case s := <-in.idle:
+			return s, nil
+		default:
+		}
 	}
-	s, err := in.ctx.OpenSession(in.slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	s, err := in.ctx.OpenSession(in.slot, flags)
 	if err != nil {
 		in.release()
 		return 0, err
@@ -193,13 +200,18 @@ type runKind uint8
 
 const (
 	// runOp: an operation of the user (signature, decryption, lookup): it
-	// counts in Stats.Operations and Refused, and gets a session.
+	// counts in Stats.Operations and Refused, and gets a read-only session
+	// from the pool.
 	runOp runKind = iota
 	// runOwn: the provider's own check (probe, URI match): it takes a slot
 	// like an operation, so that calls inside the library never exceed
 	// MaxSessions, but needs no session (the handle is 0) and is not
 	// counted as an operation.
 	runOwn
+	// runWrite: an operation that changes the token (generate, import,
+	// delete): a read-write session of its own, closed afterwards, so that
+	// the pool holds read-only sessions only (write-protected tokens).
+	runWrite
 )
 
 // task is an operation's work on a session of its generation: PKCS#11
@@ -255,11 +267,11 @@ func (p *Provider) run(gen uint64, r *refusals, wait time.Duration, kind runKind
 		return r.pick(gen, w)
 	}
 	defer p.gate.exit()
-	if kind == runOp {
+	if kind != runOwn {
 		p.health.ops.Add(1)
 	}
 	in := p.inst.Load() // gen's instance: the gate admitted gen
-	s, err := in.borrow(wait, kind == runOp)
+	s, err := in.borrow(wait, kind)
 	if err != nil {
 		switch err {
 		case errClosing:
@@ -274,10 +286,10 @@ func (p *Provider) run(gen uint64, r *refusals, wait time.Duration, kind runKind
 	returned := false
 	defer func() {
 		if !returned { // f panicked: what it left on the session is unknown
-			if kind == runOp {
-				in.giveBack(s, nil, leftActive)
-			} else {
+			if kind == runOwn {
 				in.release()
+			} else {
+				in.giveBack(s, nil, leftActive)
 			}
 		}
 	}()
@@ -287,10 +299,13 @@ func (p *Provider) run(gen uint64, r *refusals, wait time.Duration, kind runKind
 	if m, ok := err.(*marked); ok {
 		err, l = m.err, m.left
 	}
-	if kind == runOp {
-		in.giveBack(s, err, l)
-	} else {
+	switch kind {
+	case runOwn:
 		in.release()
+	case runWrite:
+		in.giveBack(s, err, leftActive) // closed: the pool holds read-only sessions
+	default:
+		in.giveBack(s, err, l)
 	}
 	if err == nil {
 		return nil

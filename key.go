@@ -101,10 +101,18 @@ func (p *Provider) lookup(ref KeyRef) (*key, error) {
 	return k, nil
 }
 
-// withSession runs f through run, on a session of the current generation.
+// withSession runs f through run, on a read-only session of the current
+// generation.
 func (p *Provider) withSession(op string, f task) error {
 	gen, _ := p.gate.load()
 	return p.run(gen, newRefusals(op, gen), p.cfg.SessionWaitTimeout, runOp, f)
+}
+
+// withWriteSession runs f through run, on a read-write session of the
+// current generation.
+func (p *Provider) withWriteSession(op string, f task) error {
+	gen, _ := p.gate.load()
+	return p.run(gen, newRefusals(op, gen), p.cfg.SessionWaitTimeout, runWrite, f)
 }
 
 // findObjects returns up to max+1 handles matching tmpl, so that callers can

@@ -197,7 +197,7 @@ func (in *instance) publicHalf(s pkcs11.SessionHandle, o *object, cands []object
 	match := func(p *object) bool {
 		return p.hasClass && p.class == pkcs11.CKO_PUBLIC_KEY && p.hasKeyType && p.keyType == keyType &&
 			bytes.Equal(p.id, o.id) && (label == "" || p.label == label) &&
-			(keyType == pkcs11.CKK_RSA || bytes.Equal(p.ecParams, o.ecParams))
+			(keyType == pkcs11.CKK_RSA || sameCurve(keyType, p.ecParams, o.ecParams))
 	}
 	var found []*object
 	for i := range cands {
@@ -233,11 +233,21 @@ func (in *instance) publicHalf(s pkcs11.SessionHandle, o *object, cands []object
 	return nil, opErr("find key", in.gen, ErrAmbiguousKey, "several public key objects with %s", ref)
 }
 
+// sameCurve reports whether two CKA_EC_PARAMS name the same curve. Ed25519
+// has two encodings, and a module may store one on a half and the other on
+// the other (SoftHSM 2.6 turns the OID into the name on the private key).
+func sameCurve(keyType uint, a, b []byte) bool {
+	if keyType == ckkECEdwards && isEd25519Params(a) && isEd25519Params(b) {
+		return true
+	}
+	return len(a) > 0 && bytes.Equal(a, b)
+}
+
 // rsaPublic sets k's public key: from the private key object, as most
 // tokens expose the modulus and exponent there, else from its public half.
 func (in *instance) rsaPublic(s pkcs11.SessionHandle, k *key, o *object, cands []object) error {
 	src := o
-	if o.modulus == nil || o.exponent == nil {
+	if len(o.modulus) == 0 || len(o.exponent) == 0 {
 		p, err := in.publicHalf(s, o, cands, pkcs11.CKK_RSA)
 		if err != nil {
 			return err
@@ -309,7 +319,7 @@ func (in *instance) keysOnToken(s pkcs11.SessionHandle, max int) ([]KeyInfo, err
 	}
 	var pubs map[string][]object
 	for _, o := range privs {
-		if o.hasKeyType && o.keyType != pkcs11.CKK_RSA || o.modulus == nil {
+		if o.hasKeyType && o.keyType != pkcs11.CKK_RSA || len(o.modulus) == 0 {
 			all, err := in.readAll(s, pkcs11.CKO_PUBLIC_KEY, max)
 			if err != nil {
 				return nil, err

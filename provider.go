@@ -59,6 +59,7 @@ type Provider struct {
 	drained, finished chan struct{}
 
 	flights singleflight.Group // one re-initialization at a time, shared
+	genSem  chan struct{}      // one GenerateKey at a time, so that its check for a free label holds
 	reinits atomic.Uint64
 	health  health
 
@@ -82,7 +83,7 @@ func Open(cfg Config) (*Provider, error) {
 		return nil, &Error{Op: "open", Err: err}
 	}
 	p := &Provider{cfg: cfg, modPath: abs, ctx: ctx, gate: newGate(), log: cfg.Logger,
-		modBusy: make(chan struct{}, 1), drained: make(chan struct{}), finished: make(chan struct{})}
+		modBusy: make(chan struct{}, 1), genSem: make(chan struct{}, 1), drained: make(chan struct{}), finished: make(chan struct{})}
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
 	}
@@ -149,7 +150,9 @@ func (p *Provider) setup(op string, gen uint64) (*instance, error) {
 	if p.serial != "" && token.SerialNumber != p.serial {
 		return nil, opErr(op, gen, ErrTokenChanged, "serial %q, expected %q", token.SerialNumber, p.serial)
 	}
-	login, err := p.ctx.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	// Read-only: it only keeps the login (a write-protected token refuses
+	// read-write sessions); writes open read-write sessions of their own.
+	login, err := p.ctx.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
 	if err != nil {
 		return nil, p11err("open session", gen, err)
 	}

@@ -5,15 +5,14 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
-
-	"github.com/miekg/pkcs11"
 )
 
 // TLSCertificate returns a tls.Certificate for the private key ref whose
 // PrivateKey is a durable key (see DurableSigner), so that a tls.Config built
 // once keeps working across HSM outages. The chain is chainPEM (PEM
-// CERTIFICATE blocks, leaf first), or, when chainPEM is nil, the certificate
-// object stored on the token with the key's CKA_ID. The leaf's public key
+// CERTIFICATE blocks, leaf first), or, when chainPEM is nil, the
+// certificates on the token: the key's, then its issuers' as far as the
+// token has them (CertificateChain). The leaf's public key
 // must be the key's. An RSA key that allows decryption is a
 // DurableDecrypter, so that TLS 1.2 RSA key exchange works too.
 //
@@ -50,11 +49,13 @@ func (p *Provider) TLSCertificate(ref KeyRef, chainPEM []byte) (tls.Certificate,
 			return tls.Certificate{}, opErr(op, p.Generation(), ErrInvalidOptions, "no PEM CERTIFICATE block in the chain")
 		}
 	} else {
-		der, err := p.certificateObject(d.ref)
+		certs, err := p.CertificateChain(d.ref)
 		if err != nil {
 			return tls.Certificate{}, err
 		}
-		chain = [][]byte{der}
+		for _, c := range certs {
+			chain = append(chain, c.Raw)
+		}
 	}
 	leaf, err := x509.ParseCertificate(chain[0])
 	if err != nil {
@@ -64,36 +65,6 @@ func (p *Provider) TLSCertificate(ref KeyRef, chainPEM []byte) (tls.Certificate,
 		return tls.Certificate{}, opErr(op, p.Generation(), ErrKeyChanged, "the certificate %q is not for the key %s", leaf.Subject, d.ref)
 	}
 	return tls.Certificate{Certificate: chain, PrivateKey: key, Leaf: leaf}, nil
-}
-
-// certificateObject reads CKA_VALUE of the one certificate object with the
-// key's CKA_ID.
-func (p *Provider) certificateObject(ref KeyRef) ([]byte, error) {
-	const op = "find certificate"
-	if len(ref.ID) == 0 {
-		return nil, opErr(op, p.Generation(), ErrKeyNotFound, "%s has no CKA_ID to find its certificate by; pass the chain as PEM", ref)
-	}
-	var der []byte
-	err := p.withSession(op, func(in *instance, s pkcs11.SessionHandle) error {
-		objs, err := in.findObjects(s, refTemplate(pkcs11.CKO_CERTIFICATE, ref.ID, ""), 1)
-		if err != nil {
-			return err
-		}
-		switch len(objs) {
-		case 0:
-			return opErr(op, in.gen, ErrKeyNotFound, "no certificate object with %s", KeyRef{ID: ref.ID})
-		case 1:
-		default:
-			return opErr(op, in.gen, ErrAmbiguousKey, "several certificate objects with %s", KeyRef{ID: ref.ID})
-		}
-		attrs, err := in.ctx.GetAttributeValue(s, objs[0], []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)})
-		if err != nil {
-			return err
-		}
-		der = attrs[0].Value
-		return nil
-	})
-	return der, err
 }
 
 // GetCertificate returns a function for tls.Config.GetCertificate that

@@ -1,0 +1,641 @@
+package hsm
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/sha1"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+	"unicode/utf8"
+
+	"github.com/miekg/pkcs11"
+)
+
+// Key and certificate life cycle: generation, deletion, certificates on the
+// token, random numbers. Like signing, each is one operation of the current
+// generation through run: it fails fast with ErrUnavailable during an
+// outage, and a device loss in the middle of it is never retried blindly.
+// Writes run on read-write sessions of their own (the pool holds read-only
+// sessions), and are refused on a write-protected token.
+
+// KeyType is a type of key GenerateKey makes. Its String is what
+// KeyInfo.Type says of such a key.
+type KeyType int
+
+// Key types.
+const (
+	RSA2048 KeyType = iota + 1
+	RSA3072
+	RSA4096
+	ECDSAP256
+	ECDSAP384
+	ECDSAP521
+	Ed25519
+)
+
+func (t KeyType) String() string {
+	switch t {
+	case RSA2048, RSA3072, RSA4096:
+		return fmt.Sprintf("RSA-%d", t.rsaBits())
+	case ECDSAP256:
+		return "ECDSA P-256"
+	case ECDSAP384:
+		return "ECDSA P-384"
+	case ECDSAP521:
+		return "ECDSA P-521"
+	case Ed25519:
+		return "Ed25519"
+	}
+	return fmt.Sprintf("KeyType(%d)", int(t))
+}
+
+func (t KeyType) rsaBits() int {
+	switch t {
+	case RSA2048:
+		return 2048
+	case RSA3072:
+		return 3072
+	case RSA4096:
+		return 4096
+	}
+	return 0
+}
+
+// DER of the curves' OIDs, for CKA_EC_PARAMS.
+var (
+	p256Params = mustDER(oidP256)
+	p384Params = mustDER(oidP384)
+	p521Params = mustDER(oidP521)
+	// Ed25519 as RFC 8410's OID, and as the PrintableString "edwards25519"
+	// that PKCS#11 3.0 also allows (SoftHSM 2.6 takes only this one).
+	ed25519OID    = mustDER(oidEd25519)
+	ed25519String = []byte{0x13, 0x0c, 'e', 'd', 'w', 'a', 'r', 'd', 's', '2', '5', '5', '1', '9'}
+)
+
+func mustDER(v any) []byte {
+	b, err := asn1.Marshal(v)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+// Attribute is a PKCS#11 attribute for KeySpec's vendor overrides: Type is
+// the CKA_* value; Value is a bool, an int or uint (CK_ULONG), a string, or
+// []byte.
+type Attribute struct {
+	Type  uint
+	Value any
+}
+
+// KeySpec says what key GenerateKey makes.
+type KeySpec struct {
+	Type KeyType
+	// Label is the CKA_LABEL of both halves. Required.
+	Label string
+	// ID is the CKA_ID of both halves. Empty means the SHA-1 of the
+	// public key's subjectPublicKey bits, like an X.509 subject key
+	// identifier, set right after generation (some HSMs, CloudHSM among
+	// them, cannot change CKA_ID after generation: give one there).
+	ID []byte
+	// Decrypt makes an RSA key decrypt too: CKA_DECRYPT on the private half,
+	// CKA_ENCRYPT on the public half.
+	Decrypt bool
+	// Extractable sets CKA_EXTRACTABLE on the private half (default false:
+	// the key never leaves the HSM, even wrapped).
+	Extractable bool
+	// PrivateAttributes and PublicAttributes are added to the templates of
+	// the halves, replacing an attribute of the same type, for vendor
+	// quirks. Handle with care: CKA_SENSITIVE false or CKA_EXTRACTABLE true
+	// here weakens the key.
+	PrivateAttributes, PublicAttributes []Attribute
+}
+
+// ErrKeyExists is returned by GenerateKey when a private key already has
+// the label or ID asked for, and by ImportCertificate when a certificate
+// already has the key's ID.
+var ErrKeyExists = newSentinel("key or certificate already on the token")
+
+// ErrWriteProtected is returned by operations that change the token when
+// the token is write-protected (CKF_WRITE_PROTECTED). Signing and
+// decryption work on such a token.
+var ErrWriteProtected = newSentinel("the token is write-protected")
+
+// GenerateKey generates a key pair on the token and returns it as a Signer
+// of the current generation. The private half is a token object, private,
+// sensitive and not extractable (unless spec says so), and signs (and
+// decrypts, with spec.Decrypt); the public half verifies (and encrypts).
+//
+// It refuses a label, or an ID, that a private key already has
+// (ErrKeyExists). That makes a retry safe: when the HSM is lost during a
+// generation, the key may or may not have been made; after recovery, a
+// second GenerateKey with the same label either makes it or fails with
+// ErrKeyExists, whose message says to look the key up. Two GenerateKey
+// calls of one Provider run one at a time (the second waits up to
+// Config.SessionWaitTimeout, then ErrBusy); other processes are not
+// excluded.
+//
+// It blocks for the generation (an RSA-4096 key can take seconds) and up to
+// Config.SessionWaitTimeout for a session. Safe for concurrent use.
+func (p *Provider) GenerateKey(spec KeySpec) (*Signer, error) {
+	const op = "generate key"
+	gen := p.Generation()
+	mech, pub, priv, err := spec.templates()
+	if err != nil {
+		return nil, &Error{Op: op, Generation: gen, Err: err}
+	}
+	// One at a time; the wait is bounded like a session's.
+	t := time.NewTimer(p.cfg.SessionWaitTimeout)
+	select {
+	case p.genSem <- struct{}{}:
+		t.Stop()
+	case <-t.C:
+		return nil, &Error{Op: op, Generation: gen, Err: wrapf(ErrBusy, "another GenerateKey has run for %v", p.cfg.SessionWaitTimeout)}
+	}
+	defer func() { <-p.genSem }()
+	var k *key
+	err = p.withWriteSession(op, func(in *instance, s pkcs11.SessionHandle) error {
+		if err := in.writable(op); err != nil {
+			return err
+		}
+		// The label and the ID must be free.
+		for _, ref := range []KeyRef{{Label: spec.Label}, {ID: spec.ID}} {
+			if ref.Label == "" && len(ref.ID) == 0 {
+				continue
+			}
+			handles, err := in.findObjects(s, refTemplate(pkcs11.CKO_PRIVATE_KEY, ref.ID, ref.Label), 0)
+			if err != nil {
+				return err
+			}
+			if len(handles) > 0 {
+				return opErr(op, in.gen, ErrKeyExists, "a private key with %s is on the token: look it up (Signer, DurableSigner) or delete it", ref)
+			}
+		}
+		ph, kh, err := in.ctx.GenerateKeyPair(s, mech, pub, priv)
+		if err != nil && spec.Type == Ed25519 && refusesCurve(err) {
+			// The other encoding of the curve PKCS#11 3.0 allows.
+			pub = replaceAttr(pub, pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, ed25519String))
+			ph, kh, err = in.ctx.GenerateKeyPair(s, mech, pub, priv)
+		}
+		if err != nil {
+			return stepErr("C_GenerateKeyPair", err)
+		}
+		po, err := in.readObject(s, ph)
+		if err != nil {
+			return err
+		}
+		ko, err := in.readObject(s, kh)
+		if err != nil {
+			return err
+		}
+		if len(spec.ID) == 0 {
+			// The default ID, from the public key.
+			if k, err = in.keyFrom(s, &ko, []object{po}); err != nil {
+				return err
+			}
+			der, err := x509.MarshalPKIXPublicKey(k.pub)
+			if err != nil {
+				return opErr(op, in.gen, ErrUnsupportedKey, "public key: %v", err)
+			}
+			id := ski(der)
+			for _, h := range []pkcs11.ObjectHandle{kh, ph} {
+				if err := in.ctx.SetAttributeValue(s, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_ID, id)}); err != nil {
+					return stepErr("C_SetAttributeValue (CKA_ID; give KeySpec.ID for an HSM that sets it only at generation)", err)
+				}
+			}
+			ko.id, po.id = id, id
+		}
+		k, err = in.keyFrom(s, &ko, []object{po})
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	k.p = p
+	k.signRefusals = newRefusals("sign", k.gen)
+	k.decryptRefusals = newRefusals("decrypt", k.gen)
+	return &Signer{k}, nil
+}
+
+// ski is the SHA-1 of the subjectPublicKey bits of der (a PKIX public key),
+// as RFC 5280's method (1) for a subject key identifier.
+func ski(der []byte) []byte {
+	var spki struct {
+		Algorithm        pkix.AlgorithmIdentifier
+		SubjectPublicKey asn1.BitString
+	}
+	if _, err := asn1.Unmarshal(der, &spki); err != nil {
+		sum := sha1.Sum(der)
+		return sum[:]
+	}
+	sum := sha1.Sum(spki.SubjectPublicKey.Bytes)
+	return sum[:]
+}
+
+func refusesCurve(err error) bool {
+	code, _ := codeOf(err)
+	return code == pkcs11.CKR_CURVE_NOT_SUPPORTED || code == pkcs11.CKR_ATTRIBUTE_VALUE_INVALID || code == pkcs11.CKR_DOMAIN_PARAMS_INVALID || code == pkcs11.CKR_TEMPLATE_INCONSISTENT
+}
+
+// templates returns the mechanism and the templates of the public and the
+// private half, or why spec is not valid.
+func (spec KeySpec) templates() ([]*pkcs11.Mechanism, []*pkcs11.Attribute, []*pkcs11.Attribute, error) {
+	switch {
+	case spec.Label == "":
+		return nil, nil, nil, errOpts("KeySpec.Label is empty: a key needs a label")
+	case !utf8.ValidString(spec.Label):
+		return nil, nil, nil, errOpts("KeySpec.Label is not valid UTF-8")
+	case spec.Decrypt && spec.Type.rsaBits() == 0:
+		return nil, nil, nil, errOpts("KeySpec.Decrypt: only RSA keys decrypt, not %v", spec.Type)
+	}
+	var mech uint
+	var keyType uint
+	pub := []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, true),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, spec.Label),
+	}
+	priv := []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, spec.Extractable),
+		pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, spec.Decrypt),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, spec.Label),
+	}
+	if len(spec.ID) > 0 {
+		pub = append(pub, pkcs11.NewAttribute(pkcs11.CKA_ID, spec.ID))
+		priv = append(priv, pkcs11.NewAttribute(pkcs11.CKA_ID, spec.ID))
+	}
+	switch spec.Type {
+	case RSA2048, RSA3072, RSA4096:
+		mech, keyType = pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, pkcs11.CKK_RSA
+		pub = append(pub,
+			pkcs11.NewAttribute(pkcs11.CKA_MODULUS_BITS, spec.Type.rsaBits()),
+			pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, []byte{1, 0, 1}))
+		pub = append(pub, pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, spec.Decrypt))
+	case ECDSAP256, ECDSAP384, ECDSAP521:
+		mech, keyType = pkcs11.CKM_EC_KEY_PAIR_GEN, pkcs11.CKK_EC
+		params := map[KeyType][]byte{ECDSAP256: p256Params, ECDSAP384: p384Params, ECDSAP521: p521Params}[spec.Type]
+		pub = append(pub, pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, params))
+	case Ed25519:
+		mech, keyType = ckmECEdwardsKeyPairGen, ckkECEdwards
+		pub = append(pub, pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, ed25519OID))
+	default:
+		return nil, nil, nil, errOpts("KeySpec.Type %v is not one of RSA2048, RSA3072, RSA4096, ECDSAP256, ECDSAP384, ECDSAP521, Ed25519", spec.Type)
+	}
+	pub = append(pub, pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, keyType))
+	priv = append(priv, pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, keyType))
+	var err error
+	if pub, err = override(pub, spec.PublicAttributes, "PublicAttributes"); err != nil {
+		return nil, nil, nil, err
+	}
+	if priv, err = override(priv, spec.PrivateAttributes, "PrivateAttributes"); err != nil {
+		return nil, nil, nil, err
+	}
+	return []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, pub, priv, nil
+}
+
+// CKM_EC_EDWARDS_KEY_PAIR_GEN (PKCS#11 3.0; miekg/pkcs11 v1.1.2 lacks it).
+const ckmECEdwardsKeyPairGen = 0x1055
+
+// override adds attrs to tmpl, each replacing an attribute of its type.
+func override(tmpl []*pkcs11.Attribute, attrs []Attribute, field string) ([]*pkcs11.Attribute, error) {
+	for _, a := range attrs {
+		switch a.Value.(type) {
+		case bool, int, uint, string, []byte:
+		default:
+			return nil, errOpts("KeySpec.%s: attribute 0x%x has a value of type %T; use bool, int, uint, string or []byte", field, a.Type, a.Value)
+		}
+		if v, ok := a.Value.(int); ok && v < 0 {
+			return nil, errOpts("KeySpec.%s: attribute 0x%x is negative", field, a.Type)
+		}
+		tmpl = replaceAttr(tmpl, pkcs11.NewAttribute(a.Type, a.Value))
+	}
+	return tmpl, nil
+}
+
+func replaceAttr(tmpl []*pkcs11.Attribute, a *pkcs11.Attribute) []*pkcs11.Attribute {
+	out := make([]*pkcs11.Attribute, 0, len(tmpl)+1)
+	for _, t := range tmpl {
+		if t.Type != a.Type {
+			out = append(out, t)
+		}
+	}
+	return append(out, a)
+}
+
+// writable refuses a write to a write-protected token.
+func (in *instance) writable(op string) error {
+	if in.token.Flags&pkcs11.CKF_WRITE_PROTECTED != 0 {
+		return opErr(op, in.gen, ErrWriteProtected, "token %q (CKF_WRITE_PROTECTED); signing and decryption still work", in.token.Label)
+	}
+	return nil
+}
+
+// DeleteKey deletes the private key ref names and its public half (same
+// CKA_ID, or same label for a key without one). A certificate with its ID
+// stays: DeleteCertificate deletes it. Afterwards Signer(ref) fails with
+// ErrKeyNotFound; keys looked up before fail at their next operation.
+// Safe for concurrent use.
+func (p *Provider) DeleteKey(ref KeyRef) error {
+	const op = "delete key"
+	if len(ref.ID) == 0 && ref.Label == "" {
+		return opErr(op, p.Generation(), ErrKeyNotFound, "empty KeyRef: set ID, Label or both")
+	}
+	return p.withWriteSession(op, func(in *instance, s pkcs11.SessionHandle) error {
+		if err := in.writable(op); err != nil {
+			return err
+		}
+		handles, err := in.findObjects(s, refTemplate(pkcs11.CKO_PRIVATE_KEY, ref.ID, ref.Label), 1)
+		if err != nil {
+			return err
+		}
+		switch len(handles) {
+		case 0:
+			return opErr(op, in.gen, ErrKeyNotFound, "no private key with %s", ref)
+		case 1:
+		default:
+			return opErr(op, in.gen, ErrAmbiguousKey, "several private keys with %s", ref)
+		}
+		o, err := in.readObject(s, handles[0])
+		if err != nil {
+			return err
+		}
+		victims := []pkcs11.ObjectHandle{o.h}
+		if o.hasKeyType {
+			// Every public half of it (there is usually one).
+			label := ""
+			if len(o.id) == 0 {
+				label = o.label
+			}
+			tmpl := append(refTemplate(pkcs11.CKO_PUBLIC_KEY, o.id, label), pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, o.keyType))
+			pubs, err := in.findObjects(s, tmpl, maxRefObjects)
+			if err != nil {
+				return err
+			}
+			victims = append(victims, pubs...)
+		}
+		for _, h := range victims {
+			if err := in.ctx.DestroyObject(s, h); err != nil {
+				return stepErr("C_DestroyObject", err)
+			}
+		}
+		return nil
+	})
+}
+
+// ImportCertificate stores cert on the token as a CKO_CERTIFICATE (X.509)
+// with CKA_SUBJECT, CKA_ISSUER, CKA_SERIAL_NUMBER and CKA_VALUE. When a
+// private key matches ref, the certificate must be for it (its public key),
+// and takes the key's CKA_ID and CKA_LABEL; otherwise (a CA certificate of
+// the chain) it takes ref's ID and label. A certificate with that CKA_ID
+// (or, without one, that label) already on the token is refused with
+// ErrKeyExists. Safe for concurrent use.
+func (p *Provider) ImportCertificate(ref KeyRef, cert *x509.Certificate) error {
+	const op = "import certificate"
+	switch {
+	case cert == nil || len(cert.Raw) == 0:
+		return opErr(op, p.Generation(), ErrInvalidOptions, "no certificate (nil, or not parsed from DER)")
+	case len(ref.ID) == 0 && ref.Label == "":
+		return opErr(op, p.Generation(), ErrInvalidOptions, "empty KeyRef: set ID, Label or both")
+	}
+	k, err := p.lookup(ref)
+	switch {
+	case err == nil:
+		if eq, ok := cert.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !eq.Equal(k.pub) {
+			return opErr(op, k.gen, ErrInvalidOptions, "the certificate %q is not for the key %s", cert.Subject, k.ref)
+		}
+		ref = k.ref
+	case !isNotFound(err):
+		return err
+	}
+	serial, err := asn1.Marshal(cert.SerialNumber)
+	if err != nil {
+		return opErr(op, p.Generation(), ErrInvalidOptions, "serial number: %v", err)
+	}
+	return p.withWriteSession(op, func(in *instance, s pkcs11.SessionHandle) error {
+		if err := in.writable(op); err != nil {
+			return err
+		}
+		existing, err := in.findObjects(s, certTemplate(ref), 0)
+		if err != nil {
+			return err
+		}
+		if len(existing) > 0 {
+			return opErr(op, in.gen, ErrKeyExists, "a certificate with %s is on the token: delete it first (DeleteCertificate)", certRef(ref))
+		}
+		tmpl := []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_CERTIFICATE),
+			pkcs11.NewAttribute(pkcs11.CKA_CERTIFICATE_TYPE, pkcs11.CKC_X_509),
+			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+			pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, false),
+			pkcs11.NewAttribute(pkcs11.CKA_SUBJECT, cert.RawSubject),
+			pkcs11.NewAttribute(pkcs11.CKA_ISSUER, cert.RawIssuer),
+			pkcs11.NewAttribute(pkcs11.CKA_SERIAL_NUMBER, serial),
+			pkcs11.NewAttribute(pkcs11.CKA_VALUE, cert.Raw),
+		}
+		if len(ref.ID) > 0 {
+			tmpl = append(tmpl, pkcs11.NewAttribute(pkcs11.CKA_ID, ref.ID))
+		}
+		if ref.Label != "" {
+			tmpl = append(tmpl, pkcs11.NewAttribute(pkcs11.CKA_LABEL, ref.Label))
+		}
+		if _, err := in.ctx.CreateObject(s, tmpl); err != nil {
+			return stepErr("C_CreateObject", err)
+		}
+		return nil
+	})
+}
+
+func isNotFound(err error) bool { return errors.Is(err, ErrKeyNotFound) }
+
+// certRef is the reference a certificate of ref is stored and found by:
+// its CKA_ID, or its label when it has no ID.
+func certRef(ref KeyRef) KeyRef {
+	if len(ref.ID) > 0 {
+		return KeyRef{ID: ref.ID}
+	}
+	return KeyRef{Label: ref.Label}
+}
+
+func certTemplate(ref KeyRef) []*pkcs11.Attribute {
+	r := certRef(ref)
+	return refTemplate(pkcs11.CKO_CERTIFICATE, r.ID, r.Label)
+}
+
+// Certificate returns the certificate stored for the key ref names: the
+// certificate object with the key's CKA_ID (or, when no key matches ref,
+// with ref's ID, else its label). Safe for concurrent use.
+func (p *Provider) Certificate(ref KeyRef) (*x509.Certificate, error) {
+	const op = "find certificate"
+	ref, err := p.certificateRef(ref)
+	if err != nil {
+		return nil, err
+	}
+	var cert *x509.Certificate
+	err = p.withSession(op, func(in *instance, s pkcs11.SessionHandle) error {
+		der, err := in.certificateDER(s, op, certTemplate(ref), certRef(ref))
+		if err != nil {
+			return err
+		}
+		if cert, err = x509.ParseCertificate(der); err != nil {
+			return opErr(op, in.gen, ErrInvalidOptions, "the certificate object with %s does not parse: %v", certRef(ref), err)
+		}
+		return nil
+	})
+	return cert, err
+}
+
+// certificateRef is the key's own reference when a key matches ref, else
+// ref.
+func (p *Provider) certificateRef(ref KeyRef) (KeyRef, error) {
+	if len(ref.ID) == 0 && ref.Label == "" {
+		return ref, opErr("find certificate", p.Generation(), ErrKeyNotFound, "empty KeyRef: set ID, Label or both")
+	}
+	k, err := p.lookup(ref)
+	switch {
+	case err == nil:
+		return k.ref, nil
+	case isNotFound(err):
+		return ref, nil
+	}
+	return ref, err
+}
+
+// certificateDER reads CKA_VALUE of the one certificate object tmpl finds.
+func (in *instance) certificateDER(s pkcs11.SessionHandle, op string, tmpl []*pkcs11.Attribute, ref KeyRef) ([]byte, error) {
+	objs, err := in.findObjects(s, tmpl, 1)
+	if err != nil {
+		return nil, err
+	}
+	switch len(objs) {
+	case 0:
+		return nil, opErr(op, in.gen, ErrKeyNotFound, "no certificate object with %s", ref)
+	case 1:
+	default:
+		return nil, opErr(op, in.gen, ErrAmbiguousKey, "several certificate objects with %s", ref)
+	}
+	attrs, err := in.ctx.GetAttributeValue(s, objs[0], []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)})
+	if err != nil {
+		return nil, err
+	}
+	return attrs[0].Value, nil
+}
+
+// maxChain bounds the certificates CertificateChain follows.
+const maxChain = 10
+
+// CertificateChain returns the certificate of the key ref names (as
+// Certificate), then its issuer's, found on the token by CKA_SUBJECT, and
+// so on up to a self-signed certificate or one whose issuer is not on the
+// token (at most 10). Each certificate's signature is checked against the
+// next. Safe for concurrent use.
+func (p *Provider) CertificateChain(ref KeyRef) ([]*x509.Certificate, error) {
+	const op = "find certificate chain"
+	leaf, err := p.Certificate(ref)
+	if err != nil {
+		return nil, err
+	}
+	chain := []*x509.Certificate{leaf}
+	err = p.withSession(op, func(in *instance, s pkcs11.SessionHandle) error {
+		for c := leaf; len(chain) < maxChain && !bytes.Equal(c.RawIssuer, c.RawSubject); {
+			objs, err := in.findObjects(s, []*pkcs11.Attribute{
+				pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_CERTIFICATE),
+				pkcs11.NewAttribute(pkcs11.CKA_SUBJECT, c.RawIssuer)}, maxRefObjects)
+			if err != nil {
+				return err
+			}
+			var issuer *x509.Certificate
+			for _, h := range objs {
+				attrs, err := in.ctx.GetAttributeValue(s, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)})
+				if err != nil {
+					return err
+				}
+				cand, err := x509.ParseCertificate(attrs[0].Value)
+				if err == nil && c.CheckSignatureFrom(cand) == nil {
+					issuer = cand
+					break
+				}
+			}
+			if issuer == nil {
+				return nil // the rest of the chain is not on the token
+			}
+			chain = append(chain, issuer)
+			c = issuer
+		}
+		return nil
+	})
+	return chain, err
+}
+
+// DeleteCertificate deletes the certificate stored for the key ref names
+// (as Certificate finds it). The key stays. Safe for concurrent use.
+func (p *Provider) DeleteCertificate(ref KeyRef) error {
+	const op = "delete certificate"
+	ref, err := p.certificateRef(ref)
+	if err != nil {
+		return err
+	}
+	return p.withWriteSession(op, func(in *instance, s pkcs11.SessionHandle) error {
+		if err := in.writable(op); err != nil {
+			return err
+		}
+		objs, err := in.findObjects(s, certTemplate(ref), 1)
+		if err != nil {
+			return err
+		}
+		switch len(objs) {
+		case 0:
+			return opErr(op, in.gen, ErrKeyNotFound, "no certificate object with %s", certRef(ref))
+		case 1:
+		default:
+			return opErr(op, in.gen, ErrAmbiguousKey, "several certificate objects with %s", certRef(ref))
+		}
+		if err := in.ctx.DestroyObject(s, objs[0]); err != nil {
+			return stepErr("C_DestroyObject", err)
+		}
+		return nil
+	})
+}
+
+// Random returns a reader of random bytes from the token's generator
+// (C_GenerateRandom), of the generation current at each Read: it fails fast
+// with ErrUnavailable during an outage. Each Read asks for at most 1 KiB
+// (io.ReadFull reads more). Safe for concurrent use.
+func (p *Provider) Random() io.Reader { return random{p} }
+
+type random struct{ p *Provider }
+
+const maxRandom = 1024
+
+func (r random) Read(b []byte) (int, error) {
+	if len(b) == 0 {
+		return 0, nil
+	}
+	n := min(len(b), maxRandom)
+	err := r.p.withSession("random", func(in *instance, s pkcs11.SessionHandle) error {
+		out, err := in.ctx.GenerateRandom(s, n)
+		if err != nil {
+			return stepErr("C_GenerateRandom", err)
+		}
+		if len(out) != n {
+			return fmt.Errorf("C_GenerateRandom returned %d bytes, want %d", len(out), n)
+		}
+		copy(b, out)
+		return nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	return n, nil
+}
