@@ -96,6 +96,16 @@ var (
 	// Config.ProbeTimeout, or an earlier one still has not.
 	ErrHung = newSentinel("HSM not answering")
 
+	// ErrKeyExists is returned by GenerateKey when a private key already has
+	// the label or ID asked for, and by ImportCertificate when a certificate
+	// already has the key's ID.
+	ErrKeyExists = newSentinel("key or certificate already on the token")
+
+	// ErrWriteProtected is returned by operations that change the token when
+	// the token is write-protected (CKF_WRITE_PROTECTED). Signing and
+	// decryption work on such a token.
+	ErrWriteProtected = newSentinel("the token is write-protected")
+
 	// ErrDeviceLost matches (errors.Is) every error whose PKCS#11 code means
 	// that the connection to the HSM is gone and only a re-initialization
 	// can bring it back: CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED,

@@ -280,3 +280,72 @@ func ExampleOpenURI() {
 	fmt.Println(ref.Label, key.Public() != nil, strings.Contains(u.String(), "pin-value=REDACTED"))
 	// Output: tls true true
 }
+
+// A CA generates its key in the HSM, self-signs its certificate, stores it
+// on the token next to the key, and issues a leaf certificate.
+func ExampleProvider_GenerateKey() {
+	tok, err := softhsmtest.CreateToken("ca")
+	if err != nil {
+		log.Fatal(err)
+	}
+	p, err := hsm.Open(hsm.Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label, PIN: tok.PIN})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer p.Close()
+
+	// The key is made in the HSM: private, sensitive, never extractable.
+	ca, err := p.GenerateKey(hsm.KeySpec{Type: hsm.ECDSAP384, Label: "root ca"})
+	if err != nil {
+		log.Fatal(err) // hsm.ErrKeyExists if "root ca" is taken: look it up instead
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "Example Root CA"},
+		NotBefore: time.Now(), NotAfter: time.Now().AddDate(10, 0, 0),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		SubjectKeyId: ca.KeyRef().ID, // the key's CKA_ID is its subject key identifier
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, ca.Public(), ca)
+	if err != nil {
+		log.Fatal(err)
+	}
+	caCert, err := x509.ParseCertificate(der)
+	if err != nil {
+		log.Fatal(err)
+	}
+	if err := p.ImportCertificate(ca.KeyRef(), caCert); err != nil {
+		log.Fatal(err)
+	}
+
+	// Later, or in another process: the key and its certificate from the
+	// token, and a leaf issued with them.
+	signer, err := p.DurableSigner(hsm.KeyRef{Label: "root ca"})
+	if err != nil {
+		log.Fatal(err)
+	}
+	stored, err := p.Certificate(hsm.KeyRef{Label: "root ca"})
+	if err != nil {
+		log.Fatal(err)
+	}
+	leafKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		log.Fatal(err)
+	}
+	leafDER, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{
+		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "service.example"}, DNSNames: []string{"service.example"},
+		NotBefore: time.Now(), NotAfter: time.Now().AddDate(0, 0, 90), KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}, stored, &leafKey.PublicKey, signer)
+	if err != nil {
+		log.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(leafDER)
+	if err != nil {
+		log.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(stored)
+	_, err = leaf.Verify(x509.VerifyOptions{Roots: roots, DNSName: "service.example"})
+	fmt.Printf("%s issued by %s: verified %v\n", leaf.Subject.CommonName, leaf.Issuer.CommonName, err == nil)
+	// Output: service.example issued by Example Root CA: verified true
+}

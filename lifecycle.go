@@ -116,16 +116,6 @@ type KeySpec struct {
 	PrivateAttributes, PublicAttributes []Attribute
 }
 
-// ErrKeyExists is returned by GenerateKey when a private key already has
-// the label or ID asked for, and by ImportCertificate when a certificate
-// already has the key's ID.
-var ErrKeyExists = newSentinel("key or certificate already on the token")
-
-// ErrWriteProtected is returned by operations that change the token when
-// the token is write-protected (CKF_WRITE_PROTECTED). Signing and
-// decryption work on such a token.
-var ErrWriteProtected = newSentinel("the token is write-protected")
-
 // GenerateKey generates a key pair on the token and returns it as a Signer
 // of the current generation. The private half is a token object, private,
 // sensitive and not extractable (unless spec says so), and signs (and
