@@ -74,7 +74,8 @@ type Config struct {
 	// decides that it hangs (ErrHung) and becomes unavailable: a probe
 	// without an answer, or calls inside the library while none completes
 	// (a watchdog looks every ProbeTimeout/10, at most every 500ms, so a
-	// frozen HSM under load is noticed within ProbeTimeout plus that). It
+	// frozen HSM under load is noticed within ProbeTimeout plus that; a key
+	// generation, which may take longer, does not count as such a call). It
 	// also bounds each of the provider's own conversations with the module:
 	// C_Initialize to C_Login at Open and at each re-initialization,
 	// C_Finalize, and C_Logout with C_Finalize at Close. Such a call that

@@ -166,12 +166,15 @@ func (p *Provider) GenerateKey(spec KeySpec) (*Signer, error) {
 				return opErr(op, in.gen, ErrKeyExists, "a private key with %s is on the token: look it up (Signer, DurableSigner) or delete it", ref)
 			}
 		}
-		ph, kh, err := in.ctx.GenerateKeyPair(s, mech, pub, priv)
-		if err != nil && spec.Type == Ed25519 && refusesCurve(err) {
-			// The other encoding of the curve PKCS#11 3.0 allows.
-			pub = replaceAttr(pub, pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, ed25519String))
+		var ph, kh pkcs11.ObjectHandle
+		in.long(func() {
 			ph, kh, err = in.ctx.GenerateKeyPair(s, mech, pub, priv)
-		}
+			if err != nil && spec.Type == Ed25519 && refusesCurve(err) {
+				// The other encoding of the curve PKCS#11 3.0 allows.
+				pub = replaceAttr(pub, pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, ed25519String))
+				ph, kh, err = in.ctx.GenerateKeyPair(s, mech, pub, priv)
+			}
+		})
 		if err != nil {
 			return stepErr("C_GenerateKeyPair", err)
 		}

@@ -453,3 +453,23 @@ func TestLifecycleRemote(t *testing.T) {
 		wantErr(t, err, ErrKeyNotFound)
 	}
 }
+
+// TestLongGenerationNotHung: a key generation that takes longer than
+// ProbeTimeout, on the only session, is not a frozen HSM.
+func TestLongGenerationNotHung(t *testing.T) {
+	tok := softhsmtest.NewToken(t, "long")
+	p := openToken(t, tok, func(c *Config) { c.MaxSessions = 1; c.ProbeTimeout = 100 * time.Millisecond })
+	start := time.Now()
+	if _, err := p.GenerateKey(KeySpec{Type: RSA4096, Label: "slow"}); err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(start)
+	st := p.Stats()
+	t.Logf("RSA-4096 generation took %v; %v, %d probe failures, last error %v", took, st.State, st.ProbeFailures, st.LastError)
+	if took < 2*p.cfg.ProbeTimeout {
+		t.Skipf("the generation took %v, not longer than ProbeTimeout: nothing to test", took)
+	}
+	if st.State != StateHealthy || st.Generation != 1 || st.LastError != nil {
+		t.Fatalf("after a long generation: %v generation %d, %v", st.State, st.Generation, st.LastError)
+	}
+}
