@@ -1,15 +1,46 @@
-// Command hsmcheck checks an HSM through package hsm, for operators:
+// Command hsmcheck checks an HSM through package hsm, and does the everyday
+// key and certificate tasks on it, for operators:
 //
-//	hsmcheck probe -uri 'pkcs11:token=prod?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/run/pin'
-//	hsmcheck sign  -uri 'pkcs11:token=prod;object=tls?module-path=...&pin-source=...'
-//	hsmcheck bench -uri 'pkcs11:token=prod;object=tls?...' -duration 10s -workers 4
-//	hsmcheck soak  -duration 60s -outage-every 2s
+//	hsmcheck probe  -uri 'pkcs11:token=prod?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/run/pin'
+//	hsmcheck sign   -uri 'pkcs11:token=prod;object=tls?module-path=...&pin-source=...'
+//	hsmcheck bench  -uri 'pkcs11:token=prod;object=tls?...' -duration 10s -workers 4
+//	hsmcheck soak   -duration 60s -outage-every 2s
+//	hsmcheck keygen -uri 'pkcs11:token=prod?...' -type p256 -label tls [-id 01] [-decrypt]
+//	hsmcheck list   -uri 'pkcs11:token=prod?...'
+//	hsmcheck delete -uri 'pkcs11:token=prod?...' -label tls [-id 01]
+//	hsmcheck cert import -uri 'pkcs11:token=prod;object=tls?...' -in tls.pem
+//	hsmcheck cert export -uri 'pkcs11:token=prod;object=tls?...' [-chain] [-out tls.pem]
 //
 // probe shows the module, the token, the login and the keys it can see;
 // sign signs once, verifies and shows the latency; bench measures
 // throughput; soak runs the chaos soak on a SoftHSM2 token of its own
-// behind a p11-kit server that it kills and pauses. Exit status: 0 success,
-// 1 failure, 2 usage.
+// behind a p11-kit server that it kills and pauses.
+//
+// keygen generates a key pair on the token (-type rsa2048, rsa3072,
+// rsa4096, p256, p384, p521 or ed25519, in any case, or as the key types
+// print themselves: "RSA-2048", "ECDSA P-256", "Ed25519"...) and prints its
+// label, ID, type and public key (PEM). It refuses a label or an ID that a
+// private key already has. -decrypt makes an RSA key decrypt too.
+//
+// list shows every private key (reference, type, uses) and the certificate
+// of each key (subject, issuer, expiry). Certificates without a private
+// key, such as the CA certificates of a chain, are not listed.
+//
+// delete deletes a private key and its public half, and says which; the
+// certificate of the key stays on the token.
+//
+// cert import stores a certificate for a key: the file is PEM (the first
+// CERTIFICATE block is the key's certificate, and must be for it; further
+// blocks are stored as chain certificates labelled with their subject's
+// common name, skipping those already on the token) or DER. cert export
+// writes the certificate of a key, with -chain its chain on the token
+// too, as PEM to -out or the standard output.
+//
+// The key of keygen, delete and cert is named by -label and -id (hex), each
+// in place of the URI's object= and id=; keygen's default ID is derived
+// from the public key (as an X.509 subject key identifier).
+//
+// Exit status: 0 success, 1 failure, 2 usage.
 package main
 
 import (
@@ -24,6 +55,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -43,11 +75,27 @@ commands:
                                        signatures per second
   soak   [-duration 60s] [-outage-every 2s] [-workers 8]
                                        chaos soak on a SoftHSM2 token of its own (needs softhsm2, p11-kit, opensc)
+  keygen -uri URI -type TYPE [-label L] [-id HEX] [-decrypt]
+                                       generate a key pair; print its label, ID, type and public key (PEM)
+                                       TYPE: rsa2048, rsa3072, rsa4096, p256, p384, p521, ed25519
+  list   -uri URI                      the private keys, and the certificates of the keys
+  delete -uri URI [-label L] [-id HEX]  delete a private key and its public half
+  cert import -uri URI -in FILE [-label L] [-id HEX]
+                                       store the certificate (PEM or DER) of a key; further PEM
+                                       certificates as its chain
+  cert export -uri URI [-label L] [-id HEX] [-chain] [-out FILE]
+                                       write the certificate of a key (-chain: and its chain) as PEM
 
 URI is a PKCS#11 URI (RFC 7512) with module-path and pin-value or pin-source, e.g.
   pkcs11:token=prod;object=tls?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/run/pin
+-label and -id (hex) name a key in place of the URI's object= and id=.
 Run 'hsmcheck <command> -h' for the flags of a command.
 `
+
+// usageError is a misuse of the command line: exit status 2.
+type usageError struct{ error }
+
+func usagef(format string, args ...any) error { return usageError{fmt.Errorf(format, args...)} }
 
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
@@ -62,42 +110,97 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	cmd, args := args[0], args[1:]
+	if cmd == "cert" {
+		if len(args) == 0 || (args[0] != "import" && args[0] != "export") {
+			sub := ""
+			if len(args) > 0 {
+				sub = fmt.Sprintf(" (not %q)", args[0])
+			}
+			fmt.Fprintf(stderr, "hsmcheck cert: want a subcommand: import or export%s\n\n%s", sub, usage)
+			return 2
+		}
+		cmd, args = "cert "+args[0], args[1:]
+	}
 	fs := flag.NewFlagSet("hsmcheck "+cmd, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	uri := fs.String("uri", "", "PKCS#11 URI of the token (and key)")
-	key := fs.String("key", "", "label of the key (default: object= of the URI)")
-	duration := fs.Duration("duration", 10*time.Second, "how long (bench, soak)")
-	workers := fs.Int("workers", 0, "concurrent goroutines (bench: 1; soak: 8)")
-	outageEvery := fs.Duration("outage-every", 2*time.Second, "mean time between outages (soak)")
-	var err error
+	var (
+		key                   string
+		duration, outageEvery time.Duration
+		workers               int
+		typ, label, id        string
+		decrypt, chain        bool
+		in, out               string
+	)
+	keyFlags := func() {
+		fs.StringVar(&label, "label", "", "label of the key (default: object= of the URI)")
+		fs.StringVar(&id, "id", "", "ID of the key in hex (default: id= of the URI)")
+	}
 	switch cmd {
 	case "probe", "sign", "bench", "soak":
-		if err := fs.Parse(args); err != nil {
-			if errors.Is(err, flag.ErrHelp) {
-				return 0
-			}
-			return 2
-		}
+		fs.StringVar(&key, "key", "", "label of the key (default: object= of the URI)")
+		fs.DurationVar(&duration, "duration", 10*time.Second, "how long (bench, soak)")
+		fs.IntVar(&workers, "workers", 0, "concurrent goroutines (bench: 1; soak: 8)")
+		fs.DurationVar(&outageEvery, "outage-every", 2*time.Second, "mean time between outages (soak)")
+	case "keygen":
+		fs.StringVar(&typ, "type", "", "key type: rsa2048, rsa3072, rsa4096, p256, p384, p521 or ed25519")
+		keyFlags()
+		fs.Lookup("id").Usage = "ID of the key in hex (default: id= of the URI, else derived from the public key)"
+		fs.BoolVar(&decrypt, "decrypt", false, "an RSA key decrypts too")
+	case "list":
+	case "delete":
+		keyFlags()
+	case "cert import":
+		fs.StringVar(&in, "in", "", "the certificate: a PEM file (the key's certificate first, then its chain) or a DER file")
+		keyFlags()
+	case "cert export":
+		keyFlags()
+		fs.BoolVar(&chain, "chain", false, "the certificate and its chain on the token")
+		fs.StringVar(&out, "out", "", "the PEM file to write (default: the standard output)")
 	default:
 		fmt.Fprintf(stderr, "hsmcheck: unknown command %q\n\n%s", cmd, usage)
 		return 2
 	}
-	if cmd != "soak" && *uri == "" {
-		fmt.Fprintf(stderr, "hsmcheck %s: -uri is required\n", cmd)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
 		return 2
 	}
-	switch cmd {
-	case "probe":
-		err = probe(*uri, stdout)
-	case "sign":
-		err = sign(*uri, *key, stdout)
-	case "bench":
-		err = bench(*uri, *key, *duration, max(*workers, 1), stdout, stderr)
-	case "soak":
-		err = runSoak(*duration, *outageEvery, *workers, stdout)
+	var err error
+	switch {
+	case cmd != "soak" && *uri == "":
+		err = usagef("-uri is required")
+	case fs.NArg() > 0 && !slices.Contains([]string{"probe", "sign", "bench", "soak"}, cmd):
+		err = usagef("unexpected argument %q", fs.Arg(0))
+	}
+	if err == nil {
+		switch cmd {
+		case "probe":
+			err = probe(*uri, stdout)
+		case "sign":
+			err = sign(*uri, key, stdout)
+		case "bench":
+			err = bench(*uri, key, duration, max(workers, 1), stdout, stderr)
+		case "soak":
+			err = runSoak(duration, outageEvery, workers, stdout)
+		case "keygen":
+			err = keygen(*uri, typ, label, id, decrypt, stdout)
+		case "list":
+			err = list(*uri, stdout)
+		case "delete":
+			err = deleteKey(*uri, label, id, stdout)
+		case "cert import":
+			err = importCert(*uri, label, id, in, stdout)
+		case "cert export":
+			err = exportCert(*uri, label, id, chain, out, stdout)
+		}
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "hsmcheck %s: %v\n", cmd, err)
+		if errors.As(err, new(usageError)) {
+			return 2
+		}
 		return 1
 	}
 	return 0
