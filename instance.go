@@ -293,6 +293,9 @@ func (p *Provider) run(gen uint64, r *refusals, wait time.Duration, kind runKind
 			return r.busy
 		}
 		p.observe(gen, err, true)
+		if code, _ := codeOf(err); code == pkcs11.CKR_TOKEN_WRITE_PROTECTED {
+			return &Error{Op: r.op, Code: code, Generation: gen, Err: causedBy(ErrWriteProtected, stepErr("C_OpenSession", err))}
+		}
 		return p11err(r.op, gen, stepErr("C_OpenSession", err))
 	}
 	returned := false

@@ -5,12 +5,14 @@ import (
 	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/elliptic"
+	cryptorand "crypto/rand"
 	"crypto/x509"
 	"encoding/asn1"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"math/big"
 
 	"github.com/miekg/pkcs11"
 )
@@ -207,7 +209,52 @@ func (in *instance) certPublic(s pkcs11.SessionHandle, k *key) (crypto.PublicKey
 	if err != nil {
 		return nil, err
 	}
+	if err := in.proves(s, k, cert.PublicKey); err != nil {
+		return nil, err
+	}
 	return cert.PublicKey, nil
+}
+
+// proves checks that the private key k signs for pub: a signature of a
+// random challenge, made on session s, verifies under pub. A certificate
+// found by CKA_ID alone could be another key's.
+func (in *instance) proves(s pkcs11.SessionHandle, k *key, pub crypto.PublicKey) error {
+	const op = "find key"
+	refuse := func(why string) error {
+		return opErr(op, in.gen, ErrKeyNotFound, "%s has no public key object, and the certificate with its CKA_ID %s", k.ref, why)
+	}
+	if !k.canSign {
+		return refuse("cannot be checked: the key does not sign")
+	}
+	challenge := make([]byte, 32)
+	if _, err := cryptorand.Read(challenge); err != nil {
+		return err
+	}
+	mech := mechECDSA
+	if k.kind == kindEd25519 {
+		mech = mechEdDSA
+	}
+	if err := in.ctx.SignInit(s, mech, k.handle); err != nil {
+		return err
+	}
+	sig, err := in.ctx.Sign(s, challenge)
+	if err != nil {
+		return mayBeActive(err)
+	}
+	ok := false
+	switch pub := pub.(type) {
+	case *ecdsa.PublicKey:
+		if k.kind == kindECDSA && len(sig)%2 == 0 {
+			r, sv := new(big.Int).SetBytes(sig[:len(sig)/2]), new(big.Int).SetBytes(sig[len(sig)/2:])
+			ok = ecdsa.Verify(pub, challenge, r, sv)
+		}
+	case ed25519.PublicKey:
+		ok = k.kind == kindEd25519 && ed25519.Verify(pub, challenge, sig)
+	}
+	if !ok {
+		return refuse("is for another key")
+	}
+	return nil
 }
 
 func curveOf(params []byte) (elliptic.Curve, error) {

@@ -149,21 +149,24 @@ func (p *Provider) GenerateKey(spec KeySpec) (*Signer, error) {
 	}
 	defer func() { <-p.genSem }()
 	var k *key
-	err = p.withWriteSession(op, func(in *instance, s pkcs11.SessionHandle) error {
-		if err := in.writable(op); err != nil {
-			return err
+	err = p.write(op, func(in *instance, s pkcs11.SessionHandle) error {
+		// The label must be free among private keys, and the ID among all
+		// objects: a public half or a certificate left with it would be
+		// taken for the new key's.
+		taken := func(tmpl []*pkcs11.Attribute) (bool, error) {
+			handles, err := in.findObjects(s, tmpl, 0)
+			return len(handles) > 0, err
 		}
-		// The label and the ID must be free.
-		for _, ref := range []KeyRef{{Label: spec.Label}, {ID: spec.ID}} {
-			if ref.Label == "" && len(ref.ID) == 0 {
-				continue
-			}
-			handles, err := in.findObjects(s, refTemplate(pkcs11.CKO_PRIVATE_KEY, ref.ID, ref.Label), 0)
-			if err != nil {
+		if yes, err := taken(refTemplate(pkcs11.CKO_PRIVATE_KEY, nil, spec.Label)); err != nil {
+			return err
+		} else if yes {
+			return opErr(op, in.gen, ErrKeyExists, "a private key with %s is on the token: look it up (Signer, DurableSigner) or delete it", KeyRef{Label: spec.Label})
+		}
+		if len(spec.ID) > 0 {
+			if yes, err := taken(refTemplate(0, spec.ID, "")); err != nil {
 				return err
-			}
-			if len(handles) > 0 {
-				return opErr(op, in.gen, ErrKeyExists, "a private key with %s is on the token: look it up (Signer, DurableSigner) or delete it", ref)
+			} else if yes {
+				return opErr(op, in.gen, ErrKeyExists, "an object with %s is on the token (a key, a public key or a certificate): look it up (Signer, DurableSigner), or delete what holds the ID", KeyRef{ID: spec.ID})
 			}
 		}
 		var ph, kh pkcs11.ObjectHandle
@@ -198,7 +201,15 @@ func (p *Provider) GenerateKey(spec KeySpec) (*Signer, error) {
 			id := ski(der)
 			for _, h := range []pkcs11.ObjectHandle{kh, ph} {
 				if err := in.ctx.SetAttributeValue(s, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_ID, id)}); err != nil {
-					return stepErr("C_SetAttributeValue (CKA_ID; give KeySpec.ID for an HSM that sets it only at generation)", err)
+					// Do not leave a key without its ID (or with it on one
+					// half only): delete the pair.
+					derr := errors.Join(in.ctx.DestroyObject(s, ph), in.ctx.DestroyObject(s, kh))
+					what := "the key pair made was deleted"
+					if derr != nil {
+						what = fmt.Sprintf("deleting the key pair made failed too (%v): delete the key labelled %q", derr, spec.Label)
+					}
+					return &Error{Op: op, Generation: in.gen, Err: wrapf(stepErr("C_SetAttributeValue (CKA_ID)", err),
+						"%s; give KeySpec.ID for an HSM that sets CKA_ID only at generation", what)}
 				}
 			}
 			ko.id, po.id = id, id
@@ -304,6 +315,12 @@ const ckmECEdwardsKeyPairGen = 0x1055
 // override adds attrs to tmpl, each replacing an attribute of its type.
 func override(tmpl []*pkcs11.Attribute, attrs []Attribute, field string) ([]*pkcs11.Attribute, error) {
 	for _, a := range attrs {
+		switch a.Type {
+		case pkcs11.CKA_CLASS, pkcs11.CKA_KEY_TYPE, pkcs11.CKA_TOKEN, pkcs11.CKA_LABEL, pkcs11.CKA_ID:
+			// The checks and the lookup GenerateKey makes rest on these:
+			// set them through KeySpec's fields.
+			return nil, errOpts("KeySpec.%s: attribute 0x%x (CKA_CLASS, CKA_KEY_TYPE, CKA_TOKEN, CKA_LABEL, CKA_ID) cannot be overridden; use KeySpec's fields", field, a.Type)
+		}
 		switch a.Value.(type) {
 		case bool, int, uint, string, []byte:
 		default:
@@ -335,6 +352,18 @@ func (in *instance) writable(op string) error {
 	return nil
 }
 
+// write runs f on a read-write session of the current generation, after
+// refusing a write-protected token without a call (it would refuse the
+// read-write session with CKR_TOKEN_WRITE_PROTECTED).
+func (p *Provider) write(op string, f task) error {
+	if in := p.inst.Load(); in != nil {
+		if err := in.writable(op); err != nil {
+			return err
+		}
+	}
+	return p.withWriteSession(op, f)
+}
+
 // DeleteKey deletes the private key ref names and its public half (same
 // CKA_ID, or same label for a key without one). A certificate with its ID
 // stays: DeleteCertificate deletes it. Afterwards Signer(ref) fails with
@@ -345,10 +374,7 @@ func (p *Provider) DeleteKey(ref KeyRef) error {
 	if len(ref.ID) == 0 && ref.Label == "" {
 		return opErr(op, p.Generation(), ErrKeyNotFound, "empty KeyRef: set ID, Label or both")
 	}
-	return p.withWriteSession(op, func(in *instance, s pkcs11.SessionHandle) error {
-		if err := in.writable(op); err != nil {
-			return err
-		}
+	return p.write(op, func(in *instance, s pkcs11.SessionHandle) error {
 		handles, err := in.findObjects(s, refTemplate(pkcs11.CKO_PRIVATE_KEY, ref.ID, ref.Label), 1)
 		if err != nil {
 			return err
@@ -364,21 +390,21 @@ func (p *Provider) DeleteKey(ref KeyRef) error {
 		if err != nil {
 			return err
 		}
-		victims := []pkcs11.ObjectHandle{o.h}
-		if o.hasKeyType {
-			// Every public half of it (there is usually one).
-			label := ""
-			if len(o.id) == 0 {
-				label = o.label
-			}
-			tmpl := append(refTemplate(pkcs11.CKO_PUBLIC_KEY, o.id, label), pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, o.keyType))
-			pubs, err := in.findObjects(s, tmpl, maxRefObjects)
-			if err != nil {
-				return err
-			}
-			victims = append(victims, pubs...)
+		pubs, err := in.publicHalves(s, &o)
+		if err != nil {
+			return err
 		}
-		for _, h := range victims {
+		if len(pubs) > 1 {
+			return opErr(op, in.gen, ErrAmbiguousKey, "several public keys could be the public half of %s: nothing deleted", ref)
+		}
+		// The public half first: a deletion cut short leaves the private
+		// key, which a retry finds and deletes, rather than a public key
+		// that could be taken for a new key's.
+		var victims []pkcs11.ObjectHandle
+		for _, p := range pubs {
+			victims = append(victims, p.h)
+		}
+		for _, h := range append(victims, o.h) {
 			if err := in.ctx.DestroyObject(s, h); err != nil {
 				return stepErr("C_DestroyObject", err)
 			}
@@ -405,21 +431,27 @@ func (p *Provider) ImportCertificate(ref KeyRef, cert *x509.Certificate) error {
 	k, err := p.lookup(ref)
 	switch {
 	case err == nil:
-		if eq, ok := cert.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !eq.Equal(k.pub) {
+		if !samePublic(cert.PublicKey, k.pub) {
 			return opErr(op, k.gen, ErrInvalidOptions, "the certificate %q is not for the key %s", cert.Subject, k.ref)
 		}
 		ref = k.ref
 	case !isNotFound(err):
 		return err
+	default:
+		// No usable key: a certificate of the chain, unless a private key
+		// is there whose public key cannot be read, which the certificate
+		// cannot then be checked against.
+		if n, err := p.privateKeys(ref); err != nil {
+			return err
+		} else if n > 0 {
+			return opErr(op, p.Generation(), ErrInvalidOptions, "%s names a private key whose public key cannot be read (no public key object), so the certificate cannot be checked against it", ref)
+		}
 	}
 	serial, err := asn1.Marshal(cert.SerialNumber)
 	if err != nil {
 		return opErr(op, p.Generation(), ErrInvalidOptions, "serial number: %v", err)
 	}
-	return p.withWriteSession(op, func(in *instance, s pkcs11.SessionHandle) error {
-		if err := in.writable(op); err != nil {
-			return err
-		}
+	return p.write(op, func(in *instance, s pkcs11.SessionHandle) error {
 		existing, err := in.findObjects(s, certTemplate(ref), 0)
 		if err != nil {
 			return err
@@ -452,6 +484,23 @@ func (p *Provider) ImportCertificate(ref KeyRef, cert *x509.Certificate) error {
 
 func isNotFound(err error) bool { return errors.Is(err, ErrKeyNotFound) }
 
+// samePublic reports whether a and b are the same public key.
+func samePublic(a, b crypto.PublicKey) bool {
+	eq, ok := a.(interface{ Equal(crypto.PublicKey) bool })
+	return ok && eq.Equal(b)
+}
+
+// privateKeys counts the private keys ref names (0, 1, or 2 for more).
+func (p *Provider) privateKeys(ref KeyRef) (int, error) {
+	var n int
+	err := p.withSession("find key", func(in *instance, s pkcs11.SessionHandle) error {
+		handles, err := in.findObjects(s, refTemplate(pkcs11.CKO_PRIVATE_KEY, ref.ID, ref.Label), 1)
+		n = len(handles)
+		return err
+	})
+	return n, err
+}
+
 // certRef is the reference a certificate of ref is stored and found by:
 // its CKA_ID, or its label when it has no ID.
 func certRef(ref KeyRef) KeyRef {
@@ -471,7 +520,7 @@ func certTemplate(ref KeyRef) []*pkcs11.Attribute {
 // with ref's ID, else its label). Safe for concurrent use.
 func (p *Provider) Certificate(ref KeyRef) (*x509.Certificate, error) {
 	const op = "find certificate"
-	ref, err := p.certificateRef(ref)
+	ref, pub, err := p.certificateRef(ref)
 	if err != nil {
 		return nil, err
 	}
@@ -484,25 +533,28 @@ func (p *Provider) Certificate(ref KeyRef) (*x509.Certificate, error) {
 		if cert, err = x509.ParseCertificate(der); err != nil {
 			return opErr(op, in.gen, ErrInvalidOptions, "the certificate object with %s does not parse: %v", certRef(ref), err)
 		}
+		if pub != nil && !samePublic(cert.PublicKey, pub) {
+			return opErr(op, in.gen, ErrKeyChanged, "the certificate object with %s (%q) is for another key than %s: delete it (DeleteCertificate)", certRef(ref), cert.Subject, ref)
+		}
 		return nil
 	})
 	return cert, err
 }
 
-// certificateRef is the key's own reference when a key matches ref, else
-// ref.
-func (p *Provider) certificateRef(ref KeyRef) (KeyRef, error) {
+// certificateRef is the key's own reference and public key when a key
+// matches ref, else ref and nil.
+func (p *Provider) certificateRef(ref KeyRef) (KeyRef, crypto.PublicKey, error) {
 	if len(ref.ID) == 0 && ref.Label == "" {
-		return ref, opErr("find certificate", p.Generation(), ErrKeyNotFound, "empty KeyRef: set ID, Label or both")
+		return ref, nil, opErr("find certificate", p.Generation(), ErrKeyNotFound, "empty KeyRef: set ID, Label or both")
 	}
 	k, err := p.lookup(ref)
 	switch {
 	case err == nil:
-		return k.ref, nil
+		return k.ref, k.pub, nil
 	case isNotFound(err):
-		return ref, nil
+		return ref, nil, nil
 	}
-	return ref, err
+	return ref, nil, err
 }
 
 // certificateDER reads CKA_VALUE of the one certificate object tmpl finds.
@@ -540,6 +592,7 @@ func (p *Provider) CertificateChain(ref KeyRef) ([]*x509.Certificate, error) {
 		return nil, err
 	}
 	chain := []*x509.Certificate{leaf}
+	seen := map[string]bool{string(leaf.Raw): true}
 	err = p.withSession(op, func(in *instance, s pkcs11.SessionHandle) error {
 		for c := leaf; len(chain) < maxChain && !bytes.Equal(c.RawIssuer, c.RawSubject); {
 			objs, err := in.findObjects(s, []*pkcs11.Attribute{
@@ -555,7 +608,7 @@ func (p *Provider) CertificateChain(ref KeyRef) ([]*x509.Certificate, error) {
 					return err
 				}
 				cand, err := x509.ParseCertificate(attrs[0].Value)
-				if err == nil && c.CheckSignatureFrom(cand) == nil {
+				if err == nil && !seen[string(cand.Raw)] && c.CheckSignatureFrom(cand) == nil {
 					issuer = cand
 					break
 				}
@@ -564,6 +617,7 @@ func (p *Provider) CertificateChain(ref KeyRef) ([]*x509.Certificate, error) {
 				return nil // the rest of the chain is not on the token
 			}
 			chain = append(chain, issuer)
+			seen[string(issuer.Raw)] = true // a cross-signed pair ends the chain, not loops it
 			c = issuer
 		}
 		return nil
@@ -575,14 +629,11 @@ func (p *Provider) CertificateChain(ref KeyRef) ([]*x509.Certificate, error) {
 // (as Certificate finds it). The key stays. Safe for concurrent use.
 func (p *Provider) DeleteCertificate(ref KeyRef) error {
 	const op = "delete certificate"
-	ref, err := p.certificateRef(ref)
+	ref, _, err := p.certificateRef(ref)
 	if err != nil {
 		return err
 	}
-	return p.withWriteSession(op, func(in *instance, s pkcs11.SessionHandle) error {
-		if err := in.writable(op); err != nil {
-			return err
-		}
+	return p.write(op, func(in *instance, s pkcs11.SessionHandle) error {
 		objs, err := in.findObjects(s, certTemplate(ref), 1)
 		if err != nil {
 			return err

@@ -473,3 +473,203 @@ func TestLongGenerationNotHung(t *testing.T) {
 		t.Fatalf("after a long generation: %v generation %d, %v", st.State, st.Generation, st.LastError)
 	}
 }
+
+// storeCert puts cert on the token under id and label, without
+// ImportCertificate's checks: what another tool may have left.
+func storeCert(t *testing.T, p *Provider, id []byte, label string, cert *x509.Certificate) {
+	t.Helper()
+	err := p.withWriteSession("store", func(in *instance, s pkcs11.SessionHandle) error {
+		_, err := in.ctx.CreateObject(s, []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_CERTIFICATE), pkcs11.NewAttribute(pkcs11.CKA_CERTIFICATE_TYPE, pkcs11.CKC_X_509),
+			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true), pkcs11.NewAttribute(pkcs11.CKA_ID, id), pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+			pkcs11.NewAttribute(pkcs11.CKA_SUBJECT, cert.RawSubject), pkcs11.NewAttribute(pkcs11.CKA_VALUE, cert.Raw)})
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// destroy deletes the objects of class with id.
+func destroy(t *testing.T, p *Provider, class uint, id []byte) {
+	t.Helper()
+	err := p.withWriteSession("destroy", func(in *instance, s pkcs11.SessionHandle) error {
+		objs, err := in.findObjects(s, refTemplate(class, id, ""), 8)
+		for _, h := range objs {
+			if err == nil {
+				err = in.ctx.DestroyObject(s, h)
+			}
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestForeignCertificates: a certificate under a key's ID is the key's
+// public key only if the key proves it; a stale certificate is never
+// served as the key's; a leftover ID blocks a new key; a cross-signed pair
+// does not loop a chain.
+func TestForeignCertificates(t *testing.T) {
+	tok := softhsmtest.NewToken(t, "foreign")
+	p := openToken(t, tok)
+	mine, err := p.GenerateKey(KeySpec{Type: ECDSAP256, Label: "mine", ID: []byte{7}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := p.GenerateKey(KeySpec{Type: ECDSAP256, Label: "other", ID: []byte{8}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	myCert, otherCert := selfSigned(t, mine, 0), selfSigned(t, other, 0)
+
+	// The public half of "mine" is gone; a certificate of "other" sits
+	// under its ID. The lookup must not take other's key for mine's.
+	destroy(t, p, pkcs11.CKO_PUBLIC_KEY, []byte{7})
+	storeCert(t, p, []byte{7}, "mine", otherCert)
+	_, err = p.Signer(KeyRef{Label: "mine"})
+	wantErr(t, err, ErrKeyNotFound)
+	if !strings.Contains(err.Error(), "is for another key") {
+		t.Errorf("the refusal does not say why: %v", err)
+	}
+	// ImportCertificate refuses to store one for a key it cannot check.
+	wantErr(t, p.ImportCertificate(KeyRef{Label: "mine"}, myCert), ErrInvalidOptions)
+	// With its own certificate, the key proves it and is found.
+	destroy(t, p, pkcs11.CKO_CERTIFICATE, []byte{7})
+	storeCert(t, p, []byte{7}, "mine", myCert)
+	s, err := p.Signer(KeyRef{Label: "mine"})
+	if err != nil || !samePublic(s.Public(), mine.Public()) {
+		t.Fatalf("the key with its own certificate: %v", err)
+	}
+
+	// A key deleted, its certificate kept: a new key cannot take the ID,
+	// and the certificate is not served for another key.
+	if err := p.DeleteKey(KeyRef{Label: "other"}); err != nil {
+		t.Fatal(err)
+	}
+	storeCert(t, p, []byte{8}, "other", otherCert)
+	_, err = p.GenerateKey(KeySpec{Type: ECDSAP256, Label: "new", ID: []byte{8}})
+	wantErr(t, err, ErrKeyExists)
+	if _, err := p.GenerateKey(KeySpec{Type: ECDSAP256, Label: "other"}); err != nil {
+		t.Fatal(err) // the label is free, and its default ID another
+	}
+	if c, err := p.Certificate(KeyRef{ID: []byte{8}}); err != nil || !bytes.Equal(c.Raw, otherCert.Raw) { // no key has ID 8 now
+		t.Fatalf("the certificate left under ID 8: %v", err)
+	}
+	storeCert(t, p, mine.KeyRef().ID, "mine", otherCert) // a second, foreign certificate for "mine"
+	_, err = p.Certificate(KeyRef{Label: "mine"})
+	wantErr(t, err, ErrAmbiguousKey)
+
+	// Overrides of what the checks rest on are refused.
+	_, err = p.GenerateKey(KeySpec{Type: ECDSAP256, Label: "x", PrivateAttributes: []Attribute{{pkcs11.CKA_LABEL, "mine"}}})
+	wantErr(t, err, ErrInvalidOptions)
+	_, err = p.GenerateKey(KeySpec{Type: ECDSAP256, Label: "x", PublicAttributes: []Attribute{{pkcs11.CKA_TOKEN, false}}})
+	wantErr(t, err, ErrInvalidOptions)
+}
+
+// TestStaleCertificate: a certificate under the key's ID that is for
+// another key is refused, not served.
+func TestStaleCertificate(t *testing.T) {
+	tok := softhsmtest.NewToken(t, "stale")
+	p := openToken(t, tok)
+	k, err := p.GenerateKey(KeySpec{Type: ECDSAP256, Label: "k"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o, err := p.GenerateKey(KeySpec{Type: ECDSAP256, Label: "o"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	storeCert(t, p, k.KeyRef().ID, "k", selfSigned(t, o, 0))
+	_, err = p.Certificate(KeyRef{Label: "k"})
+	wantErr(t, err, ErrKeyChanged)
+	_, err = p.CertificateChain(KeyRef{Label: "k"})
+	wantErr(t, err, ErrKeyChanged)
+	_, err = p.TLSCertificate(KeyRef{Label: "k"}, nil)
+	wantErr(t, err, ErrKeyChanged)
+}
+
+// TestDeleteKeySharedID: two keys share an ID (made by another tool);
+// DeleteKey refuses rather than delete the other's public half.
+func TestDeleteKeySharedID(t *testing.T) {
+	tok := softhsmtest.NewToken(t, "shared-id")
+	tok.GenerateKey(t, softhsmtest.P256, []byte{0x42}, "a")
+	tok.GenerateKey(t, softhsmtest.P256, []byte{0x42}, "b")
+	p := openToken(t, tok)
+	wantErr(t, p.DeleteKey(KeyRef{Label: "a"}), ErrAmbiguousKey)
+	for _, l := range []string{"a", "b"} {
+		if _, err := p.Signer(KeyRef{Label: l, ID: []byte{0x42}}); err != nil && !errors.Is(err, ErrAmbiguousKey) {
+			t.Fatalf("%s after the refused delete: %v", l, err)
+		}
+	}
+	if keys, _ := p.Keys(); len(keys) != 2 {
+		t.Fatalf("%d keys after the refused delete, want 2", len(keys))
+	}
+}
+
+// TestCrossSignedChain: two CAs signed by each other end the chain instead
+// of looping it.
+func TestCrossSignedChain(t *testing.T) {
+	tok := softhsmtest.NewToken(t, "cross")
+	p := openToken(t, tok)
+	x, _ := p.GenerateKey(KeySpec{Type: ECDSAP256, Label: "x"})
+	y, _ := p.GenerateKey(KeySpec{Type: ECDSAP256, Label: "y"})
+	leaf, _ := p.GenerateKey(KeySpec{Type: ECDSAP256, Label: "leaf"})
+	issue := func(subject string, pub crypto.PublicKey, issuer *x509.Certificate, issuerSubject string, key crypto.Signer) *x509.Certificate {
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: subject},
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+		parent := issuer
+		if parent == nil {
+			parent = &x509.Certificate{Subject: pkix.Name{CommonName: issuerSubject}, PublicKey: key.Public()}
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, pub, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, _ := x509.ParseCertificate(der)
+		return c
+	}
+	xByY := issue("X", x.Public(), nil, "Y", y)
+	yByX := issue("Y", y.Public(), nil, "X", x)
+	leafByX := issue("leaf", leaf.Public(), xByY, "", x)
+	for _, c := range []struct {
+		s    *Signer
+		cert *x509.Certificate
+	}{{x, xByY}, {y, yByX}, {leaf, leafByX}} {
+		if err := p.ImportCertificate(c.s.KeyRef(), c.cert); err != nil {
+			t.Fatal(err)
+		}
+	}
+	chain, err := p.CertificateChain(leaf.KeyRef())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, c := range chain {
+		names = append(names, c.Subject.CommonName)
+	}
+	if strings.Join(names, " ") != "leaf X Y" {
+		t.Fatalf("chain %v, want leaf X Y", names)
+	}
+}
+
+// TestLongAttributes: an ID and a label longer than the one-call read's
+// buffer are read whole.
+func TestLongAttributes(t *testing.T) {
+	tok := softhsmtest.NewToken(t, "longattrs")
+	p := openToken(t, tok)
+	id := bytes.Repeat([]byte{0xAB}, 1100)
+	label := strings.Repeat("l", 1100)
+	s, err := p.GenerateKey(KeySpec{Type: ECDSAP256, Label: label, ID: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ref := s.KeyRef(); !bytes.Equal(ref.ID, id) || ref.Label != label {
+		t.Fatalf("read back a %d-byte ID and a %d-byte label", len(ref.ID), len(ref.Label))
+	}
+	again, err := p.Signer(KeyRef{ID: id})
+	if err != nil || again.KeyRef().Label != label {
+		t.Fatalf("looked up by its long ID: %v", err)
+	}
+}

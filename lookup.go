@@ -6,6 +6,7 @@ import (
 	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rsa"
+	"errors"
 	"math/big"
 
 	"github.com/miekg/pkcs11"
@@ -43,6 +44,9 @@ func (in *instance) readObject(s pkcs11.SessionHandle, h pkcs11.ObjectHandle) (o
 	if err != nil {
 		return object{}, err
 	}
+	if err := in.refill(s, h, v); err != nil {
+		return object{}, err
+	}
 	o := object{h: h, id: bytes.Clone(v[2]), label: string(v[3]),
 		sign: isTrue(v[4]), decrypt: isTrue(v[5]),
 		modulus: bytes.Clone(v[6]), exponent: bytes.Clone(v[7]), ecParams: bytes.Clone(v[8]), ecPoint: bytes.Clone(v[9])}
@@ -55,12 +59,58 @@ func (in *instance) readObject(s pkcs11.SessionHandle, h pkcs11.ObjectHandle) (o
 	return o, nil
 }
 
+// refill reads again, the slow way, what the one-call read of lookupAttrs
+// into v may have missed. When the read fails for one attribute (every
+// object lacks some of them), a module may report another one that did not
+// fit its buffer as absent too (SoftHSM's CKR_ATTRIBUTE_TYPE_INVALID hides
+// its CKR_BUFFER_TOO_SMALL). The attributes every key has (CKA_ID,
+// CKA_LABEL), and the public parts its class and key type have, are read
+// again when they came back absent; for an ordinary key, none is.
+func (in *instance) refill(s pkcs11.SessionHandle, h pkcs11.ObjectHandle, v [][]byte) error {
+	if in.fast == nil || v[0] == nil {
+		return nil // read the slow way already, or not a key
+	}
+	class := ulong(v[0])
+	if class != pkcs11.CKO_PRIVATE_KEY && class != pkcs11.CKO_PUBLIC_KEY {
+		return nil
+	}
+	idx := []int{2, 3} // CKA_ID, CKA_LABEL
+	if v[1] != nil {
+		switch keyType := ulong(v[1]); {
+		case keyType == pkcs11.CKK_RSA && class == pkcs11.CKO_PUBLIC_KEY:
+			idx = append(idx, 6, 7) // CKA_MODULUS, CKA_PUBLIC_EXPONENT
+		case keyType == pkcs11.CKK_EC || keyType == ckkECEdwards:
+			idx = append(idx, 8) // CKA_EC_PARAMS
+			if class == pkcs11.CKO_PUBLIC_KEY {
+				idx = append(idx, 9) // CKA_EC_POINT
+			}
+		}
+	}
+	var missing []int
+	var types []uint
+	for _, i := range idx {
+		if v[i] == nil {
+			missing, types = append(missing, i), append(types, lookupAttrs[i])
+		}
+	}
+	if len(missing) == 0 {
+		return nil
+	}
+	vals, err := in.slowAttrs(s, h, types)
+	if err != nil {
+		return err
+	}
+	for j, i := range missing {
+		v[i] = vals[j]
+	}
+	return nil
+}
+
 func isTrue(v []byte) bool { return len(v) == 1 && v[0] != 0 }
 
 // attrValues reads the attributes types of object h; a value the object
 // does not have, or keeps secret, is nil. Through the module's function
-// list it is one call; through miekg/pkcs11 two, and two per attribute
-// when the module refuses one of them.
+// list it is one call; else slowAttrs.
 func (in *instance) attrValues(s pkcs11.SessionHandle, h pkcs11.ObjectHandle, types []uint) ([][]byte, error) {
 	if in.fast != nil {
 		vals, err := fastAttrs(in.fast, s, h, types)
@@ -68,6 +118,12 @@ func (in *instance) attrValues(s pkcs11.SessionHandle, h pkcs11.ObjectHandle, ty
 			return vals, err
 		}
 	}
+	return in.slowAttrs(s, h, types)
+}
+
+// slowAttrs is attrValues through miekg/pkcs11, which sizes every value:
+// two calls, and two per attribute when the module refuses one of them.
+func (in *instance) slowAttrs(s pkcs11.SessionHandle, h pkcs11.ObjectHandle, types []uint) ([][]byte, error) {
 	tmpl := make([]*pkcs11.Attribute, len(types))
 	for i, t := range types {
 		tmpl[i] = pkcs11.NewAttribute(t, nil)
@@ -77,6 +133,9 @@ func (in *instance) attrValues(s pkcs11.SessionHandle, h pkcs11.ObjectHandle, ty
 	if err == nil {
 		for i, a := range attrs {
 			vals[i] = a.Value
+			if vals[i] == nil {
+				vals[i] = []byte{} // present and empty
+			}
 		}
 		return vals, nil
 	}
@@ -88,6 +147,9 @@ func (in *instance) attrValues(s pkcs11.SessionHandle, h pkcs11.ObjectHandle, ty
 		switch {
 		case err == nil:
 			vals[i] = a[0].Value
+			if vals[i] == nil {
+				vals[i] = []byte{}
+			}
 		case !absent(err):
 			return nil, err
 		}
@@ -185,43 +247,44 @@ func (in *instance) keyFrom(s pkcs11.SessionHandle, o *object, cands []object) (
 	return k, nil
 }
 
-// publicHalf returns the public key object of private key object o, of key
-// type keyType: same CKA_ID (or, for a key without one, same CKA_LABEL),
-// and for EC keys the same CKA_EC_PARAMS. It looks among cands first, then
-// finds it.
-func (in *instance) publicHalf(s pkcs11.SessionHandle, o *object, cands []object, keyType uint) (*object, error) {
-	label := ""
-	if len(o.id) == 0 {
-		label = o.label
+// isPublicHalf reports whether p is a public half of private key object o:
+// a public key of o's key type with o's CKA_ID (or, for a key without one,
+// o's CKA_LABEL, without an ID), the same curve for EC keys, the same
+// modulus for RSA keys when o shows its own. A key with neither an ID nor a
+// label has no public half that can be told from another key's.
+func isPublicHalf(o, p *object) bool {
+	if len(o.id) == 0 && o.label == "" {
+		return false
 	}
-	match := func(p *object) bool {
-		return p.hasClass && p.class == pkcs11.CKO_PUBLIC_KEY && p.hasKeyType && p.keyType == keyType &&
-			bytes.Equal(p.id, o.id) && (label == "" || p.label == label) &&
-			(keyType == pkcs11.CKK_RSA || sameCurve(keyType, p.ecParams, o.ecParams))
+	if !p.hasClass || p.class != pkcs11.CKO_PUBLIC_KEY || !p.hasKeyType || !o.hasKeyType || p.keyType != o.keyType ||
+		!bytes.Equal(p.id, o.id) || (len(o.id) == 0 && p.label != o.label) {
+		return false
 	}
+	if o.keyType == pkcs11.CKK_RSA {
+		return len(o.modulus) == 0 || bytes.Equal(o.modulus, p.modulus)
+	}
+	return sameCurve(o.keyType, p.ecParams, o.ecParams)
+}
+
+// publicHalf returns the one public half of private key object o
+// (isPublicHalf). It looks among cands first, then finds it by class and
+// CKA_ID (or label).
+func (in *instance) publicHalf(s pkcs11.SessionHandle, o *object, cands []object) (*object, error) {
 	var found []*object
 	for i := range cands {
-		if match(&cands[i]) {
+		if isPublicHalf(o, &cands[i]) {
 			found = append(found, &cands[i])
 		}
 	}
 	if len(found) == 0 {
-		// Not among the objects of the scan (the halves are labelled
-		// differently): find it by class and CKA_ID.
-		tmpl := append(refTemplate(pkcs11.CKO_PUBLIC_KEY, o.id, label), pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, keyType))
-		handles, err := in.findObjects(s, tmpl, 1)
-		if err != nil {
+		var err error
+		if found, err = in.publicHalves(s, o); err != nil {
 			return nil, err
 		}
-		for _, h := range handles {
-			p, err := in.readObject(s, h)
-			if err != nil {
-				return nil, err
-			}
-			if match(&p) {
-				found = append(found, &p)
-			}
-		}
+	}
+	label := ""
+	if len(o.id) == 0 {
+		label = o.label
 	}
 	ref := KeyRef{ID: o.id, Label: label}
 	switch len(found) {
@@ -231,6 +294,33 @@ func (in *instance) publicHalf(s pkcs11.SessionHandle, o *object, cands []object
 		return found[0], nil
 	}
 	return nil, opErr("find key", in.gen, ErrAmbiguousKey, "several public key objects with %s", ref)
+}
+
+// publicHalves finds every public half of private key object o.
+func (in *instance) publicHalves(s pkcs11.SessionHandle, o *object) ([]*object, error) {
+	if !o.hasKeyType || (len(o.id) == 0 && o.label == "") {
+		return nil, nil
+	}
+	label := ""
+	if len(o.id) == 0 {
+		label = o.label
+	}
+	tmpl := append(refTemplate(pkcs11.CKO_PUBLIC_KEY, o.id, label), pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, o.keyType))
+	handles, err := in.findObjects(s, tmpl, maxRefObjects)
+	if err != nil {
+		return nil, err
+	}
+	var found []*object
+	for _, h := range handles {
+		p, err := in.readObject(s, h)
+		if err != nil {
+			return nil, err
+		}
+		if isPublicHalf(o, &p) {
+			found = append(found, &p)
+		}
+	}
+	return found, nil
 }
 
 // sameCurve reports whether two CKA_EC_PARAMS name the same curve. Ed25519
@@ -248,7 +338,7 @@ func sameCurve(keyType uint, a, b []byte) bool {
 func (in *instance) rsaPublic(s pkcs11.SessionHandle, k *key, o *object, cands []object) error {
 	src := o
 	if len(o.modulus) == 0 || len(o.exponent) == 0 {
-		p, err := in.publicHalf(s, o, cands, pkcs11.CKK_RSA)
+		p, err := in.publicHalf(s, o, cands)
 		if err != nil {
 			return err
 		}
@@ -280,15 +370,24 @@ func (in *instance) ecPublic(s pkcs11.SessionHandle, k *key, o *object, cands []
 	} else if !isEd25519Params(params) {
 		return opErr("find key", in.gen, ErrUnsupportedKey, "%s: Edwards curve parameters %x are not Ed25519 (Ed448 is not supported)", k.ref, params)
 	}
-	p, herr := in.publicHalf(s, o, cands, o.keyType)
+	p, herr := in.publicHalf(s, o, cands)
 	if herr != nil {
-		pub, cerr := in.certPublic(s, k)
-		if _, active := cerr.(*marked); active {
-			return cerr // the session must not be pooled
-		} else if cerr != nil {
+		if errors.Is(herr, ErrAmbiguousKey) || !errors.Is(herr, ErrKeyNotFound) {
 			return herr
 		}
-		return k.setECPublic(pub)
+		// No public key object: a certificate with the key's CKA_ID, if
+		// the key proves it holds its private key.
+		pub, cerr := in.certPublic(s, k)
+		switch cerr.(type) {
+		case nil:
+			return k.setECPublic(pub)
+		case *marked, *Error:
+			return cerr // the session must not be pooled; the certificate is not the key's
+		}
+		if _, ok := codeOf(cerr); ok {
+			return cerr // the module failed
+		}
+		return herr // no certificate either
 	}
 	rawLen := ed25519.PublicKeySize
 	if curve != nil {

@@ -5,7 +5,10 @@ package main
 
 import (
 	"bytes"
+	"crypto/sha1"
 	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
 	"encoding/hex"
 	"encoding/pem"
 	"errors"
@@ -280,18 +283,23 @@ func importCert(uri, label, id, in string, w io.Writer) error {
 	}
 	fmt.Fprintf(w, "imported the certificate %q for %s\n", certs[0].Subject, ref)
 	for _, c := range certs[1:] {
+		// Labelled by the common name, identified by the subject key
+		// identifier: the CKA_ID its CA's key has when the key is on the
+		// token too (hsm.GenerateKey's default), and so a key with the same
+		// label but another ID is not taken for the CA's.
 		cn := c.Subject.CommonName
 		if cn == "" {
 			cn = c.Subject.String()
 		}
-		err := p.ImportCertificate(hsm.KeyRef{Label: cn}, c)
+		ref := hsm.KeyRef{ID: subjectKeyID(c), Label: cn}
+		err := p.ImportCertificate(ref, c)
 		switch {
 		case errors.Is(err, hsm.ErrKeyExists):
-			fmt.Fprintf(w, "skipped the chain certificate %q: label %q is on the token\n", c.Subject, cn)
+			fmt.Fprintf(w, "skipped the chain certificate %q: a certificate with its ID (%s) is on the token\n", c.Subject, ref)
 		case err != nil:
 			return fmt.Errorf("chain certificate %q: %w", c.Subject, err)
 		default:
-			fmt.Fprintf(w, "imported the chain certificate %q as label %q\n", c.Subject, cn)
+			fmt.Fprintf(w, "imported the chain certificate %q as %s\n", c.Subject, ref)
 		}
 	}
 	return nil
@@ -331,4 +339,22 @@ func exportCert(uri, label, id string, chain bool, out string, w io.Writer) erro
 	}
 	fmt.Fprintf(w, "wrote %d certificates of %s to %s\n", len(certs), ref, out)
 	return nil
+}
+
+// subjectKeyID is c's subject key identifier, or the SHA-1 of its public
+// key's bits (RFC 5280 method 1) when it has none.
+func subjectKeyID(c *x509.Certificate) []byte {
+	if len(c.SubjectKeyId) > 0 {
+		return c.SubjectKeyId
+	}
+	var spki struct {
+		Algorithm        pkix.AlgorithmIdentifier
+		SubjectPublicKey asn1.BitString
+	}
+	if _, err := asn1.Unmarshal(c.RawSubjectPublicKeyInfo, &spki); err != nil {
+		sum := sha1.Sum(c.RawSubjectPublicKeyInfo)
+		return sum[:]
+	}
+	sum := sha1.Sum(spki.SubjectPublicKey.Bytes)
+	return sum[:]
 }
