@@ -272,11 +272,13 @@ func TestRandom(t *testing.T) {
 }
 
 // TestWriteProtected: on a write-protected token, signing works and the
-// writes are refused, without a call.
+// writes are refused before any read-write session is asked for (such a
+// token refuses them), counted through pkcs11-spy.
 func TestWriteProtected(t *testing.T) {
+	useSpy(t)
 	tok := softhsmtest.NewToken(t, "ro")
 	tok.GenerateKey(t, softhsmtest.P256, []byte{1}, "k")
-	p := openToken(t, tok)
+	p := openSpy(t, func(c *Config) { c.TokenLabel, c.PIN = tok.Label, tok.PIN })
 	in := p.inst.Load()
 	in.token.Flags |= pkcs11.CKF_WRITE_PROTECTED // what such a token reports
 	s := mustSigner(t, p, "k")
@@ -284,10 +286,23 @@ func TestWriteProtected(t *testing.T) {
 	if _, err := s.Sign(nil, d, crypto.SHA256); err != nil {
 		t.Fatal(err)
 	}
-	_, err := p.GenerateKey(KeySpec{Type: ECDSAP256, Label: "new"})
-	wantErr(t, err, ErrWriteProtected)
-	wantErr(t, p.DeleteKey(KeyRef{Label: "k"}), ErrWriteProtected)
-	wantErr(t, p.ImportCertificate(KeyRef{Label: "k"}, selfSigned(t, s, 0)), ErrWriteProtected)
+	cert := selfSigned(t, s, 0)
+	var err error
+	calls := callsByName(t, func() {
+		_, err = p.GenerateKey(KeySpec{Type: ECDSAP256, Label: "new"})
+		wantErr(t, err, ErrWriteProtected)
+		wantErr(t, p.DeleteKey(KeyRef{Label: "k"}), ErrWriteProtected)
+	})
+	if len(calls) != 0 {
+		t.Errorf("refused writes made PKCS#11 calls %v", calls)
+	}
+	flags := sessionFlags(t, func() { // these look the key up first
+		wantErr(t, p.ImportCertificate(KeyRef{Label: "k"}, cert), ErrWriteProtected)
+		wantErr(t, p.DeleteCertificate(KeyRef{Label: "k"}), ErrWriteProtected)
+	})
+	if len(flags) != 0 {
+		t.Errorf("refused writes opened sessions %v", flags)
+	}
 	t.Log(err)
 }
 
