@@ -282,6 +282,25 @@ func TestCallsPerLookup(t *testing.T) {
 		t.Errorf("re-bind: %d calls, %d finds; want at most 5, one find", rebind, calls["C_FindObjectsInit"])
 	}
 
+	// A module whose partial attribute reads cannot be trusted (NSS): one
+	// read for the class, one for the attributes of the class, one for the
+	// public parts, per object.
+	p.inst.Load().strictAttrs.Store(true)
+	calls = callsByName(t, func() {
+		s, err := p.Signer(KeyRef{Label: "p256"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Sign(nil, d, crypto.SHA256); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Logf("Signer(\"p256\") reading only what each object has: %d calls %v (with the signature)", total(calls)-2, calls)
+	if n := total(calls) - 2; n > 9 || calls["C_FindObjectsInit"] != 1 {
+		t.Errorf("strict lookup: %d calls, %d finds; want at most 9, one find", n, calls["C_FindObjectsInit"])
+	}
+	p.inst.Load().strictAttrs.Store(false)
+
 	var keys []KeyInfo
 	calls = callsByName(t, func() {
 		if keys, err = p.Keys(); err != nil {

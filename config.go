@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strings"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -33,6 +34,14 @@ type Config struct {
 	TokenLabel  string
 	TokenSerial string
 	SlotNumber  *int
+
+	// InitArgs, when set, is passed to C_Initialize as the NUL-terminated
+	// string CK_C_INITIALIZE_ARGS.pReserved, at Open and at every
+	// re-initialization. NSS's softokn needs it, e.g.
+	//	configdir='sql:/etc/pki/nssdb' certPrefix='' keyPrefix='' secmod='secmod.db' flags=
+	// (p11-kit's module configurations call it x-init-reserved, and so does
+	// a PKCS#11 URI here).
+	InitArgs string
 
 	// PIN is the user PIN. It is required unless NoLogin is set. It is
 	// never printed by String or %v.
@@ -149,6 +158,8 @@ func (c *Config) validate() error {
 		return wrapf(ErrConfig, "SlotNumber %d is negative", *c.SlotNumber)
 	case c.PIN == "" && !c.NoLogin:
 		return wrapf(ErrConfig, "PIN is empty (set NoLogin for tokens that need no login)")
+	case strings.IndexByte(c.InitArgs, 0) >= 0:
+		return wrapf(ErrConfig, "InitArgs has a NUL byte: C_Initialize takes it as a C string")
 	case c.PIN != "" && checkPIN(c.PIN) != nil:
 		return causedBy(ErrConfig, checkPIN(c.PIN))
 	case c.MaxSessions < 0:

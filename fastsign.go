@@ -202,8 +202,11 @@ const attrSlot = 1024
 // C_GetAttributeValue. A value that is absent (the object has no such
 // attribute, or it is sensitive) is nil; one longer than attrSlot makes
 // the whole read fail with CKR_BUFFER_TOO_SMALL, for the caller to read it
-// another way.
-func fastAttrs(fl unsafe.Pointer, s pkcs11.SessionHandle, h pkcs11.ObjectHandle, types []uint) ([][]byte, error) {
+// another way. partial says the module refused some attribute
+// (CKR_ATTRIBUTE_TYPE_INVALID, CKR_ATTRIBUTE_SENSITIVE): then the standard
+// says the others are read all the same, but not every module does it (NSS
+// softokn 3.87 leaves them empty), and the caller must judge the answer.
+func fastAttrs(fl unsafe.Pointer, s pkcs11.SessionHandle, h pkcs11.ObjectHandle, types []uint) (vals [][]byte, partial bool, err error) {
 	n := len(types)
 	ctypes := make([]C.hsm_ul, n)
 	for i, t := range types {
@@ -213,21 +216,25 @@ func fastAttrs(fl unsafe.Pointer, s pkcs11.SessionHandle, h pkcs11.ObjectHandle,
 	lens := make([]C.hsm_ul, n)
 	rv := C.hsm_get_attrs(fl, C.hsm_ul(s), C.hsm_ul(h), &ctypes[0], C.hsm_ul(n), bytesPtr(buf), attrSlot, &lens[0])
 	switch rv {
-	case pkcs11.CKR_OK, pkcs11.CKR_ATTRIBUTE_TYPE_INVALID, pkcs11.CKR_ATTRIBUTE_SENSITIVE:
+	case pkcs11.CKR_OK:
+	case pkcs11.CKR_ATTRIBUTE_TYPE_INVALID, pkcs11.CKR_ATTRIBUTE_SENSITIVE:
+		partial = true
 	default:
-		return nil, pkcs11.Error(rv)
+		return nil, false, pkcs11.Error(rv)
 	}
 	out := make([][]byte, n)
 	for i, l := range lens {
 		switch {
 		case l == C.hsm_ul(pkcs11.CK_UNAVAILABLE_INFORMATION):
-		case l > attrSlot:
-			return nil, pkcs11.Error(pkcs11.CKR_BUFFER_TOO_SMALL)
+		case l > attrSlot, partial && l == attrSlot:
+			// Too long; or, in a partial answer, a length the module left
+			// as it was given: read the slow way.
+			return nil, partial, pkcs11.Error(pkcs11.CKR_BUFFER_TOO_SMALL)
 		default:
 			out[i] = buf[i*attrSlot : i*attrSlot+int(l) : i*attrSlot+int(l)]
 		}
 	}
-	return out, nil
+	return out, partial, nil
 }
 
 // bytesPtr is the address of b's first byte, or nil when b is empty.

@@ -14,8 +14,8 @@ func fastList(*pkcs11.Ctx, string) (unsafe.Pointer, string) {
 	return nil, "not on Windows (packed structures)"
 }
 
-func fastAttrs(unsafe.Pointer, pkcs11.SessionHandle, pkcs11.ObjectHandle, []uint) ([][]byte, error) {
-	return nil, pkcs11.Error(pkcs11.CKR_FUNCTION_NOT_SUPPORTED)
+func fastAttrs(unsafe.Pointer, pkcs11.SessionHandle, pkcs11.ObjectHandle, []uint) ([][]byte, bool, error) {
+	return nil, false, pkcs11.Error(pkcs11.CKR_FUNCTION_NOT_SUPPORTED)
 }
 
 func fastSign(unsafe.Pointer, pkcs11.SessionHandle, *pkcs11.Mechanism, pkcs11.ObjectHandle, []byte, int) ([]byte, error) {

@@ -42,6 +42,11 @@ type instance struct {
 	calls    atomic.Int64
 	progress atomic.Int64
 
+	// strictAttrs is set when the module's answer to a partial attribute
+	// read cannot be trusted: lookups then ask only for attributes each
+	// object has (lookup.go).
+	strictAttrs atomic.Bool
+
 	// rawRefused is set when the token refused CKM_RSA_X_509 for a key of
 	// this generation: PKCS #1 v1.5 decryption then goes through the token's
 	// CKM_RSA_PKCS (see decryptPKCS1).

@@ -38,13 +38,12 @@ var lookupAttrs = []uint{pkcs11.CKA_CLASS, pkcs11.CKA_KEY_TYPE, pkcs11.CKA_ID, p
 	pkcs11.CKA_EC_PARAMS, pkcs11.CKA_EC_POINT}
 
 // readObject reads object h: one C_GetAttributeValue where the module's
-// function list is validated.
+// function list is validated and the module answers a partial read as the
+// standard says; else one call for its class, one for the attributes of its
+// class and key type, and one for its public parts (strictValues).
 func (in *instance) readObject(s pkcs11.SessionHandle, h pkcs11.ObjectHandle) (object, error) {
-	v, err := in.attrValues(s, h, lookupAttrs)
+	v, err := in.objectValues(s, h)
 	if err != nil {
-		return object{}, err
-	}
-	if err := in.refill(s, h, v); err != nil {
 		return object{}, err
 	}
 	o := object{h: h, id: bytes.Clone(v[2]), label: string(v[3]),
@@ -57,6 +56,93 @@ func (in *instance) readObject(s pkcs11.SessionHandle, h pkcs11.ObjectHandle) (o
 		o.keyType, o.hasKeyType = ulong(v[1]), true
 	}
 	return o, nil
+}
+
+// objectValues reads lookupAttrs of object h.
+func (in *instance) objectValues(s pkcs11.SessionHandle, h pkcs11.ObjectHandle) ([][]byte, error) {
+	if in.fast == nil || in.strictAttrs.Load() {
+		return in.strictValues(s, h)
+	}
+	v, partial, err := fastAttrs(in.fast, s, h, lookupAttrs)
+	switch code, _ := codeOf(err); {
+	case err != nil && code != pkcs11.CKR_BUFFER_TOO_SMALL:
+		return nil, err
+	case err == nil && !partial:
+		return v, nil
+	case err == nil && (len(v[0]) == 4 || len(v[0]) == 8):
+		// A partial answer that reads like the standard's (every object
+		// has a CKA_CLASS): keep it, and read again what it may hide.
+		return v, in.refill(s, h, v)
+	case err == nil:
+		// The module's partial answers are not to be trusted (NSS softokn
+		// leaves the attributes it did read empty): from now on, read
+		// only what each object has.
+		in.strictAttrs.Store(true)
+	}
+	return in.strictValues(s, h)
+}
+
+// strictValues reads lookupAttrs of object h asking each time only for
+// attributes the object has: its class, then the attributes of its class,
+// then the parts of its key type.
+func (in *instance) strictValues(s pkcs11.SessionHandle, h pkcs11.ObjectHandle) ([][]byte, error) {
+	v := make([][]byte, len(lookupAttrs))
+	read := func(idx ...int) error {
+		types := make([]uint, len(idx))
+		for j, i := range idx {
+			types[j] = lookupAttrs[i]
+		}
+		vals, err := in.completeAttrs(s, h, types)
+		for j, i := range idx {
+			if err == nil {
+				v[i] = vals[j]
+			}
+		}
+		return err
+	}
+	if err := read(0); err != nil || v[0] == nil { // CKA_CLASS
+		return v, err
+	}
+	switch ulong(v[0]) {
+	case pkcs11.CKO_PRIVATE_KEY:
+		if err := read(1, 2, 3, 4, 5); err != nil { // type, ID, label, sign, decrypt
+			return nil, err
+		}
+	case pkcs11.CKO_PUBLIC_KEY:
+		if err := read(1, 2, 3); err != nil {
+			return nil, err
+		}
+	default:
+		return v, read(2, 3)
+	}
+	if v[1] == nil {
+		return v, nil
+	}
+	switch keyType := ulong(v[1]); {
+	case keyType == pkcs11.CKK_RSA:
+		return v, read(6, 7) // modulus, exponent (a private key may keep them: absent)
+	case keyType == pkcs11.CKK_EC || keyType == ckkECEdwards:
+		if ulong(v[0]) == pkcs11.CKO_PUBLIC_KEY {
+			return v, read(8, 9) // params, point
+		}
+		return v, read(8)
+	}
+	return v, nil
+}
+
+// completeAttrs reads types, which the object should all have, in one
+// call when the module answers it whole, else one by one the slow way.
+func (in *instance) completeAttrs(s pkcs11.SessionHandle, h pkcs11.ObjectHandle, types []uint) ([][]byte, error) {
+	if in.fast != nil {
+		vals, partial, err := fastAttrs(in.fast, s, h, types)
+		if code, _ := codeOf(err); err != nil && code != pkcs11.CKR_BUFFER_TOO_SMALL {
+			return nil, err
+		}
+		if err == nil && !partial {
+			return vals, nil
+		}
+	}
+	return in.slowAttrs(s, h, types)
 }
 
 // refill reads again, the slow way, what the one-call read of lookupAttrs
@@ -108,20 +194,8 @@ func (in *instance) refill(s pkcs11.SessionHandle, h pkcs11.ObjectHandle, v [][]
 
 func isTrue(v []byte) bool { return len(v) == 1 && v[0] != 0 }
 
-// attrValues reads the attributes types of object h; a value the object
-// does not have, or keeps secret, is nil. Through the module's function
-// list it is one call; else slowAttrs.
-func (in *instance) attrValues(s pkcs11.SessionHandle, h pkcs11.ObjectHandle, types []uint) ([][]byte, error) {
-	if in.fast != nil {
-		vals, err := fastAttrs(in.fast, s, h, types)
-		if code, _ := codeOf(err); err == nil || code != pkcs11.CKR_BUFFER_TOO_SMALL {
-			return vals, err
-		}
-	}
-	return in.slowAttrs(s, h, types)
-}
-
-// slowAttrs is attrValues through miekg/pkcs11, which sizes every value:
+// slowAttrs reads types through miekg/pkcs11, which sizes every value (a
+// value the object does not have, or keeps secret, is nil):
 // two calls, and two per attribute when the module refuses one of them.
 func (in *instance) slowAttrs(s pkcs11.SessionHandle, h pkcs11.ObjectHandle, types []uint) ([][]byte, error) {
 	tmpl := make([]*pkcs11.Attribute, len(types))

@@ -29,6 +29,9 @@ type Provider struct {
 	// fast is the module's function list for two-call signatures and
 	// decryptions (see fastsign.go), or nil to go through miekg/pkcs11.
 	fast unsafe.Pointer
+	// initArgs is Config.InitArgs in C memory, or nil; freed by finish,
+	// after C_Finalize.
+	initArgs unsafe.Pointer
 
 	// serial is the serial number of the token found at Open; a later
 	// generation must find the same token. Written once by Open.
@@ -87,6 +90,9 @@ func Open(cfg Config) (*Provider, error) {
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
 	}
+	if cfg.InitArgs != "" {
+		p.initArgs = cString(cfg.InitArgs)
+	}
 	p.health.init()
 	if fl, why := fastList(ctx, abs); fl != nil {
 		p.fast = fl
@@ -103,6 +109,9 @@ func Open(cfg Config) (*Provider, error) {
 			closingModule(abs)
 			go p.finish() // finalizes and releases the module when the call returns
 		} else {
+			if p.initArgs != nil {
+				freeC(p.initArgs) // start left the library finalized
+			}
 			releaseModule(abs)
 		}
 		return nil, err
@@ -126,7 +135,11 @@ func (p *Provider) start(gen uint64) (*instance, error) {
 	if gen > 1 {
 		op = "reinitialize"
 	}
-	if err := p.ctx.Initialize(); err != nil {
+	var opts []pkcs11.InitializeOption
+	if p.initArgs != nil {
+		opts = append(opts, pkcs11.InitializeWithReserved(p.initArgs))
+	}
+	if err := p.ctx.Initialize(opts...); err != nil {
 		if code, _ := codeOf(err); code == pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED {
 			return nil, &Error{Op: op, Code: code, Generation: gen,
 				Err: causedBy(wrapf(ErrModuleInUse, "%s was initialized by other code in this process", p.modPath), err)}
@@ -380,6 +393,10 @@ func (p *Provider) finish() {
 	}
 	p.finalize()
 	p.inst.Store(nil)
+	if p.initArgs != nil {
+		freeC(p.initArgs) // the module is finalized: it keeps nothing of it
+		p.initArgs = nil
+	}
 	p.modCall.Store(nil)
 	<-p.modBusy
 	releaseModule(p.modPath)

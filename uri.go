@@ -350,7 +350,9 @@ func (u URI) unused(used ...string) error {
 		}
 	}
 	for name := range u.Vendor {
-		extra = append(extra, name)
+		if !slices.Contains(used, name) {
+			extra = append(extra, name)
+		}
 	}
 	if len(extra) == 0 {
 		return nil
@@ -362,14 +364,15 @@ func (u URI) unused(used ...string) error {
 // tokenAttrs are the attributes Config understands besides the object's.
 var tokenAttrs = []string{"token", "manufacturer", "serial", "model", "library-manufacturer",
 	"library-version", "library-description", "slot-description", "slot-manufacturer", "slot-id",
-	"pin-source", "pin-value", "module-name", "module-path"}
+	"pin-source", "pin-value", "module-name", "module-path", "x-init-reserved"}
 
 var objectAttrs = []string{"object", "type", "id"}
 
 // Config returns the Config the URI describes: the module (module-path),
-// the token (serial, else token label, else slot-id) and the PIN (pin-value,
+// the token (serial, else token label, else slot-id), the PIN (pin-value,
 // or pin-source: a file, as file:/path or /path, whose first line is the
-// PIN). Other settings come from base. The remaining token, slot and library
+// PIN) and the module's initialization string (x-init-reserved, as p11-kit
+// names it, for Config.InitArgs). Other settings come from base. The remaining token, slot and library
 // attributes are checked by OpenURI after the token is found.
 func (u URI) Config(base Config) (Config, error) {
 	if err := u.unused(append(tokenAttrs, objectAttrs...)...); err != nil {
@@ -377,6 +380,9 @@ func (u URI) Config(base Config) (Config, error) {
 	}
 	c := base
 	c.TokenLabel, c.TokenSerial, c.SlotNumber = "", "", nil
+	if v, ok := u.Vendor["x-init-reserved"]; ok {
+		c.InitArgs = v // p11-kit's name for CK_C_INITIALIZE_ARGS.pReserved
+	}
 	switch {
 	case u.ModulePath != "":
 		c.Path = u.ModulePath

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Installs the system packages hsm's demo and tests need, if missing:
 # softhsm2 (the token), p11-kit (remoting: the "network HSM"), opensc
-# (pkcs11-tool, to make tokens and keys). Debian/Ubuntu; apt-get as root,
+# (pkcs11-tool, to make tokens and keys), libnss3 and libnss3-tools (NSS
+# softokn and certutil). Debian/Ubuntu; apt-get as root,
 # through sudo otherwise. Arguments name more commands to install, each from
 # the package of the same name (make bench: valgrind).
 set -eu
@@ -10,6 +11,8 @@ need=""
 [ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null 2>&1 || need="$need softhsm2"
 command -v p11-kit >/dev/null 2>&1 && [ -e /usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so ] || need="$need p11-kit p11-kit-modules"
 command -v pkcs11-tool >/dev/null 2>&1 || need="$need opensc"
+# NSS softokn, a second real module (Config.InitArgs), and certutil for its database.
+[ -e /usr/lib/x86_64-linux-gnu/libsoftokn3.so ] && command -v certutil >/dev/null 2>&1 || need="$need libnss3 libnss3-tools"
 for cmd in "$@"; do
 	command -v "$cmd" >/dev/null 2>&1 || need="$need $cmd"
 done
