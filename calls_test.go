@@ -77,9 +77,8 @@ func countCalls(t *testing.T, f func()) int {
 
 var spyCall = regexp.MustCompile(`(?m)^[0-9]+: (C_[A-Za-z]+)`)
 
-// callsByName returns the PKCS#11 calls the spy logged while f ran, by
-// function name.
-func callsByName(t *testing.T, f func()) map[string]int {
+// spyWindow returns what the spy logged while f ran.
+func spyWindow(t *testing.T, f func()) []byte {
 	t.Helper()
 	before, _ := os.ReadFile(spyLog)
 	f()
@@ -87,8 +86,15 @@ func callsByName(t *testing.T, f func()) map[string]int {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return after[len(before):]
+}
+
+// callsByName returns the PKCS#11 calls the spy logged while f ran, by
+// function name.
+func callsByName(t *testing.T, f func()) map[string]int {
+	t.Helper()
 	calls := map[string]int{}
-	for _, m := range spyCall.FindAllSubmatch(after[len(before):], -1) {
+	for _, m := range spyCall.FindAllSubmatch(spyWindow(t, f), -1) {
 		calls[string(m[1])]++
 	}
 	return calls

@@ -97,10 +97,16 @@ func (p *Provider) lookup(ref KeyRef) (*key, error) {
 	if err != nil {
 		return nil, err
 	}
+	return p.adopt(k), nil
+}
+
+// adopt makes k, found in an operation of p, a key of p: its refusals are
+// built once, here.
+func (p *Provider) adopt(k *key) *key {
 	k.p = p
 	k.signRefusals = newRefusals("sign", k.gen)
 	k.decryptRefusals = newRefusals("decrypt", k.gen)
-	return k, nil
+	return k
 }
 
 // withSession runs f through run, on a read-only session of the current

@@ -220,10 +220,7 @@ func (p *Provider) GenerateKey(spec KeySpec) (*Signer, error) {
 	if err != nil {
 		return nil, err
 	}
-	k.p = p
-	k.signRefusals = newRefusals("sign", k.gen)
-	k.decryptRefusals = newRefusals("decrypt", k.gen)
-	return &Signer{k}, nil
+	return &Signer{p.adopt(k)}, nil
 }
 
 // ski is the SHA-1 of the subjectPublicKey bits of der (a PKIX public key),

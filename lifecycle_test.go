@@ -11,7 +11,6 @@ import (
 	"errors"
 	"io"
 	"math/big"
-	"os"
 	"regexp"
 	"strings"
 	"testing"
@@ -312,14 +311,8 @@ var openSessionFlags = regexp.MustCompile(`C_OpenSession\n[^\n]*\n[^\n]*\n\s*\[i
 // pkcs11-spy logged them.
 func sessionFlags(t *testing.T, f func()) []string {
 	t.Helper()
-	before, _ := os.ReadFile(spyLog)
-	f()
-	after, err := os.ReadFile(spyLog)
-	if err != nil {
-		t.Fatal(err)
-	}
 	var flags []string
-	for _, m := range openSessionFlags.FindAllSubmatch(after[len(before):], -1) {
+	for _, m := range openSessionFlags.FindAllSubmatch(spyWindow(t, f), -1) {
 		flags = append(flags, string(m[1]))
 	}
 	return flags
