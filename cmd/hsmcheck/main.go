@@ -10,6 +10,7 @@
 //	hsmcheck delete -uri 'pkcs11:token=prod?...' -label tls [-id 01]
 //	hsmcheck cert import -uri 'pkcs11:token=prod;object=tls?...' -in tls.pem
 //	hsmcheck cert export -uri 'pkcs11:token=prod;object=tls?...' [-chain] [-out tls.pem]
+//	hsmcheck conform -uri 'pkcs11:token=prod?...' [-all] [-keep] [-nologin]
 //
 // probe shows the module, the token, the login and the keys it can see;
 // sign signs once, verifies and shows the latency; bench measures
@@ -35,6 +36,25 @@
 // common name, skipping those already on the token) or DER. cert export
 // writes the certificate of a key, with -chain its chain on the token
 // too, as PEM to -out or the standard output.
+//
+// conform is the list of checks to run against a module and token before
+// trusting package hsm with it (a Luna, CloudHSM, YubiHSM, nShield...): it
+// opens the token and reads the module, token and key lists; generates
+// RSA-2048, ECDSA P-256, P-384, P-521 and Ed25519 keys (with -all RSA-3072
+// and RSA-4096 too), labelled hsmcheck-conform-TYPE (an earlier key with
+// that label is deleted first), and signs with each (RSA PKCS #1 v1.5 and
+// PSS, ECDSA, Ed25519), verifying in Go; decrypts with an RSA-2048 key
+// (PKCS #1 v1.5, with SessionKeyLen, OAEP SHA-1, SHA-256, SHA-256 with a
+// label); stores, reads back and deletes a self-signed certificate of the
+// P-256 key; reads random bytes; re-initializes the library (a Signer must
+// then fail with ErrStaleKey, a DurableSigner must sign); completes a TLS
+// 1.3 handshake with the certificate stored on the token; and finds the
+// key by a URI with object=. It prints a table: each check is ok,
+// refused (the module refused it with a CKR code, or the token is
+// write-protected: what the module cannot do, not a failure) or FAIL, with
+// the code, the error or a measurement. The keys are deleted at the end
+// unless -keep. -nologin opens a token that needs no login (NSS softokn).
+// It exits 1 when a check FAILs.
 //
 // The key of keygen, delete and cert is named by -label and -id (hex), each
 // in place of the URI's object= and id=; keygen's default ID is derived
@@ -85,8 +105,12 @@ commands:
                                        certificates as its chain
   cert export -uri URI [-label L] [-id HEX] [-chain] [-out FILE]
                                        write the certificate of a key (-chain: and its chain) as PEM
+  conform -uri URI [-all] [-keep] [-nologin]
+                                       the checks to pass before trusting hsm with a module and token:
+                                       ok, refused (the module cannot) or FAIL, as a table
 
-URI is a PKCS#11 URI (RFC 7512) with module-path and pin-value or pin-source, e.g.
+URI is a PKCS#11 URI (RFC 7512) with module-path and pin-value or pin-source (conform -nologin:
+neither), and x-init-reserved for a module that needs it (NSS softokn), e.g.
   pkcs11:token=prod;object=tls?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/run/pin
 -label and -id (hex) name a key in place of the URI's object= and id=.
 Run 'hsmcheck <command> -h' for the flags of a command.
@@ -130,6 +154,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		workers               int
 		typ, label, id        string
 		decrypt, chain        bool
+		all, keep, noLogin    bool
 		in, out               string
 	)
 	keyFlags := func() {
@@ -157,6 +182,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		keyFlags()
 		fs.BoolVar(&chain, "chain", false, "the certificate and its chain on the token")
 		fs.StringVar(&out, "out", "", "the PEM file to write (default: the standard output)")
+	case "conform":
+		fs.BoolVar(&all, "all", false, "generate RSA-3072 and RSA-4096 keys too")
+		fs.BoolVar(&keep, "keep", false, "keep the generated keys (labelled "+conformPrefix+"TYPE)")
+		fs.BoolVar(&noLogin, "nologin", false, "do not log in: for tokens that need no PIN (NSS softokn)")
 	default:
 		fmt.Fprintf(stderr, "hsmcheck: unknown command %q\n\n%s", cmd, usage)
 		return 2
@@ -194,6 +223,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 			err = importCert(*uri, label, id, in, stdout)
 		case "cert export":
 			err = exportCert(*uri, label, id, chain, out, stdout)
+		case "conform":
+			err = conform(*uri, all, keep, noLogin, stdout)
 		}
 	}
 	if err != nil {
