@@ -48,6 +48,12 @@ type Config struct {
 	PIN string
 	// NoLogin skips C_Login, for tokens whose keys need none.
 	NoLogin bool
+	// UserType is the user type of C_Login. Zero means CKU_USER; Thales
+	// Luna's crypto user is CKU_CRYPTO_USER (0x80000001). A key with
+	// CKA_ALWAYS_AUTHENTICATE is logged in for again, with
+	// CKU_CONTEXT_SPECIFIC and the PIN, before each signature or
+	// decryption.
+	UserType uint
 
 	// MaxSessions bounds the number of sessions used for operations, and so
 	// the number of goroutines that can be inside the PKCS#11 library at

@@ -314,7 +314,7 @@ func (k *key) decrypt(mech uint, oaep *pkcs11.OAEPParams, ct []byte) (out []byte
 }
 
 func (k *key) decryptOn(in *instance, s pkcs11.SessionHandle, mech uint, oaep *pkcs11.OAEPParams, ct []byte, out *[]byte, atInit *bool) error {
-	if fl := k.p.fast; fl != nil {
+	if fl := k.p.fast; fl != nil && !k.alwaysAuth {
 		var err error
 		*out, *atInit, err = fastDecrypt(fl, s, mech, oaep, k.handle, ct, k.size)
 		return err
@@ -324,6 +324,9 @@ func (k *key) decryptOn(in *instance, s pkcs11.SessionHandle, mech uint, oaep *p
 		m = pkcs11.NewMechanism(mech, oaep)
 	}
 	if err := in.ctx.DecryptInit(s, []*pkcs11.Mechanism{m}, k.handle); err != nil {
+		return err
+	}
+	if err := k.contextLogin(in, s); err != nil {
 		return err
 	}
 	*atInit = false

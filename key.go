@@ -79,6 +79,9 @@ type key struct {
 	size       int
 	canSign    bool
 	canDecrypt bool
+	// alwaysAuth: CKA_ALWAYS_AUTHENTICATE; each operation needs a
+	// C_Login(CKU_CONTEXT_SPECIFIC) after its init.
+	alwaysAuth bool
 
 	signRefusals, decryptRefusals *refusals
 }

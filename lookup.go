@@ -28,6 +28,7 @@ type object struct {
 	id                   []byte
 	label                string
 	sign, decrypt        bool
+	alwaysAuth           bool // CKA_ALWAYS_AUTHENTICATE
 	// Public parts: on RSA private keys (most tokens), on public keys.
 	modulus, exponent, ecParams, ecPoint []byte
 }
@@ -35,7 +36,7 @@ type object struct {
 // lookupAttrs are the attributes readObject reads, in its order.
 var lookupAttrs = []uint{pkcs11.CKA_CLASS, pkcs11.CKA_KEY_TYPE, pkcs11.CKA_ID, pkcs11.CKA_LABEL,
 	pkcs11.CKA_SIGN, pkcs11.CKA_DECRYPT, pkcs11.CKA_MODULUS, pkcs11.CKA_PUBLIC_EXPONENT,
-	pkcs11.CKA_EC_PARAMS, pkcs11.CKA_EC_POINT}
+	pkcs11.CKA_EC_PARAMS, pkcs11.CKA_EC_POINT, pkcs11.CKA_ALWAYS_AUTHENTICATE}
 
 // readObject reads object h: one C_GetAttributeValue where the module's
 // function list is validated and the module answers a partial read as the
@@ -47,7 +48,7 @@ func (in *instance) readObject(s pkcs11.SessionHandle, h pkcs11.ObjectHandle) (o
 		return object{}, err
 	}
 	o := object{h: h, id: bytes.Clone(v[2]), label: string(v[3]),
-		sign: isTrue(v[4]), decrypt: isTrue(v[5]),
+		sign: isTrue(v[4]), decrypt: isTrue(v[5]), alwaysAuth: isTrue(v[10]),
 		modulus: bytes.Clone(v[6]), exponent: bytes.Clone(v[7]), ecParams: bytes.Clone(v[8]), ecPoint: bytes.Clone(v[9])}
 	if v[0] != nil {
 		o.class, o.hasClass = ulong(v[0]), true
@@ -105,7 +106,7 @@ func (in *instance) strictValues(s pkcs11.SessionHandle, h pkcs11.ObjectHandle) 
 	}
 	switch ulong(v[0]) {
 	case pkcs11.CKO_PRIVATE_KEY:
-		if err := read(1, 2, 3, 4, 5); err != nil { // type, ID, label, sign, decrypt
+		if err := read(1, 2, 3, 4, 5, 10); err != nil { // type, ID, label, sign, decrypt, always authenticate
 			return nil, err
 		}
 	case pkcs11.CKO_PUBLIC_KEY:
@@ -298,7 +299,7 @@ func (in *instance) findByClass(s pkcs11.SessionHandle, ref KeyRef) (*key, error
 // keyFrom makes the key of private key object o. cands are objects already
 // read that may hold its public half; when none does, keyFrom finds it.
 func (in *instance) keyFrom(s pkcs11.SessionHandle, o *object, cands []object) (*key, error) {
-	k := &key{in: in, gen: in.gen, handle: o.h, ref: KeyRef{ID: o.id, Label: o.label}, canSign: o.sign, canDecrypt: o.decrypt}
+	k := &key{in: in, gen: in.gen, handle: o.h, ref: KeyRef{ID: o.id, Label: o.label}, canSign: o.sign, canDecrypt: o.decrypt, alwaysAuth: o.alwaysAuth}
 	var err error
 	switch {
 	case !o.hasKeyType:

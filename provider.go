@@ -175,7 +175,11 @@ func (p *Provider) setup(op string, gen uint64) (*instance, error) {
 			return nil, &Error{Op: "login", Generation: gen,
 				Err: wrapf(ErrPIN, "the PIN has %d bytes and the token takes %d to %d; not sent, so that it costs no login attempt", n, lo, hi)}
 		}
-		err := p.ctx.Login(login, pkcs11.CKU_USER, p.cfg.PIN)
+		userType := p.cfg.UserType
+		if userType == 0 {
+			userType = pkcs11.CKU_USER
+		}
+		err := p.ctx.Login(login, userType, p.cfg.PIN)
 		// Already logged in cannot come from a PIN we did not check: this
 		// Provider initialized the library itself, moments ago.
 		if code, _ := codeOf(err); err != nil && code != pkcs11.CKR_USER_ALREADY_LOGGED_IN {

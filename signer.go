@@ -101,11 +101,14 @@ func (k *key) sign(digest []byte, opts crypto.SignerOpts) ([]byte, error) {
 	err = k.p.run(k.gen, k.signRefusals, k.p.cfg.SessionWaitTimeout, runOp, func(in *instance, s pkcs11.SessionHandle) error {
 		mech, input := spec.build()
 		var err error
-		if fl := k.p.fast; fl != nil {
+		if fl := k.p.fast; fl != nil && !k.alwaysAuth {
 			sig, err = fastSign(fl, s, mech[0], k.handle, input, k.size)
 			return err
 		}
 		if err := in.ctx.SignInit(s, mech, k.handle); err != nil {
+			return err
+		}
+		if err := k.contextLogin(in, s); err != nil {
 			return err
 		}
 		if sig, err = in.ctx.Sign(s, input); err != nil {
@@ -153,6 +156,20 @@ func (s *signSpec) build() ([]*pkcs11.Mechanism, []byte) {
 	}
 	input := make([]byte, 0, len(s.prefix)+len(s.digest))
 	return s.mech, append(append(input, s.prefix...), s.digest...)
+}
+
+// contextLogin logs in for the one operation just initialized on s, for a
+// key with CKA_ALWAYS_AUTHENTICATE (C_Login with CKU_CONTEXT_SPECIFIC, as
+// the standard asks, and as pkcs11key does). A failure leaves the operation
+// active: the session is closed. A PIN error is never retried.
+func (k *key) contextLogin(in *instance, s pkcs11.SessionHandle) error {
+	if !k.alwaysAuth {
+		return nil
+	}
+	if err := in.ctx.Login(s, pkcs11.CKU_CONTEXT_SPECIFIC, k.p.cfg.PIN); err != nil {
+		return mayBeActive(stepErr("C_Login (CKU_CONTEXT_SPECIFIC, for a key with CKA_ALWAYS_AUTHENTICATE)", err))
+	}
+	return nil
 }
 
 func errOpts(format string, args ...any) error {
