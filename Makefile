@@ -2,7 +2,7 @@
 GO ?= go
 STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: demo test deps check fuzz bench soak
+.PHONY: demo test deps check fuzz bench soak conformance
 
 ## demo: create a SoftHSM2 token, sign, re-initialize, kill and restart a "network HSM", recover
 demo: deps
@@ -35,3 +35,7 @@ bench: deps
 ## soak: the chaos soak, 60 s with an outage about every 2 s (a short one runs in make test)
 soak: deps
 	$(GO) run ./cmd/hsmcheck soak -duration 60s -outage-every 2s
+
+## conformance: hsmcheck conform on SoftHSM2, p11-kit remoting, NSS softokn, tpm2-pkcs11 (swtpm) and openCryptoki; matrix in /tmp/conf-matrix.txt
+conformance: deps
+	bash scripts/conformance.sh
