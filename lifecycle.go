@@ -189,6 +189,15 @@ func (p *Provider) GenerateKey(spec KeySpec) (*Signer, error) {
 		if err != nil {
 			return err
 		}
+		if ko.decrypt && !spec.Decrypt {
+			// The module's default lets the private half decrypt (SoftHSM
+			// for EC keys): turn it off, as asked.
+			if err := in.ctx.SetAttributeValue(s, kh, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, false)}); err != nil {
+				return &Error{Op: op, Generation: in.gen, Err: wrapf(stepErr("C_SetAttributeValue (CKA_DECRYPT false)", err),
+					"the module made the private key decrypt and refuses to change it; %s", in.discard(s, spec.Label, ph, kh))}
+			}
+			ko.decrypt = false
+		}
 		if len(spec.ID) == 0 {
 			// The default ID, from the public key.
 			if k, err = in.keyFrom(s, &ko, []object{po}); err != nil {
@@ -203,13 +212,8 @@ func (p *Provider) GenerateKey(spec KeySpec) (*Signer, error) {
 				if err := in.ctx.SetAttributeValue(s, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_ID, id)}); err != nil {
 					// Do not leave a key without its ID (or with it on one
 					// half only): delete the pair.
-					derr := errors.Join(in.ctx.DestroyObject(s, ph), in.ctx.DestroyObject(s, kh))
-					what := "the key pair made was deleted"
-					if derr != nil {
-						what = fmt.Sprintf("deleting the key pair made failed too (%v): delete the key labelled %q", derr, spec.Label)
-					}
 					return &Error{Op: op, Generation: in.gen, Err: wrapf(stepErr("C_SetAttributeValue (CKA_ID)", err),
-						"%s; give KeySpec.ID for an HSM that sets CKA_ID only at generation", what)}
+						"%s; give KeySpec.ID for an HSM that sets CKA_ID only at generation", in.discard(s, spec.Label, ph, kh))}
 				}
 			}
 			ko.id, po.id = id, id
@@ -221,6 +225,15 @@ func (p *Provider) GenerateKey(spec KeySpec) (*Signer, error) {
 		return nil, err
 	}
 	return &Signer{p.adopt(k)}, nil
+}
+
+// discard deletes a key pair GenerateKey made and cannot hand out, and
+// says what became of it.
+func (in *instance) discard(s pkcs11.SessionHandle, label string, pub, priv pkcs11.ObjectHandle) string {
+	if err := errors.Join(in.ctx.DestroyObject(s, pub), in.ctx.DestroyObject(s, priv)); err != nil {
+		return fmt.Sprintf("deleting the key pair made failed too (%v): delete the key labelled %q", err, label)
+	}
+	return "the key pair made was deleted"
 }
 
 // ski is the SHA-1 of the subjectPublicKey bits of der (a PKIX public key),
@@ -270,7 +283,6 @@ func (spec KeySpec) templates() ([]*pkcs11.Mechanism, []*pkcs11.Attribute, []*pk
 		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, spec.Extractable),
 		pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
-		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, spec.Decrypt),
 		pkcs11.NewAttribute(pkcs11.CKA_LABEL, spec.Label),
 	}
 	if len(spec.ID) > 0 {
@@ -283,7 +295,13 @@ func (spec KeySpec) templates() ([]*pkcs11.Mechanism, []*pkcs11.Attribute, []*pk
 		pub = append(pub,
 			pkcs11.NewAttribute(pkcs11.CKA_MODULUS_BITS, spec.Type.rsaBits()),
 			pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, []byte{1, 0, 1}))
-		pub = append(pub, pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, spec.Decrypt))
+		if spec.Decrypt {
+			// Only when asked: tpm2-pkcs11 refuses a template with
+			// CKA_DECRYPT or CKA_ENCRYPT false (GenerateKey turns a
+			// module's default of true off after generation instead).
+			pub = append(pub, pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true))
+			priv = append(priv, pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true))
+		}
 	case ECDSAP256, ECDSAP384, ECDSAP521:
 		mech, keyType = pkcs11.CKM_EC_KEY_PAIR_GEN, pkcs11.CKK_EC
 		params := map[KeyType][]byte{ECDSAP256: p256Params, ECDSAP384: p384Params, ECDSAP521: p521Params}[spec.Type]
