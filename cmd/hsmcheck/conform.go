@@ -1,3 +1,5 @@
+//lint:file-ignore SA1019 PKCS #1 v1.5 decryption is part of crypto.Decrypter (crypto/tls uses it for the TLS 1.2 RSA key exchange): the conformance list checks it.
+
 package main
 
 // The conformance list: conform.

@@ -76,7 +76,7 @@ func TestConformSoftHSM(t *testing.T) {
 	expect(t, 0, []string{"private keys: 0"}, nil, "list", "-uri", uri)
 	expect(t, 0, []string{"kept (-keep)"}, nil, "conform", "-uri", uri, "-keep")
 	expect(t, 0, []string{conformPrefix + "p256", "private keys: 6"}, nil, "list", "-uri", uri)
-	out = expect(t, 0, []string{"replaced an earlier key", "6 keys and their public halves"}, nil, "conform", "-uri", uri)
+	expect(t, 0, []string{"replaced an earlier key", "6 keys and their public halves"}, nil, "conform", "-uri", uri)
 	expect(t, 0, []string{"private keys: 0"}, nil, "list", "-uri", uri)
 
 	// A wrong PIN fails at open; usage errors exit 2.
