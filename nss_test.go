@@ -3,33 +3,15 @@ package hsm
 import (
 	"context"
 	"crypto"
-	"fmt"
-	"os"
-	"os/exec"
 	"testing"
+
+	"github.com/ce46d8f2/hsm/internal/softhsmtest"
 )
 
-// softokn is NSS's PKCS#11 module (package libnss3); certutil (package
-// libnss3-tools) makes its database.
-const softokn = "/usr/lib/x86_64-linux-gnu/libsoftokn3.so"
+const softokn = softhsmtest.Softokn
 
-// nssDB makes an NSS database with an empty password in a directory of
-// its own, and returns the InitArgs that open it.
-func nssDB(t *testing.T) string {
-	t.Helper()
-	_, err := os.Stat(softokn)
-	if _, lerr := exec.LookPath("certutil"); err != nil || lerr != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("NSS softokn or certutil missing (packages libnss3, libnss3-tools): %v %v", err, lerr)
-		}
-		t.Skip("NSS softokn or certutil not installed (packages libnss3, libnss3-tools)")
-	}
-	dir := t.TempDir()
-	if out, err := exec.Command("certutil", "-N", "-d", "sql:"+dir, "--empty-password").CombinedOutput(); err != nil {
-		t.Fatalf("certutil: %v\n%s", err, out)
-	}
-	return fmt.Sprintf("configdir='sql:%s' certPrefix='' keyPrefix='' secmod='secmod.db' flags=", dir)
-}
+// nssDB is softhsmtest.NSSDatabase.
+func nssDB(t *testing.T) string { return softhsmtest.NSSDatabase(t) }
 
 // TestInitArgs: NSS softokn opens only with CK_C_INITIALIZE_ARGS.pReserved,
 // given as Config.InitArgs or a URI's x-init-reserved, at Open and at every

@@ -1,10 +1,7 @@
 package main
 
 import (
-	"fmt"
 	"net/url"
-	"os"
-	"os/exec"
 	"strings"
 	"testing"
 
@@ -91,20 +88,8 @@ func TestConformSoftHSM(t *testing.T) {
 // TestConformNSS runs conform against NSS softokn, which opens only with
 // x-init-reserved and needs no login.
 func TestConformNSS(t *testing.T) {
-	const softokn = "/usr/lib/x86_64-linux-gnu/libsoftokn3.so"
-	_, err := os.Stat(softokn)
-	if _, lerr := exec.LookPath("certutil"); err != nil || lerr != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("NSS softokn or certutil missing (packages libnss3, libnss3-tools): %v %v", err, lerr)
-		}
-		t.Skip("NSS softokn or certutil not installed (packages libnss3, libnss3-tools)")
-	}
-	dir := t.TempDir()
-	if out, err := exec.Command("certutil", "-N", "-d", "sql:"+dir, "--empty-password").CombinedOutput(); err != nil {
-		t.Fatalf("certutil: %v\n%s", err, out)
-	}
-	args := fmt.Sprintf("configdir='sql:%s' certPrefix='' keyPrefix='' secmod='secmod.db' flags=", dir)
-	uri := "pkcs11:token=NSS%20Certificate%20DB?module-path=" + softokn + "&x-init-reserved=" + url.PathEscape(args)
+	args := softhsmtest.NSSDatabase(t)
+	uri := "pkcs11:token=NSS%20Certificate%20DB?module-path=" + softhsmtest.Softokn + "&x-init-reserved=" + url.PathEscape(args)
 	expect(t, 1, nil, []string{"hsmcheck conform: ", "give -nologin"}, "conform", "-uri", uri)
 	code, out, errs := hsmcheck(t, "conform", "-uri", uri, "-nologin")
 	t.Logf("\n%s", out)

@@ -65,11 +65,7 @@ package main
 
 import (
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/ed25519"
 	"crypto/rand"
-	"crypto/rsa"
-	"crypto/sha256"
 	"errors"
 	"flag"
 	"fmt"
@@ -297,17 +293,7 @@ func signer(uri, label string) (*hsm.Provider, *hsm.Signer, error) {
 
 // input returns what to sign with s and how, and a verifier.
 func input(s *hsm.Signer) ([]byte, crypto.SignerOpts, func([]byte) bool) {
-	msg := []byte("hsmcheck")
-	d := sha256.Sum256(msg)
-	switch pub := s.Public().(type) {
-	case *rsa.PublicKey:
-		return d[:], crypto.SHA256, func(sig []byte) bool { return rsa.VerifyPKCS1v15(pub, crypto.SHA256, d[:], sig) == nil }
-	case *ecdsa.PublicKey:
-		return d[:], crypto.SHA256, func(sig []byte) bool { return ecdsa.VerifyASN1(pub, d[:], sig) }
-	case ed25519.PublicKey:
-		return msg, crypto.Hash(0), func(sig []byte) bool { return ed25519.Verify(pub, msg, sig) }
-	}
-	return nil, nil, func([]byte) bool { return false }
+	return conformInput(s.Public())
 }
 
 func sign(uri, label string, w io.Writer) error {

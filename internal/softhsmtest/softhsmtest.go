@@ -11,6 +11,7 @@ package softhsmtest
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 
@@ -95,4 +96,28 @@ func NewToken(t testing.TB, prefix string) *Token {
 		t.Fatal(err)
 	}
 	return tok
+}
+
+// Softokn is NSS's PKCS#11 module (package libnss3).
+const Softokn = "/usr/lib/x86_64-linux-gnu/libsoftokn3.so"
+
+// NSSDatabase makes an NSS database with an empty password in a directory
+// of the test's own, with certutil (package libnss3-tools), and returns the
+// CK_C_INITIALIZE_ARGS.pReserved string that opens it with Softokn (token
+// "NSS Certificate DB", no login). It fails in CI and skips elsewhere when
+// NSS is not installed.
+func NSSDatabase(t testing.TB) string {
+	t.Helper()
+	_, err := os.Stat(Softokn)
+	if _, lerr := exec.LookPath("certutil"); err != nil || lerr != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("NSS softokn or certutil missing (packages libnss3, libnss3-tools): %v %v", err, lerr)
+		}
+		t.Skip("NSS softokn or certutil not installed (packages libnss3, libnss3-tools)")
+	}
+	dir := t.TempDir()
+	if out, err := exec.Command("certutil", "-N", "-d", "sql:"+dir, "--empty-password").CombinedOutput(); err != nil {
+		t.Fatalf("certutil: %v\n%s", err, out)
+	}
+	return fmt.Sprintf("configdir='sql:%s' certPrefix='' keyPrefix='' secmod='secmod.db' flags=", dir)
 }
