@@ -189,11 +189,7 @@ func matches(ref hsm.KeyRef, k hsm.KeyInfo) bool {
 }
 
 func deleteKey(uri, label, id string, w io.Writer) error {
-	ref, err := namedKey(uri, label, id)
-	if err != nil {
-		return err
-	}
-	p, err := open(uri)
+	p, ref, err := openKey(uri, label, id)
 	if err != nil {
 		return err
 	}
@@ -258,15 +254,14 @@ func importCert(uri, label, id, in string, w io.Writer) error {
 	if in == "" {
 		return usagef("-in is required")
 	}
-	ref, err := namedKey(uri, label, id)
-	if err != nil {
+	if _, err := namedKey(uri, label, id); err != nil { // a usage error before the file's
 		return err
 	}
 	certs, err := readCerts(in)
 	if err != nil {
 		return err
 	}
-	p, err := open(uri)
+	p, ref, err := openKey(uri, label, id)
 	if err != nil {
 		return err
 	}
@@ -306,11 +301,7 @@ func importCert(uri, label, id, in string, w io.Writer) error {
 }
 
 func exportCert(uri, label, id string, chain bool, out string, w io.Writer) error {
-	ref, err := namedKey(uri, label, id)
-	if err != nil {
-		return err
-	}
-	p, err := open(uri)
+	p, ref, err := openKey(uri, label, id)
 	if err != nil {
 		return err
 	}
@@ -357,4 +348,15 @@ func subjectKeyID(c *x509.Certificate) []byte {
 	}
 	sum := sha1.Sum(spki.SubjectPublicKey.Bytes)
 	return sum[:]
+}
+
+// openKey opens the token of uri and names the key of -label/-id (or the
+// URI's object/id); the caller closes the provider.
+func openKey(uri, label, id string) (*hsm.Provider, hsm.KeyRef, error) {
+	ref, err := namedKey(uri, label, id)
+	if err != nil {
+		return nil, ref, err
+	}
+	p, err := open(uri)
+	return p, ref, err
 }
