@@ -143,6 +143,22 @@ func (in *instance) findObjects(s pkcs11.SessionHandle, tmpl []*pkcs11.Attribute
 	return objs, err
 }
 
+// findOne returns the one object tmpl finds: ErrKeyNotFound when none does,
+// ErrAmbiguousKey when several do. what and ref name it in the errors.
+func (in *instance) findOne(s pkcs11.SessionHandle, op string, tmpl []*pkcs11.Attribute, what string, ref KeyRef) (pkcs11.ObjectHandle, error) {
+	handles, err := in.findObjects(s, tmpl, 1)
+	if err != nil {
+		return 0, err
+	}
+	switch len(handles) {
+	case 0:
+		return 0, opErr(op, in.gen, ErrKeyNotFound, "no %s with %s", what, ref)
+	case 1:
+		return handles[0], nil
+	}
+	return 0, opErr(op, in.gen, ErrAmbiguousKey, "several %ss with %s", what, ref)
+}
+
 // refTemplate is the search template for objects with CKA_ID id and
 // CKA_LABEL label (each when set), of class when it is not 0 (CKO_DATA,
 // which no lookup searches for).

@@ -390,18 +390,11 @@ func (p *Provider) DeleteKey(ref KeyRef) error {
 		return opErr(op, p.Generation(), ErrKeyNotFound, "empty KeyRef: set ID, Label or both")
 	}
 	return p.write(op, func(in *instance, s pkcs11.SessionHandle) error {
-		handles, err := in.findObjects(s, refTemplate(pkcs11.CKO_PRIVATE_KEY, ref.ID, ref.Label), 1)
+		h, err := in.findOne(s, op, refTemplate(pkcs11.CKO_PRIVATE_KEY, ref.ID, ref.Label), "private key", ref)
 		if err != nil {
 			return err
 		}
-		switch len(handles) {
-		case 0:
-			return opErr(op, in.gen, ErrKeyNotFound, "no private key with %s", ref)
-		case 1:
-		default:
-			return opErr(op, in.gen, ErrAmbiguousKey, "several private keys with %s", ref)
-		}
-		o, err := in.readObject(s, handles[0])
+		o, err := in.readObject(s, h)
 		if err != nil {
 			return err
 		}
@@ -574,18 +567,11 @@ func (p *Provider) certificateRef(ref KeyRef) (KeyRef, crypto.PublicKey, error) 
 
 // certificateDER reads CKA_VALUE of the one certificate object tmpl finds.
 func (in *instance) certificateDER(s pkcs11.SessionHandle, op string, tmpl []*pkcs11.Attribute, ref KeyRef) ([]byte, error) {
-	objs, err := in.findObjects(s, tmpl, 1)
+	h, err := in.findOne(s, op, tmpl, "certificate object", ref)
 	if err != nil {
 		return nil, err
 	}
-	switch len(objs) {
-	case 0:
-		return nil, opErr(op, in.gen, ErrKeyNotFound, "no certificate object with %s", ref)
-	case 1:
-	default:
-		return nil, opErr(op, in.gen, ErrAmbiguousKey, "several certificate objects with %s", ref)
-	}
-	attrs, err := in.ctx.GetAttributeValue(s, objs[0], []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)})
+	attrs, err := in.ctx.GetAttributeValue(s, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)})
 	if err != nil {
 		return nil, err
 	}
@@ -649,18 +635,11 @@ func (p *Provider) DeleteCertificate(ref KeyRef) error {
 		return err
 	}
 	return p.write(op, func(in *instance, s pkcs11.SessionHandle) error {
-		objs, err := in.findObjects(s, certTemplate(ref), 1)
+		h, err := in.findOne(s, op, certTemplate(ref), "certificate object", certRef(ref))
 		if err != nil {
 			return err
 		}
-		switch len(objs) {
-		case 0:
-			return opErr(op, in.gen, ErrKeyNotFound, "no certificate object with %s", certRef(ref))
-		case 1:
-		default:
-			return opErr(op, in.gen, ErrAmbiguousKey, "several certificate objects with %s", certRef(ref))
-		}
-		if err := in.ctx.DestroyObject(s, objs[0]); err != nil {
+		if err := in.ctx.DestroyObject(s, h); err != nil {
 			return stepErr("C_DestroyObject", err)
 		}
 		return nil

@@ -277,19 +277,11 @@ func (in *instance) find(s pkcs11.SessionHandle, ref KeyRef) (*key, error) {
 // findByClass finds the one private key ref names with a find that names
 // the class.
 func (in *instance) findByClass(s pkcs11.SessionHandle, ref KeyRef) (*key, error) {
-	const op = "find key"
-	handles, err := in.findObjects(s, refTemplate(pkcs11.CKO_PRIVATE_KEY, ref.ID, ref.Label), 1)
+	h, err := in.findOne(s, "find key", refTemplate(pkcs11.CKO_PRIVATE_KEY, ref.ID, ref.Label), "private key", ref)
 	if err != nil {
 		return nil, err
 	}
-	switch len(handles) {
-	case 0:
-		return nil, opErr(op, in.gen, ErrKeyNotFound, "no private key with %s", ref)
-	case 1:
-	default:
-		return nil, opErr(op, in.gen, ErrAmbiguousKey, "several private keys with %s", ref)
-	}
-	o, err := in.readObject(s, handles[0])
+	o, err := in.readObject(s, h)
 	if err != nil {
 		return nil, err
 	}
