@@ -109,17 +109,37 @@ func (g *gate) inFlight() int64 { return g.inflight.Load() }
 // operation when the key is looked up, so that a refusal allocates nothing.
 type refusals struct {
 	op                               string
+	lat                              opClass // the Stats.Latency the op counts in, for runOp
 	closed, stale, unavailable, busy error
 }
 
 func newRefusals(op string, gen uint64) *refusals {
+	lat := classLookup
+	switch op {
+	case "sign":
+		lat = classSign
+	case "decrypt":
+		lat = classDecrypt
+	}
 	return &refusals{
 		op:          op,
+		lat:         lat,
 		closed:      &Error{Op: op, Generation: gen, Err: ErrClosed},
 		stale:       &Error{Op: op, Generation: gen, Err: ErrStaleKey},
 		unavailable: &Error{Op: op, Generation: gen, Err: ErrUnavailable},
 		busy:        &Error{Op: op, Generation: gen, Err: ErrBusy},
 	}
+}
+
+// latencyOf returns the latency class of an operation of kind run with r.
+func (r *refusals) latencyOf(kind runKind) opClass {
+	switch kind {
+	case runOwn:
+		return classCheck
+	case runWrite:
+		return classWrite
+	}
+	return r.lat
 }
 
 // pick returns the refusal for the gate word that refused an operation of

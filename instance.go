@@ -23,6 +23,7 @@ type instance struct {
 	slot  uint
 	token pkcs11.TokenInfo
 	login pkcs11.SessionHandle
+	meter *meter // the provider's, for Stats
 
 	// slots holds one token per session that may be borrowed; idle holds the
 	// sessions opened and not borrowed. Both have capacity maxSessions, so
@@ -42,6 +43,9 @@ type instance struct {
 	calls    atomic.Int64
 	progress atomic.Int64
 
+	// open counts the operation sessions open: idle and borrowed.
+	open atomic.Int64
+
 	// strictAttrs is set when the module's answer to a partial attribute
 	// read cannot be trusted: lookups then ask only for attributes each
 	// object has (lookup.go).
@@ -57,9 +61,9 @@ type instance struct {
 	oaepSoft sync.Map
 }
 
-func newInstance(ctx *pkcs11.Ctx, fast unsafe.Pointer, gen uint64, slot uint, token pkcs11.TokenInfo, login pkcs11.SessionHandle, maxSessions int) *instance {
+func newInstance(ctx *pkcs11.Ctx, fast unsafe.Pointer, gen uint64, slot uint, token pkcs11.TokenInfo, login pkcs11.SessionHandle, maxSessions int, m *meter) *instance {
 	in := &instance{
-		gen: gen, ctx: ctx, fast: fast, slot: slot, token: token, login: login,
+		gen: gen, ctx: ctx, fast: fast, slot: slot, token: token, login: login, meter: m,
 		slots:   make(chan struct{}, maxSessions),
 		idle:    make(chan pkcs11.SessionHandle, maxSessions),
 		closing: make(chan struct{}),
@@ -90,14 +94,18 @@ func (in *instance) borrow(wait time.Duration, kind runKind) (pkcs11.SessionHand
 	select {
 	case <-in.slots:
 	default:
+		start := time.Now()
 		t := time.NewTimer(wait)
 		select {
 		case <-in.slots:
 			t.Stop()
+			in.meter.waited(start, false)
 		case <-in.closing:
 			t.Stop()
+			in.meter.waited(start, false)
 			return 0, errClosing
 		case <-t.C:
+			in.meter.waited(start, true)
 			return 0, ErrBusy
 		}
 	}
@@ -127,6 +135,7 @@ func (in *instance) borrow(wait time.Duration, kind runKind) (pkcs11.SessionHand
 		in.release()
 		return 0, err
 	}
+	in.open.Add(1)
 	return s, nil
 }
 
@@ -179,6 +188,9 @@ func (in *instance) giveBack(s pkcs11.SessionHandle, err error, l left) {
 		in.idle <- s
 	case closeIt:
 		_ = in.ctx.CloseSession(s)
+		in.open.Add(-1)
+	case forget:
+		in.open.Add(-1)
 	}
 	in.release()
 }
@@ -287,6 +299,8 @@ func (p *Provider) run(gen uint64, r *refusals, wait time.Duration, kind runKind
 	if kind != runOwn {
 		p.health.ops.Add(1)
 	}
+	start := time.Now()
+	defer p.meter.took(r.latencyOf(kind), start)
 	in := p.inst.Load() // gen's instance: the gate admitted gen
 	s, err := in.borrow(wait, kind)
 	if err != nil {

@@ -65,6 +65,7 @@ type Provider struct {
 	genSem  chan struct{}      // one GenerateKey at a time, so that its check for a free label holds
 	reinits atomic.Uint64
 	health  health
+	meter   meter // session waits and latencies, for Stats
 
 	// testHookFinalized, if set, runs inside a re-initialization right
 	// after C_Finalize and before C_Initialize. Tests use it to change the
@@ -199,7 +200,7 @@ func (p *Provider) setup(op string, gen uint64) (*instance, error) {
 	if n := token.MaxRwSessionCount; n != pkcs11.CK_UNAVAILABLE_INFORMATION && n != pkcs11.CK_EFFECTIVELY_INFINITE && n > 1 && uint64(n-1) < uint64(maxSessions) {
 		maxSessions = int(n - 1)
 	}
-	return newInstance(p.ctx, p.fast, gen, slot, token, login, maxSessions), nil
+	return newInstance(p.ctx, p.fast, gen, slot, token, login, maxSessions, &p.meter), nil
 }
 
 func (p *Provider) findToken(gen uint64) (uint, pkcs11.TokenInfo, error) {

@@ -3,6 +3,7 @@ package hsm
 import (
 	"context"
 	"fmt"
+	"math"
 	"net/http"
 	"sync"
 	"sync/atomic"
@@ -34,6 +35,123 @@ type Stats struct {
 	// EventsDropped counts state changes not delivered to OnStateChange
 	// because it fell behind.
 	EventsDropped uint64
+	// Sessions describes the pool of operation sessions of the current
+	// generation.
+	Sessions SessionStats
+	// Latency holds the time operations took inside the provider, from
+	// admission (including the wait for a session) to the end of their
+	// PKCS#11 calls, by kind: "sign", "decrypt", "lookup" (key and
+	// certificate lookups, Keys, reads), "write" (GenerateKey, imports,
+	// deletions) and "check" (health probes, URI checks). Refused
+	// operations are not timed. Kinds with no operation yet are present
+	// with Count 0.
+	Latency map[string]Histogram
+}
+
+// SessionStats is the state of the session pool, in the manner of
+// sql.DBStats. Sessions are per generation: a re-initialization starts an
+// empty pool; the wait counters run over the provider's life.
+type SessionStats struct {
+	// MaxSessions is the pool's capacity: Config.MaxSessions, lowered to
+	// what the token allows.
+	MaxSessions int
+	// Open is the number of operation sessions open (idle plus in use; the
+	// session that holds the login is not counted). InUse is the number of
+	// operations holding a session slot; Idle the number of open sessions
+	// waiting in the pool.
+	Open, InUse, Idle int
+	// WaitCount counts the operations that found every slot taken and
+	// waited; WaitDuration is the total time they waited; WaitTimeouts
+	// counts the waits that ended with ErrBusy.
+	WaitCount    uint64
+	WaitDuration time.Duration
+	WaitTimeouts uint64
+}
+
+// Histogram is a latency distribution in the shape of a Prometheus
+// histogram: Buckets are cumulative, each counting the observations at
+// most its UpperBound; the last bucket's bound is +Inf (math.MaxInt64).
+type Histogram struct {
+	Count   uint64
+	Sum     time.Duration
+	Buckets []Bucket
+}
+
+// Bucket is one bucket of a Histogram.
+type Bucket struct {
+	UpperBound time.Duration
+	Count      uint64 // cumulative
+}
+
+// latencyBounds are the upper bounds of Histogram's buckets, before the
+// last, unbounded one: from 100 µs (a signature on a local token) to 10 s
+// (a network HSM's timeouts).
+var latencyBounds = [...]time.Duration{
+	100 * time.Microsecond, 250 * time.Microsecond, 500 * time.Microsecond,
+	time.Millisecond, 2500 * time.Microsecond, 5 * time.Millisecond,
+	10 * time.Millisecond, 25 * time.Millisecond, 50 * time.Millisecond,
+	100 * time.Millisecond, 250 * time.Millisecond, 500 * time.Millisecond,
+	time.Second, 2500 * time.Millisecond, 5 * time.Second, 10 * time.Second,
+}
+
+// opClass is a kind of operation in Stats.Latency.
+type opClass uint8
+
+const (
+	classSign opClass = iota
+	classDecrypt
+	classLookup
+	classWrite
+	classCheck
+	numClasses
+)
+
+var classNames = [numClasses]string{"sign", "decrypt", "lookup", "write", "check"}
+
+// histogram counts observations in latencyBounds' buckets (not cumulative)
+// plus the unbounded one.
+type histogram struct {
+	counts [len(latencyBounds) + 1]atomic.Uint64
+	sum    atomic.Int64 // nanoseconds
+}
+
+func (h *histogram) observe(d time.Duration) {
+	i := 0
+	for i < len(latencyBounds) && d > latencyBounds[i] {
+		i++
+	}
+	h.counts[i].Add(1)
+	h.sum.Add(int64(d))
+}
+
+func (h *histogram) snapshot() Histogram {
+	out := Histogram{Sum: time.Duration(h.sum.Load()), Buckets: make([]Bucket, len(h.counts))}
+	for i := range h.counts {
+		out.Count += h.counts[i].Load()
+		out.Buckets[i] = Bucket{UpperBound: math.MaxInt64, Count: out.Count}
+		if i < len(latencyBounds) {
+			out.Buckets[i].UpperBound = latencyBounds[i]
+		}
+	}
+	return out
+}
+
+// meter is the provider's measure of session waits and operation times.
+type meter struct {
+	latency                 [numClasses]histogram
+	waits, waitNs, timeouts atomic.Uint64
+}
+
+// took records an operation of class c that started at start.
+func (m *meter) took(c opClass, start time.Time) { m.latency[c].observe(time.Since(start)) }
+
+// waited records a wait for a session slot that started at start.
+func (m *meter) waited(start time.Time, timedOut bool) {
+	m.waits.Add(1)
+	m.waitNs.Add(uint64(time.Since(start)))
+	if timedOut {
+		m.timeouts.Add(1)
+	}
 }
 
 // health holds the provider's health bookkeeping.
@@ -102,6 +220,21 @@ func (p *Provider) Stats() Stats {
 		ProbeFailures:            h.probeFailures.Load(),
 		EventsDropped:            h.eventsDropped.Load(),
 		ErrorsByCode:             map[string]uint64{},
+		Latency:                  make(map[string]Histogram, numClasses),
+	}
+	m := &p.meter
+	for c := range numClasses {
+		s.Latency[classNames[c]] = m.latency[c].snapshot()
+	}
+	s.Sessions.WaitCount, s.Sessions.WaitTimeouts = m.waits.Load(), m.timeouts.Load()
+	s.Sessions.WaitDuration = time.Duration(m.waitNs.Load())
+	if in := p.inst.Load(); in != nil {
+		// Read without a lock: the numbers are each exact, together
+		// approximate, as sql.DBStats'.
+		s.Sessions.MaxSessions = cap(in.slots)
+		s.Sessions.InUse = cap(in.slots) - len(in.slots)
+		s.Sessions.Idle = len(in.idle)
+		s.Sessions.Open = int(in.open.Load())
 	}
 	h.mu.Lock()
 	s.LastError = h.lastErr
