@@ -39,8 +39,8 @@ func TestStatsSessionsAndLatency(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	ct := encryptTo(t, d.Public().(*rsa.PublicKey), []byte("secret"), &rsa.PKCS1v15DecryptOptions{})
-	if _, err := d.Decrypt(nil, ct, &rsa.PKCS1v15DecryptOptions{}); err != nil {
+	ct := encryptTo(t, d.Public().(*rsa.PublicKey), []byte("secret"), &rsa.OAEPOptions{Hash: crypto.SHA1})
+	if _, err := d.Decrypt(nil, ct, &rsa.OAEPOptions{Hash: crypto.SHA1}); err != nil {
 		t.Fatal(err)
 	}
 	// Bad input is refused before admission, and not timed.
