@@ -79,13 +79,27 @@ type Provider struct {
 // ErrHung, and the module stays claimed (Open of it fails with
 // ErrModuleInUse) until they return and the library is finalized.
 func Open(cfg Config) (*Provider, error) {
+	p, _, err := open(cfg, false)
+	return p, err
+}
+
+// open is Open. With late (a Group's member), a failure that a later
+// attempt may not repeat, that is anything but ErrConfig and
+// ErrModuleInUse, does not fail it: it returns the Provider in generation 1,
+// unavailable, and down, the failure. Automatic recovery then brings it up
+// when the HSM answers, as after a loss (the token's serial number is
+// learnt then). A failure that retrying cannot cure (ErrPIN) leaves it in
+// StateFailed instead, as recovery would.
+func open(cfg Config, late bool) (*Provider, error, error) {
 	if err := cfg.validate(); err != nil {
-		return nil, &Error{Op: "open", Err: err}
+		return nil, nil, &Error{Op: "open", Err: err}
 	}
 	abs, ctx, err := claimModule(cfg.Path)
 	if err != nil {
-		return nil, &Error{Op: "open", Err: err}
+		return nil, nil, &Error{Op: "open", Err: err}
 	}
+	// p is not a named result: a call that does not return keeps using it
+	// after open has returned.
 	p := &Provider{cfg: cfg, modPath: abs, ctx: ctx, gate: newGate(), log: cfg.Logger,
 		modBusy: make(chan struct{}, 1), genSem: make(chan struct{}, 1), drained: make(chan struct{}), finished: make(chan struct{})}
 	if p.log == nil {
@@ -105,6 +119,17 @@ func Open(cfg Config) (*Provider, error) {
 		in, err = p.start(1)
 		return err
 	})
+	if err != nil && late && !errors.Is(err, ErrConfig) && !errors.Is(err, ErrModuleInUse) {
+		// A call that did not return (ErrHung) keeps modBusy: recovery
+		// fails at once until it returns, then finalizes what it left.
+		st := StateUnavailable
+		if errors.Is(err, ErrPIN) || errors.Is(err, ErrTokenChanged) {
+			st = StateFailed
+		}
+		p.startBackground(1, st, err)
+		p.log.Warn("hsm: the HSM could not be opened; it is used once it answers", "module", abs, "state", st, "err", err)
+		return p, err, nil
+	}
 	if err != nil {
 		if errors.Is(err, ErrHung) {
 			closingModule(abs)
@@ -115,18 +140,28 @@ func Open(cfg Config) (*Provider, error) {
 			}
 			releaseModule(abs)
 		}
-		return nil, err
+		return nil, nil, err
 	}
 	p.serial = in.token.SerialNumber
 	p.inst.Store(in)
-	p.gate.set(1, StateHealthy)
-	if cfg.OnStateChange != nil {
+	p.startBackground(1, StateHealthy, nil)
+	return p, nil, nil
+}
+
+// startBackground puts the new provider, not yet shared, in generation gen
+// and state st (cause says why, for LastError), and starts the notifier
+// and the monitor.
+func (p *Provider) startBackground(gen uint64, st State, cause error) {
+	if p.cfg.OnStateChange != nil {
 		p.health.events = make(chan StateChange, 256)
 		p.health.notifyDone = make(chan struct{})
+	}
+	p.gate.set(gen, st) // the first state: no change to announce
+	p.health.lastErr = cause
+	if p.health.events != nil {
 		go p.notify()
 	}
 	go p.monitor()
-	return p, nil
 }
 
 // start initializes the library and sets up generation gen. On failure the

@@ -120,6 +120,9 @@ func (p *Provider) reinitialize(failed uint64) error {
 	if err != nil {
 		return p.reinitFailed(gen, err)
 	}
+	if p.serial == "" {
+		p.serial = in.token.SerialNumber // a member that joined late (open): its first generation
+	}
 	p.inst.Store(in)
 	p.reinits.Add(1)
 	p.setState(gen+1, StateHealthy, nil)
