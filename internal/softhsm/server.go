@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -22,10 +23,11 @@ import (
 //
 // A Server is not safe for concurrent use.
 type Server struct {
-	tok  *Token
-	sock string
-	cmd  *exec.Cmd
-	log  bytes.Buffer
+	tok    *Token
+	sock   string
+	module string // ServeOwn's copy of ClientModule; "" for ClientModule
+	cmd    *exec.Cmd
+	log    bytes.Buffer
 }
 
 // running guards the one socket of the process.
@@ -47,11 +49,67 @@ func Serve(tok *Token) (*Server, error) {
 	return s, nil
 }
 
+// owned counts ServeOwn's servers, to name their sockets, module copies
+// and variables.
+var owned atomic.Uint64
+
+// ServeOwn starts p11-kit server for tok on a socket of its own, so that
+// several servers run at once (the members of an hsm.Group), each reached
+// through a module of its own: Module returns a copy of ClientModule in
+// which the name of the variable it reads its address from,
+// P11_KIT_SERVER_ADDRESS, is replaced by one of the same length and of this
+// server's own (P11_KIT_SERVER_ADDR001, ...), set in the environment here.
+//
+// Copies alone would not do: p11-kit-client reads the variable at every
+// C_GetFunctionList, that is when each copy is loaded, so one variable
+// would have to be changed between the loads of two copies, and an
+// hsm.Group loads all its members in one call.
+func ServeOwn(tok *Token) (*Server, error) {
+	if dir == "" {
+		return nil, fmt.Errorf("softhsm: Setup has not run")
+	}
+	n := owned.Add(1)
+	if n > 999 {
+		return nil, fmt.Errorf("softhsm: more than 999 servers of their own in one process")
+	}
+	name := fmt.Sprintf("P11_KIT_SERVER_ADDR%03d", n)
+	lib, err := os.ReadFile(ClientModule)
+	if err != nil {
+		return nil, fmt.Errorf("softhsm: %w", err)
+	}
+	const orig = "P11_KIT_SERVER_ADDRESS\x00"
+	if len(name) != len(orig)-1 || bytes.Count(lib, []byte(orig)) != 1 {
+		return nil, fmt.Errorf("softhsm: %s does not name %s exactly once: cannot make a copy with an address of its own", ClientModule, orig[:len(orig)-1])
+	}
+	lib = bytes.Replace(lib, []byte(orig), []byte(name+"\x00"), 1)
+	module := filepath.Join(dir, fmt.Sprintf("client%03d", n), filepath.Base(ClientModule))
+	if err := os.MkdirAll(filepath.Dir(module), 0o700); err != nil {
+		return nil, fmt.Errorf("softhsm: %w", err)
+	}
+	if err := os.WriteFile(module, lib, 0o700); err != nil {
+		return nil, fmt.Errorf("softhsm: %w", err)
+	}
+	s := &Server{tok: tok, sock: filepath.Join(dir, fmt.Sprintf("p11-kit-%03d.sock", n)), module: module}
+	if err := os.Setenv(name, s.Address()); err != nil {
+		return nil, fmt.Errorf("softhsm: %w", err)
+	}
+	if err := s.start(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
 // Address is the value for P11_KIT_SERVER_ADDRESS.
 func (s *Server) Address() string { return "unix:path=" + s.sock }
 
-// Module is the PKCS#11 module a client loads: p11-kit's client.
-func (s *Server) Module() string { return ClientModule }
+// Module is the PKCS#11 module a client loads: p11-kit's client, or for
+// ServeOwn's servers its copy.
+func (s *Server) Module() string {
+	if s.module != "" {
+		return s.module
+	}
+	return ClientModule
+}
 
 func (s *Server) start() error {
 	_ = os.Remove(s.sock)
@@ -180,7 +238,9 @@ func (s *Server) Stop() {
 		s.kill()
 	}
 	s.sock = ""
-	running.Unlock()
+	if s.module == "" {
+		running.Unlock()
+	}
 }
 
 // String names the server for logs.

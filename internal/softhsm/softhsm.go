@@ -18,6 +18,8 @@ package softhsm
 
 import (
 	"bytes"
+	"crypto"
+	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -172,6 +174,43 @@ func (tok *Token) Generate(typ KeyType, id []byte, label string) error {
 	return err
 }
 
+// Import writes key (an *ecdsa.PrivateKey or *rsa.PrivateKey) to the
+// token, its private and public halves with CKA_ID id and CKA_LABEL label,
+// through pkcs11-tool --write-object: the same key can so be put on several
+// tokens, as on the members of an HSM group.
+func (tok *Token) Import(key crypto.Signer, id []byte, label string) error {
+	priv, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return fmt.Errorf("softhsm: import: %w", err)
+	}
+	pub, err := x509.MarshalPKIXPublicKey(key.Public())
+	if err != nil {
+		return fmt.Errorf("softhsm: import: %w", err)
+	}
+	tmp, err := os.MkdirTemp(dir, "import-")
+	if err != nil {
+		return fmt.Errorf("softhsm: import: %w", err)
+	}
+	defer os.RemoveAll(tmp)
+	for _, half := range []struct {
+		typ string
+		der []byte
+	}{{"privkey", priv}, {"pubkey", pub}} {
+		f := filepath.Join(tmp, half.typ+".der")
+		if err := os.WriteFile(f, half.der, 0o600); err != nil {
+			return fmt.Errorf("softhsm: import: %w", err)
+		}
+		args := []string{"--write-object", f, "--type", half.typ, "--id", hex.EncodeToString(id)}
+		if label != "" {
+			args = append(args, "--label", label)
+		}
+		if _, err := tok.Tool(args...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // Delete deletes the private and public key with CKA_ID id.
 func (tok *Token) Delete(id []byte) error {
 	for _, typ := range []string{"privkey", "pubkey"} {
@@ -230,6 +269,14 @@ type TB interface {
 func (tok *Token) GenerateKey(t TB, typ KeyType, id []byte, label string) {
 	t.Helper()
 	if err := tok.Generate(typ, id, label); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// ImportKey is Import for tests: it fails t on error.
+func (tok *Token) ImportKey(t TB, key crypto.Signer, id []byte, label string) {
+	t.Helper()
+	if err := tok.Import(key, id, label); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -27,3 +27,17 @@ func StartServer(t testing.TB, tok *Token) *Server {
 	t.Cleanup(s.Stop)
 	return s
 }
+
+// StartOwnServer is softhsm.ServeOwn for tests: a server on a socket of
+// its own, reached through a copy of the client module (Module), so that
+// several run at once. It stops the server when the test ends.
+func StartOwnServer(t testing.TB, tok *Token) *Server {
+	t.Helper()
+	RequireRemote(t)
+	s, err := softhsm.ServeOwn(tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Stop)
+	return s
+}
