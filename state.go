@@ -169,3 +169,11 @@ func (p *Provider) observe(gen uint64, err error, react bool) {
 		h.poke()
 	}
 }
+
+// changes returns a channel that is closed at the provider's next state
+// change.
+func (p *Provider) changes() <-chan struct{} {
+	p.health.mu.Lock()
+	defer p.health.mu.Unlock()
+	return p.health.changed
+}

@@ -1,0 +1,789 @@
+package hsm
+
+import (
+	"context"
+	"crypto"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// A Group is one key on several HSMs: members that each hold the same key
+// under the same reference, such as the partitions of HSMs without vendor
+// HA (YubiHSM 2, NetHSM, separate Luna partitions or clusters) or SoftHSM
+// tokens. Every member is a Provider of its own, with its own generation,
+// health probing and automatic recovery. The Group's keys spread
+// operations across the healthy members and, when one fails because of its
+// HSM (device lost, unavailable, busy, not answering), repeat the
+// operation on another: signing and decrypting are safe to repeat. The
+// caller sees an error only when no member could do it, or for a caller
+// error (bad input), which is never repeated.
+//
+// Safe for concurrent use.
+type Group struct {
+	members []*member
+	log     *slog.Logger
+
+	// Counters over the group's life, read by Stats.
+	ops, failovers, failed atomic.Uint64
+
+	mu     sync.Mutex // protects following fields
+	state  GroupState
+	since  time.Time
+	ready  bool // every member's Provider is set: the members' callbacks may look at them
+	closed bool
+	events chan GroupStateChange // nil without GroupConfig.OnStateChange
+
+	notifier   atomic.Uint64 // goroutine id of the notifier, while it runs a callback
+	notifyDone chan struct{}
+	dropped    atomic.Uint64
+}
+
+// member is one Provider of a Group.
+type member struct {
+	index int
+	p     *Provider
+	// down is the error that kept the member from opening at OpenGroup,
+	// or nil.
+	down error
+	// inFlight is the number of the group's operations on the member now,
+	// including ones abandoned while they hang; ops and failovers count the
+	// operations given to it and those that failed on it and were repeated
+	// on another member.
+	inFlight       atomic.Int64
+	ops, failovers atomic.Uint64
+
+	mu       sync.Mutex // protects following fields
+	excluded []KeyRef   // keys this member holds another key under
+}
+
+// GroupState is the health of a Group as a whole.
+type GroupState uint32
+
+// Group states.
+const (
+	// GroupHealthy: every member is healthy.
+	GroupHealthy GroupState = iota
+	// GroupDegraded: some members are healthy, not all: operations go to
+	// those, and the others recover on their own.
+	GroupDegraded
+	// GroupUnavailable: no member is healthy: operations fail fast with
+	// ErrUnavailable.
+	GroupUnavailable
+	// GroupClosed: Close was called.
+	GroupClosed
+)
+
+func (s GroupState) String() string {
+	switch s {
+	case GroupHealthy:
+		return "healthy"
+	case GroupDegraded:
+		return "degraded"
+	case GroupUnavailable:
+		return "unavailable"
+	case GroupClosed:
+		return "closed"
+	}
+	return fmt.Sprintf("GroupState(%d)", uint32(s))
+}
+
+// GroupStateChange is delivered to GroupConfig.OnStateChange.
+type GroupStateChange struct {
+	From, To GroupState
+	// Healthy is the number of healthy members after the change, out of
+	// Members.
+	Healthy, Members int
+	At               time.Time
+}
+
+// GroupConfig configures OpenGroupConfig.
+type GroupConfig struct {
+	// Members are the members' configurations, in order: each opens a
+	// Provider of its own, with a module of its own (a PKCS#11 module is
+	// opened once per process). A member's OnStateChange still runs.
+	Members []Config
+	// Logger receives the group's own records: members that cannot open
+	// or hold another key, state changes. Nil: the first member's Logger,
+	// or none.
+	Logger *slog.Logger
+	// OnStateChange, if set, is called after each change of the group's
+	// state, in order, from a goroutine of the group, never under a lock.
+	// Changes are dropped (and counted in GroupStats.EventsDropped) if it
+	// falls behind by more than 64.
+	OnStateChange func(GroupStateChange)
+}
+
+// maxMembers bounds a group's size: an operation tracks the members it has
+// tried in one word.
+const maxMembers = 64
+
+// OpenGroup opens a Group of the members, as OpenGroupConfig does.
+func OpenGroup(members ...Config) (*Group, error) {
+	return OpenGroupConfig(GroupConfig{Members: members})
+}
+
+// OpenGroupConfig opens every member, concurrently, and returns the Group
+// once each has opened or failed (each Open is bounded by its member's
+// ProbeTimeout).
+//
+// It succeeds when at least one member opens. A member whose HSM is down,
+// not answering or without the token stays in Members as a Provider in
+// StateUnavailable, and joins when its automatic recovery brings it up (so
+// it needs auto recovery, the default). A member whose PIN is refused stays
+// in StateFailed and is never used. Either is logged, and shown in Stats
+// (the member's State and LastError, and MemberStats.OpenError).
+//
+// It fails, and closes what it opened, when no member opens, and at once,
+// opening nothing, for a configuration error in any member (an invalid
+// Config, a module that cannot be loaded, two members with one module, a
+// module another Provider holds): those never cure themselves.
+func OpenGroupConfig(gc GroupConfig) (*Group, error) {
+	const op = "open group"
+	n := len(gc.Members)
+	switch {
+	case n == 0:
+		return nil, opErr(op, 0, ErrConfig, "no members")
+	case n > maxMembers:
+		return nil, opErr(op, 0, ErrConfig, "%d members; at most %d", n, maxMembers)
+	}
+	paths := make(map[string]int, n)
+	for i, cfg := range gc.Members {
+		if err := cfg.validate(); err != nil {
+			return nil, &Error{Op: op, Err: causedBy(wrapf(ErrConfig, "member %d", i), err)}
+		}
+		abs, err := filepath.Abs(cfg.Path)
+		if err == nil {
+			abs, err = filepath.EvalSymlinks(abs)
+		}
+		if err != nil {
+			return nil, &Error{Op: op, Err: causedBy(wrapf(ErrConfig, "member %d: module %q", i, cfg.Path), err)}
+		}
+		if j, dup := paths[abs]; dup {
+			return nil, opErr(op, 0, ErrConfig, "members %d and %d both use the module %s: a PKCS#11 module is initialized once per process, so each member needs a module of its own", j, i, abs)
+		}
+		paths[abs] = i
+	}
+	g := &Group{members: make([]*member, n), log: gc.Logger, since: time.Now()}
+	if g.log == nil {
+		g.log = gc.Members[0].Logger
+	}
+	if g.log == nil {
+		g.log = slog.New(slog.DiscardHandler)
+	}
+	for i := range g.members {
+		g.members[i] = &member{index: i}
+	}
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i, cfg := range gc.Members {
+		m := g.members[i]
+		user := cfg.OnStateChange
+		cfg.OnStateChange = func(c StateChange) {
+			g.update()
+			if user != nil {
+				user(c)
+			}
+		}
+		wg.Go(func() {
+			m.p, m.down, errs[i] = open(cfg, true)
+		})
+	}
+	wg.Wait()
+
+	var opened int
+	var bad, down []error
+	for i, m := range g.members {
+		switch {
+		case errs[i] != nil:
+			bad = append(bad, fmt.Errorf("member %d: %w", i, errs[i]))
+		case m.down != nil:
+			down = append(down, fmt.Errorf("member %d: %w", i, m.down))
+		default:
+			opened++
+		}
+	}
+	if len(bad) > 0 || opened == 0 {
+		// An error no retry cures, or no member opened: close the others.
+		var wg sync.WaitGroup
+		for _, m := range g.members {
+			if m.p != nil {
+				wg.Go(func() { _ = m.p.Close() })
+			}
+		}
+		wg.Wait()
+		if len(bad) > 0 {
+			return nil, &Error{Op: op, Err: errors.Join(bad...)}
+		}
+		return nil, &Error{Op: op, Err: causedBy(wrapf(ErrUnavailable, "none of the %d members opened", n), errors.Join(down...))}
+	}
+	for _, m := range g.members {
+		if m.down != nil {
+			g.log.Warn("hsm: group member did not open; it joins when its HSM answers", "member", m.index, "module", gc.Members[m.index].Path, "state", m.p.State(), "err", m.down)
+		}
+	}
+	if gc.OnStateChange != nil {
+		g.events = make(chan GroupStateChange, 64)
+		g.notifyDone = make(chan struct{})
+		go g.notify(gc.OnStateChange)
+	}
+	g.mu.Lock()
+	g.state, _ = g.compute()
+	g.ready = true
+	g.mu.Unlock()
+	g.update() // a member may have changed since
+	return g, nil
+}
+
+// Members returns the members' Providers, in the order given to OpenGroup,
+// including those that did not open (see OpenGroupConfig). Closing one
+// takes it out of the group for good.
+func (g *Group) Members() []*Provider {
+	out := make([]*Provider, len(g.members))
+	for i, m := range g.members {
+		out[i] = m.p
+	}
+	return out
+}
+
+// compute returns the group's state from its members' and the number of
+// healthy members.
+func (g *Group) compute() (GroupState, int) {
+	healthy := 0
+	for _, m := range g.members {
+		if m.p != nil && m.p.State() == StateHealthy {
+			healthy++
+		}
+	}
+	switch {
+	case healthy == len(g.members):
+		return GroupHealthy, healthy
+	case healthy > 0:
+		return GroupDegraded, healthy
+	}
+	return GroupUnavailable, healthy
+}
+
+// update recomputes the group's state after a member's change (from the
+// member's notifier) and announces a change.
+func (g *Group) update() {
+	g.mu.Lock()
+	if g.closed || !g.ready {
+		g.mu.Unlock()
+		return
+	}
+	to, healthy := g.compute()
+	from := g.state
+	if to == from {
+		g.mu.Unlock()
+		return
+	}
+	g.state, g.since = to, time.Now()
+	g.queueLocked(GroupStateChange{From: from, To: to, Healthy: healthy, Members: len(g.members), At: g.since})
+	g.mu.Unlock()
+	switch to {
+	case GroupHealthy:
+		g.log.Info("hsm: group healthy", "members", len(g.members))
+	case GroupDegraded:
+		g.log.Warn("hsm: group degraded", "healthy", healthy, "members", len(g.members))
+	case GroupUnavailable:
+		g.log.Error("hsm: group unavailable: no member is healthy", "members", len(g.members))
+	}
+}
+
+// queueLocked queues a change for OnStateChange. Called with g.mu held.
+func (g *Group) queueLocked(c GroupStateChange) {
+	if g.events == nil {
+		return
+	}
+	select {
+	case g.events <- c:
+	default:
+		g.dropped.Add(1)
+	}
+}
+
+func (g *Group) notify(f func(GroupStateChange)) {
+	defer close(g.notifyDone)
+	for c := range g.events {
+		g.notifier.Store(goid())
+		f(c)
+		g.notifier.Store(0)
+	}
+}
+
+// State returns the group's state, from its members' states now.
+func (g *Group) State() GroupState {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return GroupClosed
+	}
+	st, _ := g.compute()
+	return st
+}
+
+// Close closes every member, concurrently, and returns their errors
+// joined; each Close is bounded as Provider.Close is. Keys of the group
+// fail with ErrClosed after it. When the group has an OnStateChange
+// callback, Close delivers the change to GroupClosed and waits for the
+// callback to return, at most one second, except when called from inside
+// it. Calling it again returns nil.
+func (g *Group) Close() error {
+	g.mu.Lock()
+	if g.closed {
+		g.mu.Unlock()
+		return nil
+	}
+	from := g.state
+	g.closed, g.state, g.since = true, GroupClosed, time.Now()
+	g.queueLocked(GroupStateChange{From: from, To: GroupClosed, Members: len(g.members), At: g.since})
+	if g.events != nil {
+		close(g.events)
+	}
+	g.mu.Unlock()
+
+	errs := make([]error, len(g.members))
+	var wg sync.WaitGroup
+	for i, m := range g.members {
+		wg.Go(func() {
+			if err := m.p.Close(); err != nil {
+				errs[i] = fmt.Errorf("member %d: %w", i, err)
+			}
+		})
+	}
+	wg.Wait()
+	if g.events != nil && g.notifier.Load() != goid() {
+		t := time.NewTimer(time.Second)
+		defer t.Stop()
+		select {
+		case <-g.notifyDone:
+		case <-t.C:
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// GroupStats is a snapshot of a group's health and activity.
+type GroupStats struct {
+	State GroupState
+	// Since is when the state last changed.
+	Since time.Time
+	// Healthy is the number of healthy members.
+	Healthy int
+	// Operations counts the operations of the group's keys; Failovers
+	// those repeated on another member after failing on one (once per
+	// repetition); Failed those that failed for want of a member, not for
+	// bad input.
+	Operations, Failovers, Failed uint64
+	// EventsDropped counts group state changes not delivered to
+	// OnStateChange because it fell behind.
+	EventsDropped uint64
+	Members       []MemberStats
+}
+
+// MemberStats is one member's part of GroupStats.
+type MemberStats struct {
+	// Stats are the member's own, as Provider.Stats returns them.
+	Stats Stats
+	// Operations counts the group's operations given to the member;
+	// Failovers those that failed on it and were repeated on another.
+	Operations, Failovers uint64
+	// InFlight is the number of the group's operations on the member now,
+	// including any abandoned while its HSM did not answer.
+	InFlight int64
+	// OpenError is why the member did not open at OpenGroup, or nil.
+	OpenError error
+	// Excluded lists the keys (as the group's callers named them) for which
+	// the member holds another key than the group's: it is never used for
+	// them.
+	Excluded []KeyRef
+}
+
+// Stats returns a snapshot of the group and of each member. It makes no
+// PKCS#11 call.
+func (g *Group) Stats() GroupStats {
+	g.mu.Lock()
+	s := GroupStats{State: g.state, Since: g.since}
+	if !g.closed {
+		s.State, s.Healthy = g.compute()
+	}
+	g.mu.Unlock()
+	s.Operations, s.Failovers, s.Failed = g.ops.Load(), g.failovers.Load(), g.failed.Load()
+	s.EventsDropped = g.dropped.Load()
+	s.Members = make([]MemberStats, len(g.members))
+	for i, m := range g.members {
+		ms := MemberStats{Stats: m.p.Stats(), Operations: m.ops.Load(), Failovers: m.failovers.Load(),
+			InFlight: m.inFlight.Load(), OpenError: m.down}
+		m.mu.Lock()
+		ms.Excluded = append([]KeyRef(nil), m.excluded...)
+		m.mu.Unlock()
+		s.Members[i] = ms
+	}
+	return s
+}
+
+// groupKey is a key of a group: the key under ref on each member, all with
+// the public key pinned when the group's key was made.
+type groupKey struct {
+	g       *Group
+	ref     KeyRef
+	decrypt bool
+	pub     crypto.PublicKey
+	pinned  string // hex of the first 8 bytes of the SHA-256 of the public key, for messages
+	at      []memberKey
+	rr      atomic.Uint64 // round robin among equally loaded members
+
+	closed, none error // prebuilt refusals
+}
+
+// memberKey is a group key on one member.
+type memberKey struct {
+	d atomic.Pointer[durable] // bound, with the group's public key
+
+	mu sync.Mutex // protects following fields; serializes binding
+	// excluded is set when the member holds another key under ref: it is
+	// never used for it.
+	excluded error
+	// failedGen and failedAt say when binding last failed (the key not on
+	// the member, say): it is tried again in a later generation of the
+	// member, or after rebindEvery.
+	failedGen uint64
+	failedAt  time.Time
+	failed    bool
+}
+
+// rebindEvery is how often a member on which a group key could not be
+// found is asked again within one generation.
+const rebindEvery = 5 * time.Second
+
+// newKey finds ref on every healthy member, in order, and pins the public
+// key of the first that has it; a member holding another key is excluded
+// for it. Members not healthy now are bound when first used.
+func (g *Group) newKey(ref KeyRef, decrypt bool, op string) (*groupKey, error) {
+	k := &groupKey{g: g, ref: ref, decrypt: decrypt, at: make([]memberKey, len(g.members)),
+		closed: &Error{Op: op, Err: ErrClosed}}
+	if g.isClosed() {
+		return nil, k.closed
+	}
+	var errs []error
+	for i, m := range g.members {
+		if m.p.State() != StateHealthy {
+			errs = append(errs, fmt.Errorf("member %d: %w", i, &Error{Op: op, Err: ErrUnavailable}))
+			continue
+		}
+		if _, err := k.bind(i); err != nil {
+			errs = append(errs, fmt.Errorf("member %d: %w", i, err))
+		}
+	}
+	if k.pub == nil {
+		err := errors.Join(errs...)
+		for _, target := range []error{ErrKeyNotFound, ErrAmbiguousKey, ErrUnsupportedKey} {
+			if errors.Is(err, target) {
+				return nil, &Error{Op: op, Err: causedBy(wrapf(target, "%s on no member of the group", ref), err)}
+			}
+		}
+		return nil, &Error{Op: op, Err: causedBy(wrapf(ErrUnavailable, "no member could find %s", ref), err)}
+	}
+	k.none = &Error{Op: op, Err: wrapf(ErrUnavailable, "no healthy member of the group holds %s", ref)}
+	return k, nil
+}
+
+func (g *Group) isClosed() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.closed
+}
+
+// bind finds the key on member i and checks it against the pinned public
+// key (pinning it if none is yet).
+func (k *groupKey) bind(i int) (*durable, error) {
+	mk, m := &k.at[i], k.g.members[i]
+	mk.mu.Lock()
+	defer mk.mu.Unlock()
+	if d := mk.d.Load(); d != nil {
+		return d, nil
+	}
+	if mk.excluded != nil {
+		return nil, mk.excluded
+	}
+	gen := m.p.Generation()
+	d, err := m.p.durable(k.ref, k.decrypt)
+	if err != nil {
+		mk.failed, mk.failedGen, mk.failedAt = true, gen, time.Now()
+		return nil, err
+	}
+	if k.pub == nil { // newKey's first member: only newKey binds before pub is set
+		k.pub, k.pinned = d.pub, d.pinned
+	} else if eq, ok := d.pub.(interface{ Equal(crypto.PublicKey) bool }); !ok || !eq.Equal(k.pub) {
+		k.exclude(i, mk, opErr("bind key", d.cur.Load().gen, ErrKeyChanged,
+			"member %d holds another key under %s (SHA-256 %s..., not the group's %s...): never used for it", i, k.ref, d.pinned, k.pinned))
+		return nil, mk.excluded
+	}
+	mk.failed = false
+	mk.d.Store(d)
+	return d, nil
+}
+
+// exclude takes member i out of the key for good. Called with mk.mu held.
+func (k *groupKey) exclude(i int, mk *memberKey, err error) {
+	mk.excluded = err
+	m := k.g.members[i]
+	m.mu.Lock()
+	m.excluded = append(m.excluded, k.ref)
+	m.mu.Unlock()
+	k.g.log.Error("hsm: group member holds another key: never used for it", "member", i, "key", k.ref.String(), "err", err)
+}
+
+// pick chooses the member for the next attempt: a healthy one, not yet
+// tried (a bit of tried), not excluded, with the fewest operations in
+// flight; equally loaded members take turns. It returns -1 when none is
+// left.
+func (k *groupKey) pick(tried uint64) int {
+	n := len(k.at)
+	start := int(k.rr.Add(1) % uint64(n))
+	best, load := -1, int64(0)
+	for o := range n {
+		i := (start + o) % n
+		if tried&(1<<i) != 0 {
+			continue
+		}
+		m := k.g.members[i]
+		gen, st := m.p.gate.load()
+		if st != StateHealthy {
+			continue
+		}
+		mk := &k.at[i]
+		if mk.d.Load() == nil && !k.mayBind(mk, gen) {
+			continue
+		}
+		if l := m.inFlight.Load(); best < 0 || l < load {
+			best, load = i, l
+		}
+	}
+	return best
+}
+
+// mayBind says whether binding the key on a member in generation gen may
+// be tried now.
+func (k *groupKey) mayBind(mk *memberKey, gen uint64) bool {
+	mk.mu.Lock()
+	defer mk.mu.Unlock()
+	return mk.excluded == nil && (!mk.failed || mk.failedGen != gen || time.Since(mk.failedAt) >= rebindEvery)
+}
+
+// retryable says whether an operation that failed with err on one member
+// may be repeated on another: yes unless the caller's input or context is
+// at fault.
+func retryable(err error) bool {
+	switch {
+	case errors.Is(err, ErrInvalidOptions), errors.Is(err, ErrDecryption), errors.Is(err, ErrUnsupportedKey),
+		errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		return false
+	}
+	if code, ok := codeOf(err); ok && classify(code) == classCaller && !isPINCode(code) {
+		return false
+	}
+	return true
+}
+
+type result struct {
+	out []byte
+	err error
+}
+
+// do runs f, the operation op, on one member after another until one
+// succeeds, the error is the caller's, or no member is left.
+func (k *groupKey) do(ctx context.Context, op string, f func(*key) ([]byte, error)) ([]byte, error) {
+	g := k.g
+	if g.isClosed() {
+		return nil, k.closed
+	}
+	g.ops.Add(1)
+	var tried uint64
+	var errs []error
+	for {
+		i := k.pick(tried)
+		if i < 0 {
+			break
+		}
+		tried |= 1 << i
+		m := g.members[i]
+		d := k.at[i].d.Load()
+		if d == nil {
+			var err error
+			if d, err = k.bind(i); err != nil {
+				errs = append(errs, fmt.Errorf("member %d: %w", i, err))
+				continue
+			}
+		}
+		m.ops.Add(1)
+		out, err := k.attempt(ctx, m, d, op, f)
+		if err == nil {
+			return out, nil
+		}
+		if !retryable(err) {
+			return nil, err
+		}
+		if ctx.Err() != nil {
+			return nil, &Error{Op: op, Err: causedBy(ErrUnavailable, ctx.Err())}
+		}
+		switch {
+		case errors.Is(err, ErrKeyChanged):
+			mk := &k.at[i]
+			mk.mu.Lock()
+			if mk.excluded == nil {
+				mk.d.Store(nil)
+				k.exclude(i, mk, err)
+			}
+			mk.mu.Unlock()
+		case errors.Is(err, ErrKeyNotFound), errors.Is(err, ErrAmbiguousKey):
+			// Gone from the member since it was bound (found again by the
+			// member's re-binding): ask again later, not at every call.
+			mk := &k.at[i]
+			mk.mu.Lock()
+			mk.d.Store(nil)
+			mk.failed, mk.failedGen, mk.failedAt = true, m.p.Generation(), time.Now()
+			mk.mu.Unlock()
+		}
+		m.failovers.Add(1)
+		g.failovers.Add(1)
+		errs = append(errs, fmt.Errorf("member %d: %w", i, err))
+	}
+	g.failed.Add(1)
+	if g.isClosed() {
+		return nil, k.closed
+	}
+	if len(errs) == 0 {
+		return nil, k.none
+	}
+	return nil, &Error{Op: op, Err: causedBy(wrapf(ErrUnavailable, "no member of the group could %s with %s", op, k.ref), errors.Join(errs...))}
+}
+
+// attempt runs f on member m's key. The call runs in a goroutine of its
+// own, so that a member whose HSM stops answering does not hold the
+// caller: the attempt is abandoned when the member stops being healthy,
+// after its ProbeTimeout, or when ctx ends. An abandoned call keeps its
+// place in m.inFlight until the module returns it.
+func (k *groupKey) attempt(ctx context.Context, m *member, d *durable, op string, f func(*key) ([]byte, error)) ([]byte, error) {
+	m.inFlight.Add(1)
+	done := make(chan result, 1)
+	go func() {
+		defer m.inFlight.Add(-1)
+		out, err := d.do(context.Background(), false, op, f)
+		done <- result{out, err}
+	}()
+	t := time.NewTimer(m.p.cfg.ProbeTimeout)
+	defer t.Stop()
+	for {
+		changed := m.p.changes()
+		select {
+		case r := <-done:
+			return r.out, r.err
+		default:
+		}
+		if _, st := m.p.gate.load(); st != StateHealthy {
+			select {
+			case r := <-done: // it may have finished as the member changed
+				return r.out, r.err
+			default:
+			}
+			return nil, &Error{Op: op, Generation: m.p.Generation(), Err: wrapf(ErrUnavailable, "member %d became %v during the call", m.index, st)}
+		}
+		select {
+		case r := <-done:
+			return r.out, r.err
+		case <-changed:
+		case <-t.C:
+			return nil, &Error{Op: op, Generation: m.p.Generation(), Err: wrapf(ErrHung, "member %d did not answer in %v (its ProbeTimeout)", m.index, m.p.cfg.ProbeTimeout)}
+		case <-ctx.Done():
+			return nil, &Error{Op: op, Generation: m.p.Generation(), Err: causedBy(ErrUnavailable, ctx.Err())}
+		}
+	}
+}
+
+// GroupSigner is a group's private key as a crypto.Signer. Safe for
+// concurrent use.
+type GroupSigner struct{ k *groupKey }
+
+// Signer finds ref on the group's healthy members, as Provider.Signer
+// does, and pins the public key of the first member (in the order given
+// to OpenGroup) that has it; a member that holds another key under ref is
+// excluded for it (logged, and listed in MemberStats.Excluded), and never
+// used. Members not healthy now are checked when they are first used. It
+// fails with ErrKeyNotFound when no member that answered has the key, and
+// with ErrUnavailable when none answered.
+func (g *Group) Signer(ref KeyRef) (*GroupSigner, error) {
+	k, err := g.newKey(ref, false, "group signer")
+	if err != nil {
+		return nil, err
+	}
+	return &GroupSigner{k}, nil
+}
+
+// Public returns the pinned public key. It makes no PKCS#11 call.
+func (s *GroupSigner) Public() crypto.PublicKey { return s.k.pub }
+
+// KeyRef returns the reference the key was asked for with.
+func (s *GroupSigner) KeyRef() KeyRef { return s.k.ref }
+
+// String describes the key without secrets.
+func (s *GroupSigner) String() string {
+	return fmt.Sprintf("hsm.GroupSigner{%s, public key SHA-256 %s..., %d members}", s.k.ref, s.k.pinned, len(s.k.at))
+}
+
+// Sign signs as Signer.Sign does, on a healthy member; if the member fails
+// (its HSM lost, unavailable, busy or not answering), on another. Bad
+// input fails at once (ErrInvalidOptions). With no member left it fails
+// with ErrUnavailable, at once when no member is healthy.
+func (s *GroupSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return s.SignContext(context.Background(), digest, opts)
+}
+
+// SignContext is Sign; ctx bounds the wait for a member's answer. It does
+// not wait for an unavailable member to recover.
+func (s *GroupSigner) SignContext(ctx context.Context, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return s.k.do(ctx, "sign", func(k *key) ([]byte, error) { return k.sign(digest, opts) })
+}
+
+// GroupDecrypter is a group's RSA private key as a crypto.Decrypter. Safe
+// for concurrent use.
+type GroupDecrypter struct{ k *groupKey }
+
+// Decrypter finds ref as Signer does, with the checks of
+// Provider.Decrypter (an RSA key that may decrypt).
+func (g *Group) Decrypter(ref KeyRef) (*GroupDecrypter, error) {
+	k, err := g.newKey(ref, true, "group decrypter")
+	if err != nil {
+		return nil, err
+	}
+	return &GroupDecrypter{k}, nil
+}
+
+// Public returns the pinned public key. It makes no PKCS#11 call.
+func (d *GroupDecrypter) Public() crypto.PublicKey { return d.k.pub }
+
+// KeyRef returns the reference the key was asked for with.
+func (d *GroupDecrypter) KeyRef() KeyRef { return d.k.ref }
+
+// String describes the key without secrets.
+func (d *GroupDecrypter) String() string {
+	return fmt.Sprintf("hsm.GroupDecrypter{%s, public key SHA-256 %s..., %d members}", d.k.ref, d.k.pinned, len(d.k.at))
+}
+
+// Decrypt decrypts as Decrypter.Decrypt does, on a healthy member, and
+// fails over as GroupSigner.Sign does. A ciphertext the key rejects
+// (ErrDecryption) is never tried on another member.
+func (d *GroupDecrypter) Decrypt(rand io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {
+	return d.DecryptContext(context.Background(), rand, ciphertext, opts)
+}
+
+// DecryptContext is Decrypt; ctx bounds the wait for a member's answer.
+func (d *GroupDecrypter) DecryptContext(ctx context.Context, rand io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {
+	return d.k.do(ctx, "decrypt", func(k *key) ([]byte, error) { return k.decryptWith(rand, ciphertext, opts) })
+}
