@@ -1,6 +1,9 @@
 # The two commands of the README: `make demo` and `make test`.
 GO ?= go
 STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
+# The adapters: nested modules with go.mods of their own (stepkms, hsmjwt,
+# hsmprom), so that users of the core never download their dependencies.
+NESTED := $(patsubst %/go.mod,%,$(wildcard */go.mod))
 
 .PHONY: demo test deps check fuzz bench soak conformance
 
@@ -8,19 +11,21 @@ STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 demo: deps
 	$(GO) run ./cmd/hsmdemo
 
-## test: the whole suite, race detector on (real SoftHSM2 and p11-kit, nothing skips)
+## test: the whole suite, race detector on (real SoftHSM2 and p11-kit, nothing skips), then each nested module's
 test: deps
 	$(GO) test -race -count=1 -timeout 9m ./...
+	@set -e; for m in $(NESTED); do echo "== $$m"; (cd $$m && $(GO) test -race -count=1 -timeout 5m ./...); done
 
 ## deps: install softhsm2, p11-kit and opensc when missing
 deps:
 	@sh scripts/install-deps.sh
 
-## check: go vet, gofmt, staticcheck
+## check: go vet, gofmt, staticcheck (the core and each nested module)
 check:
 	$(GO) vet ./...
 	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) run $(STATICCHECK) ./...
+	@set -e; for m in $(NESTED); do echo "== $$m"; (cd $$m && $(GO) vet ./... && $(GO) run $(STATICCHECK) ./...); done
 
 ## fuzz: run the fuzz targets for a while each
 fuzz:

@@ -1,0 +1,15 @@
+module github.com/ce46d8f2/hsm/hsmjwt
+
+go 1.26.0
+
+require (
+	github.com/ce46d8f2/hsm v0.0.0-00010101000000-000000000000
+	github.com/golang-jwt/jwt/v5 v5.3.1
+)
+
+require (
+	github.com/miekg/pkcs11 v1.1.2 // indirect
+	golang.org/x/sync v0.25.0 // indirect
+)
+
+replace github.com/ce46d8f2/hsm => ../
