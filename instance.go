@@ -311,7 +311,7 @@ func (p *Provider) run(gen uint64, r *refusals, wait time.Duration, kind runKind
 			p.health.poke() // a full pool may be a frozen HSM: probe now
 			return r.busy
 		}
-		p.observe(gen, err, true)
+		p.observe(gen, err, true, kind != runOwn)
 		if code, _ := codeOf(err); code == pkcs11.CKR_TOKEN_WRITE_PROTECTED {
 			return &Error{Op: r.op, Code: code, Generation: gen, Err: causedBy(ErrWriteProtected, stepErr("C_OpenSession", err))}
 		}
@@ -344,7 +344,7 @@ func (p *Provider) run(gen uint64, r *refusals, wait time.Duration, kind runKind
 	if err == nil {
 		return nil
 	}
-	p.observe(gen, err, l != leftRejected)
+	p.observe(gen, err, l != leftRejected, kind != runOwn)
 	if _, ok := err.(*Error); ok {
 		return err
 	}

@@ -146,16 +146,19 @@ func (p *Provider) markLost(gen uint64, cause error) {
 	p.announce(StateHealthy, StateUnavailable, gen, cause)
 }
 
-// observe accounts for the error of an admitted operation of generation gen
-// and, with react, reacts to it: a device-loss code makes the provider
-// unavailable, a suspect code asks the monitor for a probe.
-func (p *Provider) observe(gen uint64, err error, react bool) {
+// observe accounts for the error of an admitted call of generation gen (in
+// ErrorsByCode; with op, an operation of the user's, in Failed too, not a
+// probe's) and, with react, reacts to it: a device-loss code makes the
+// provider unavailable, a suspect code asks the monitor for a probe.
+func (p *Provider) observe(gen uint64, err error, react, op bool) {
 	code, ok := codeOf(err)
 	if !ok {
 		return
 	}
 	h := &p.health
-	h.failed.Add(1)
+	if op {
+		h.failed.Add(1)
+	}
 	h.mu.Lock()
 	h.byCode[code]++
 	h.mu.Unlock()

@@ -21,7 +21,8 @@ type Stats struct {
 	// Operations counts the operations admitted (signatures, decryptions,
 	// key lookups); Refused those refused without a PKCS#11 call
 	// (ErrStaleKey, ErrUnavailable, ErrClosed); Failed the admitted ones that
-	// failed with a PKCS#11 error.
+	// failed with a PKCS#11 error. Health probes and URI checks are not
+	// operations; their PKCS#11 errors count in ErrorsByCode only.
 	Operations, Refused, Failed uint64
 	// ErrorsByCode counts PKCS#11 errors by their name, e.g.
 	// "CKR_DEVICE_ERROR (0x30)".

@@ -130,7 +130,7 @@ func NewCollector(p *hsm.Provider) prometheus.Collector {
 		refused: desc("operations_refused_total",
 			"Operations refused without a PKCS#11 call: stale key, provider unavailable or closed."),
 		failed: desc("operations_failed_total",
-			"Admitted operations (and health probes) that failed with a PKCS#11 error."),
+			"Admitted operations that failed with a PKCS#11 error (failed health probes are counted in hsm_probe_failures_total)."),
 		errors: desc("pkcs11_errors_total",
 			"PKCS#11 errors of admitted operations and health probes, by return value.",
 			"code"),
