@@ -262,35 +262,63 @@ func (k *key) decryptOAEP(ct []byte, o *rsa.OAEPOptions) ([]byte, error) {
 	if err := k.checkCiphertext(ct); err != nil {
 		return nil, err
 	}
-	shape := oaepShape{o.Hash, mgfHash, len(o.Label) > 0}
-	if _, soft := k.in.oaepSoft.Load(shape); !soft {
-		params := pkcs11.NewOAEPParams(m[0], mm[1], pkcs11.CKZ_DATA_SPECIFIED, o.Label)
-		out, atInit, err := k.decrypt(pkcs11.CKM_RSA_PKCS_OAEP, params, ct)
-		if !atInit || !refusesParams(err) {
-			if !atInit && isRejection(err) {
-				return nil, k.decryptionError(err)
-			}
-			return out, err
+	// With a label, OAEP is decoded here over raw RSA whenever the token
+	// allows it: tokens are not all trusted to check a label (SoftHSM 2.6's
+	// CKM_RSA_PKCS_OAEP with SHA-1 ignores it, and decrypts a ciphertext
+	// made without one under any label; tpm2-pkcs11 wants it to end in a
+	// NUL byte).
+	labelled := len(o.Label) > 0
+	shape := oaepShape{o.Hash, mgfHash, labelled}
+	_, soft := k.in.oaepSoft.Load(shape)
+	if labelled || soft {
+		em, err := k.rawRSA(ct)
+		switch {
+		case err == nil:
+			return k.unpadOAEP(em, o, mgfHash)
+		case err != errRawRefused:
+			return nil, err
+		case soft:
+			return nil, k.neitherOAEP(o.Hash, mgfHash, labelled)
 		}
-		k.in.oaepSoft.Store(shape, true)
-		k.p.log.Info("hsm: the token's CKM_RSA_PKCS_OAEP refuses these parameters; decoding OAEP in software over CKM_RSA_X_509",
-			"hash", o.Hash.String(), "mgf", mgfHash.String(), "label", len(o.Label) > 0, "err", err)
+		// Raw RSA refused: the token's own OAEP, trusted with the label.
 	}
+	params := pkcs11.NewOAEPParams(m[0], mm[1], pkcs11.CKZ_DATA_SPECIFIED, o.Label)
+	out, atInit, err := k.decrypt(pkcs11.CKM_RSA_PKCS_OAEP, params, ct)
+	if !atInit || !refusesParams(err) {
+		if !atInit && isRejection(err) {
+			return nil, k.decryptionError(err)
+		}
+		return out, err
+	}
+	k.in.oaepSoft.Store(shape, true)
+	k.p.log.Info("hsm: the token's CKM_RSA_PKCS_OAEP refuses these parameters; decoding OAEP in software over CKM_RSA_X_509",
+		"hash", o.Hash.String(), "mgf", mgfHash.String(), "label", labelled, "err", err)
 	em, err := k.rawRSA(ct)
 	if err == errRawRefused {
-		label := ""
-		if len(o.Label) > 0 {
-			label = " and a label"
-		}
-		return nil, opErr(op, k.gen, ErrInvalidOptions, "the token supports neither CKM_RSA_PKCS_OAEP with %v/MGF1-%v%s nor raw RSA (CKM_RSA_X_509)",
-			o.Hash, mgfHash, label)
+		return nil, k.neitherOAEP(o.Hash, mgfHash, labelled)
 	}
 	if err != nil {
 		return nil, err
 	}
+	return k.unpadOAEP(em, o, mgfHash)
+}
+
+// neitherOAEP is the error for a token that has no way to decrypt OAEP
+// with these parameters.
+func (k *key) neitherOAEP(hash, mgfHash crypto.Hash, labelled bool) error {
+	label := ""
+	if labelled {
+		label = " and a label"
+	}
+	return opErr("decrypt", k.gen, ErrInvalidOptions, "the token supports neither CKM_RSA_PKCS_OAEP with %v/MGF1-%v%s nor raw RSA (CKM_RSA_X_509)", hash, mgfHash, label)
+}
+
+// unpadOAEP decodes em, the raw RSA decryption of an OAEP ciphertext, in
+// constant time.
+func (k *key) unpadOAEP(em []byte, o *rsa.OAEPOptions, mgfHash crypto.Hash) ([]byte, error) {
 	msg, ok := unpadOAEP(em, o.Hash, mgfHash, o.Label)
 	if !ok {
-		return nil, &Error{Op: op, Generation: k.gen, Err: ErrDecryption}
+		return nil, &Error{Op: "decrypt", Generation: k.gen, Err: ErrDecryption}
 	}
 	return msg, nil
 }

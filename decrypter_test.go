@@ -7,7 +7,9 @@ import (
 	"crypto"
 	"crypto/rand"
 	"crypto/rsa"
+	"crypto/sha1"
 	"crypto/sha256"
+	"fmt"
 	"testing"
 )
 
@@ -25,6 +27,7 @@ func testDecrypt(t *testing.T, p *Provider) {
 		label     []byte
 	}{
 		{crypto.SHA1, 0, nil},
+		{crypto.SHA1, 0, []byte("SoftHSM 2.6 ignores this label")},
 		{crypto.SHA256, 0, nil},
 		{crypto.SHA256, 0, []byte("context label")},
 		{crypto.SHA384, 0, nil},
@@ -32,7 +35,7 @@ func testDecrypt(t *testing.T, p *Provider) {
 		{crypto.SHA224, 0, nil},
 	}
 	for _, tt := range oaep {
-		t.Run("OAEP-"+tt.hash.String(), func(t *testing.T) {
+		t.Run(fmt.Sprintf("OAEP-%v-label%d", tt.hash, len(tt.label)), func(t *testing.T) {
 			ct, err := rsa.EncryptOAEPWithOptions(rand.Reader, pub, secret, &rsa.OAEPOptions{Hash: tt.hash, MGFHash: tt.mgf, Label: tt.label})
 			if err != nil {
 				t.Fatal(err)
@@ -48,14 +51,15 @@ func testDecrypt(t *testing.T, p *Provider) {
 	}
 	t.Run("OAEP path", func(t *testing.T) {
 		// SoftHSM 2.6 does SHA-1 OAEP without a label itself, and refuses
-		// everything else, which then goes through CKM_RSA_X_509 and the
-		// software decoding. Both must have been exercised above.
+		// other hashes, which then go through CKM_RSA_X_509 and the
+		// software decoding, as every labelled OAEP does. Both must have
+		// been exercised above.
 		in := p.inst.Load()
 		if _, soft := in.oaepSoft.Load(oaepShape{crypto.SHA1, crypto.SHA1, false}); soft {
 			t.Error("SHA-1 OAEP without label went to the software path; the token supports it")
 		}
-		if _, soft := in.oaepSoft.Load(oaepShape{crypto.SHA256, crypto.SHA256, true}); !soft {
-			t.Error("SHA-256 OAEP with a label did not go to the software path")
+		if _, soft := in.oaepSoft.Load(oaepShape{crypto.SHA256, crypto.SHA256, false}); !soft {
+			t.Error("SHA-256 OAEP did not go to the software path")
 		}
 	})
 	t.Run("OAEP MGFHash differs", func(t *testing.T) {
@@ -147,6 +151,16 @@ func testDecryptBadInput(t *testing.T, p *Provider) {
 		if _, err := d.Decrypt(nil, ct, &rsa.OAEPOptions{Hash: crypto.SHA256, Label: []byte("right")}); err != nil {
 			t.Fatal(err)
 		}
+	})
+	t.Run("OAEP label the token ignores", func(t *testing.T) {
+		// SoftHSM 2.6's CKM_RSA_PKCS_OAEP with SHA-1 ignores the label: a
+		// ciphertext made without one would decrypt under any label.
+		ct, _ := rsa.EncryptOAEP(sha1.New(), rand.Reader, pub, []byte("s"), nil)
+		_, err := d.Decrypt(nil, ct, &rsa.OAEPOptions{Hash: crypto.SHA1, Label: []byte("not the label")})
+		wantErr(t, err, ErrDecryption)
+		ct, _ = rsa.EncryptOAEP(sha1.New(), rand.Reader, pub, []byte("s"), []byte("one"))
+		_, err = d.Decrypt(nil, ct, &rsa.OAEPOptions{Hash: crypto.SHA1, Label: []byte("another")})
+		wantErr(t, err, ErrDecryption)
 	})
 	t.Run("OAEP hash mismatch", func(t *testing.T) {
 		_, err := d.Decrypt(nil, ct, &rsa.OAEPOptions{Hash: crypto.SHA384, Label: []byte("right")})
