@@ -5,7 +5,7 @@ STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # hsmprom), so that users of the core never download their dependencies.
 NESTED := $(patsubst %/go.mod,%,$(wildcard */go.mod))
 
-.PHONY: demo test deps check fuzz bench soak conformance
+.PHONY: demo test deps check fuzz bench soak soak-group conformance
 
 ## demo: create a SoftHSM2 token, sign, re-initialize, kill and restart a "network HSM", recover
 demo: deps
@@ -40,6 +40,10 @@ bench: deps
 ## soak: the chaos soak, 60 s with an outage about every 2 s (a short one runs in make test)
 soak: deps
 	$(GO) run ./cmd/hsmcheck soak -duration 60s -outage-every 2s
+
+## soak-group: the chaos soak of an hsm.Group of 3 members, 60 s, each member down about every 2 s, one always up
+soak-group: deps
+	$(GO) run ./cmd/hsmcheck soak -members 3 -duration 60s -outage-every 2s
 
 ## conformance: hsmcheck conform on SoftHSM2, p11-kit remoting, NSS softokn, tpm2-pkcs11 (swtpm) and openCryptoki; matrix in /tmp/conf-matrix.txt
 conformance: deps

@@ -89,8 +89,10 @@ commands:
   sign   -uri URI [-key LABEL]          sign once with the key, verify, show the latency
   bench  -uri URI [-key LABEL] [-duration 10s] [-workers N]
                                        signatures per second
-  soak   [-duration 60s] [-outage-every 2s] [-workers 8]
-                                       chaos soak on a SoftHSM2 token of its own (needs softhsm2, p11-kit, opensc)
+  soak   [-duration 60s] [-outage-every 2s] [-workers 8] [-members N]
+                                       chaos soak on a SoftHSM2 token of its own (needs softhsm2, p11-kit, opensc);
+                                       with -members N >= 2, on an hsm.Group of N tokens holding the same keys,
+                                       members killed at random with one always up: no signature may fail
   keygen -uri URI -type TYPE [-label L] [-id HEX] [-decrypt]
                                        generate a key pair; print its label, ID, type and public key (PEM)
                                        TYPE: rsa2048, rsa3072, rsa4096, p256, p384, p521, ed25519
@@ -147,7 +149,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	var (
 		key                   string
 		duration, outageEvery time.Duration
-		workers               int
+		workers, members      int
 		typ, label, id        string
 		decrypt, chain        bool
 		all, keep, noLogin    bool
@@ -162,7 +164,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fs.StringVar(&key, "key", "", "label of the key (default: object= of the URI)")
 		fs.DurationVar(&duration, "duration", 10*time.Second, "how long (bench, soak)")
 		fs.IntVar(&workers, "workers", 0, "concurrent goroutines (bench: 1; soak: 8)")
-		fs.DurationVar(&outageEvery, "outage-every", 2*time.Second, "mean time between outages (soak)")
+		fs.DurationVar(&outageEvery, "outage-every", 2*time.Second, "mean time between outages (soak; with -members, per member)")
+		fs.IntVar(&members, "members", 0, "soak an hsm.Group of this many members (at least 2)")
 	case "keygen":
 		fs.StringVar(&typ, "type", "", "key type: rsa2048, rsa3072, rsa4096, p256, p384, p521 or ed25519")
 		keyFlags()
@@ -208,7 +211,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		case "bench":
 			err = bench(*uri, key, duration, max(workers, 1), stdout, stderr)
 		case "soak":
-			err = runSoak(duration, outageEvery, workers, stdout)
+			err = runSoak(duration, outageEvery, workers, members, stdout)
 		case "keygen":
 			err = keygen(*uri, typ, label, id, decrypt, stdout)
 		case "list":
@@ -377,12 +380,15 @@ func isTerminal(w io.Writer) bool {
 	return err == nil && fi.Mode()&os.ModeCharDevice != 0
 }
 
-func runSoak(d, every time.Duration, workers int, w io.Writer) error {
+func runSoak(d, every time.Duration, workers, members int, w io.Writer) error {
 	if missing := softhsm.Missing(true); len(missing) > 0 {
 		return fmt.Errorf("not installed: %s; run `make deps`", strings.Join(missing, ", "))
 	}
 	if every <= 0 || d <= 0 {
 		return errors.New("-duration and -outage-every must be positive")
+	}
+	if members == 1 || members < 0 || members > 16 {
+		return fmt.Errorf("-members %d: a group soak has 2 to 16 members", members)
 	}
 	dir, err := os.MkdirTemp("", "hsmcheck-soak-")
 	if err != nil {
@@ -391,6 +397,18 @@ func runSoak(d, every time.Duration, workers int, w io.Writer) error {
 	defer os.RemoveAll(dir)
 	if err := softhsm.Setup(dir); err != nil {
 		return err
+	}
+	if members > 0 {
+		fmt.Fprintf(w, "group soak: %v, %d members each down about every %v (one always up), %d goroutines signing with ECDSA P-256 and RSA-2048 through p11-kit\n", d, members, every, max(workers, 8))
+		res, err := soak.RunGroup(soak.Options{Duration: d, OutageEvery: every, Workers: workers, Log: w}, members)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(w, res)
+		if !res.OK() {
+			return errors.New("the group soak broke a promise (see above)")
+		}
+		return nil
 	}
 	fmt.Fprintf(w, "soak: %v, an outage about every %v, %d goroutines signing with ECDSA P-256 and RSA-2048 (PKCS #1 v1.5 and PSS) through p11-kit\n", d, every, max(workers, 8))
 	res, err := soak.Run(soak.Options{Duration: d, OutageEvery: every, Workers: workers, Log: w})
