@@ -693,7 +693,8 @@ func (k *groupKey) attempt(ctx context.Context, m *member, d *durable, op string
 				return r.out, r.err
 			default:
 			}
-			return nil, &Error{Op: op, Generation: m.p.Generation(), Err: wrapf(ErrUnavailable, "member %d became %v during the call", m.index, st)}
+			return nil, &Error{Op: op, Generation: m.p.Generation(),
+				Err: causedBy(wrapf(ErrUnavailable, "member %d became %v during the call", m.index, st), m.p.LastError())}
 		}
 		select {
 		case r := <-done:
