@@ -201,7 +201,7 @@ func (p *Provider) GenerateKey(spec KeySpec) (*Signer, error) {
 		if len(spec.ID) == 0 {
 			// The default ID, from the public key.
 			if k, err = in.keyFrom(s, &ko, []object{po}); err != nil {
-				return err
+				return in.unusable(s, spec.Label, ph, kh, err)
 			}
 			der, err := x509.MarshalPKIXPublicKey(k.pub)
 			if err != nil {
@@ -218,13 +218,25 @@ func (p *Provider) GenerateKey(spec KeySpec) (*Signer, error) {
 			}
 			ko.id, po.id = id, id
 		}
-		k, err = in.keyFrom(s, &ko, []object{po})
-		return err
+		if k, err = in.keyFrom(s, &ko, []object{po}); err != nil {
+			return in.unusable(s, spec.Label, ph, kh, err)
+		}
+		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
 	return &Signer{p.adopt(k)}, nil
+}
+
+// unusable deletes the key pair GenerateKey made when err says hsm cannot
+// use it (ErrUnsupportedKey: a public key it cannot read), so that no key
+// without its ID is left behind; other errors are returned as they are.
+func (in *instance) unusable(s pkcs11.SessionHandle, label string, pub, priv pkcs11.ObjectHandle, err error) error {
+	if !errors.Is(err, ErrUnsupportedKey) {
+		return err
+	}
+	return wrapf(err, "%s", in.discard(s, label, pub, priv))
 }
 
 // discard deletes a key pair GenerateKey made and cannot hand out, and
