@@ -18,7 +18,7 @@ var conformChecks = []string{
 	"generate ECDSA P-521", "sign ECDSA P-521 SHA-512",
 	"generate Ed25519", "sign Ed25519 pure",
 	"generate RSA-2048 (decrypt)", "decrypter",
-	"decrypt PKCS#1 v1.5", "decrypt PKCS#1 v1.5 SessionKeyLen 32", "decrypt OAEP SHA-1", "decrypt OAEP SHA-256", "decrypt OAEP SHA-256 label",
+	"decrypt PKCS#1 v1.5", "decrypt PKCS#1 v1.5 SessionKeyLen 32", "decrypt OAEP SHA-1", "decrypt OAEP SHA-256", "decrypt OAEP SHA-256 label", "decrypt OAEP SHA-256 label ending in NUL",
 	"certificate create", "certificate import", "certificate read", "certificate delete",
 	"random", "reinitialize", "stale signer", "durable signer",
 	"TLS 1.3 handshake", "URI lookup", "delete keys",
