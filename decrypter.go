@@ -19,7 +19,12 @@ import (
 type Decrypter struct{ k *key }
 
 // Public returns the *rsa.PublicKey. It makes no PKCS#11 call.
-func (d *Decrypter) Public() crypto.PublicKey { return d.k.pub }
+func (d *Decrypter) Public() crypto.PublicKey {
+	if d == nil || d.k == nil {
+		return nil
+	}
+	return d.k.pub
+}
 
 // Generation returns the generation of the PKCS#11 library the key was
 // found in.
@@ -30,6 +35,9 @@ func (d *Decrypter) KeyRef() KeyRef { return d.k.ref }
 
 // Sign signs as Signer.Sign does; the key must allow signing (CKA_SIGN).
 func (d *Decrypter) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	if d == nil || d.k == nil {
+		return nil, errNoKey("sign", "Decrypter")
+	}
 	return d.k.sign(digest, opts)
 }
 
@@ -82,6 +90,9 @@ func (d *Decrypter) String() string {
 // Refusals (ErrInvalidOptions, ErrStaleKey, ErrUnavailable, ErrClosed) make
 // no PKCS#11 call. Blocks like Sign. Safe for concurrent use.
 func (d *Decrypter) Decrypt(rand io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {
+	if d == nil || d.k == nil {
+		return nil, errNoKey("decrypt", "Decrypter")
+	}
 	return d.k.decryptWith(rand, ciphertext, opts)
 }
 

@@ -119,6 +119,9 @@ const maxRebinds = 3
 // again, at most maxRebinds times. With wait, an unavailable provider is
 // waited for, until ctx ends.
 func (d *durable) do(ctx context.Context, wait bool, op string, f func(*key) ([]byte, error)) ([]byte, error) {
+	if d == nil {
+		return nil, errNoKey(op, "durable key")
+	}
 	for rebinds := 0; ; rebinds++ {
 		k, err := d.bound()
 		var out []byte
@@ -158,6 +161,13 @@ func (d *durable) do(ctx context.Context, wait bool, op string, f func(*key) ([]
 // Safe for concurrent use.
 type DurableSigner struct{ d *durable }
 
+func (s *DurableSigner) dur() *durable {
+	if s == nil {
+		return nil
+	}
+	return s.d
+}
+
 // DurableSigner looks up ref now, as Signer does, and pins its public key.
 func (p *Provider) DurableSigner(ref KeyRef) (*DurableSigner, error) {
 	d, err := p.durable(ref, false)
@@ -168,7 +178,12 @@ func (p *Provider) DurableSigner(ref KeyRef) (*DurableSigner, error) {
 }
 
 // Public returns the pinned public key. It makes no PKCS#11 call.
-func (s *DurableSigner) Public() crypto.PublicKey { return s.d.pub }
+func (s *DurableSigner) Public() crypto.PublicKey {
+	if s == nil || s.d == nil {
+		return nil
+	}
+	return s.d.pub
+}
 
 // KeyRef returns the key's CKA_ID and CKA_LABEL used to find it again.
 func (s *DurableSigner) KeyRef() KeyRef { return s.d.ref }
@@ -186,14 +201,14 @@ func (s *DurableSigner) String() string {
 // generation. It does not wait for an unavailable provider: it fails fast
 // with ErrUnavailable (use SignContext to wait).
 func (s *DurableSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
-	return s.d.do(context.Background(), false, "sign", func(k *key) ([]byte, error) { return k.sign(digest, opts) })
+	return s.dur().do(context.Background(), false, "sign", func(k *key) ([]byte, error) { return k.sign(digest, opts) })
 }
 
 // SignContext is Sign, except that while the provider is unavailable or
 // re-initializing it waits for it to be healthy again, until ctx ends; then
 // it returns an error matching both ErrUnavailable and ctx's error.
 func (s *DurableSigner) SignContext(ctx context.Context, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
-	return s.d.do(ctx, true, "sign", func(k *key) ([]byte, error) { return k.sign(digest, opts) })
+	return s.dur().do(ctx, true, "sign", func(k *key) ([]byte, error) { return k.sign(digest, opts) })
 }
 
 // DurableDecrypter is the RSA counterpart of DurableSigner: a
@@ -201,8 +216,20 @@ func (s *DurableSigner) SignContext(ctx context.Context, digest []byte, opts cry
 // generation. Safe for concurrent use.
 type DurableDecrypter struct{ d *durable }
 
+func (d *DurableDecrypter) dur() *durable {
+	if d == nil {
+		return nil
+	}
+	return d.d
+}
+
 // Public returns the pinned *rsa.PublicKey. It makes no PKCS#11 call.
-func (d *DurableDecrypter) Public() crypto.PublicKey { return d.d.pub }
+func (d *DurableDecrypter) Public() crypto.PublicKey {
+	if d == nil || d.d == nil {
+		return nil
+	}
+	return d.d.pub
+}
 
 // KeyRef returns the key's CKA_ID and CKA_LABEL used to find it again.
 func (d *DurableDecrypter) KeyRef() KeyRef { return d.d.ref }
@@ -212,7 +239,7 @@ func (d *DurableDecrypter) Generation() uint64 { return d.d.cur.Load().gen }
 
 // Sign signs as DurableSigner.Sign does; the key must allow signing.
 func (d *DurableDecrypter) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
-	return d.d.do(context.Background(), false, "sign", func(k *key) ([]byte, error) { return k.sign(digest, opts) })
+	return d.dur().do(context.Background(), false, "sign", func(k *key) ([]byte, error) { return k.sign(digest, opts) })
 }
 
 // DurableDecrypter looks up the RSA key ref now, as Decrypter does, and
@@ -234,11 +261,11 @@ func (d *DurableDecrypter) String() string {
 // Decrypt decrypts as Decrypter.Decrypt does, with the key bound in the
 // current generation, failing fast while the provider is unavailable.
 func (d *DurableDecrypter) Decrypt(rand io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {
-	return d.d.do(context.Background(), false, "decrypt", func(k *key) ([]byte, error) { return k.decryptWith(rand, ciphertext, opts) })
+	return d.dur().do(context.Background(), false, "decrypt", func(k *key) ([]byte, error) { return k.decryptWith(rand, ciphertext, opts) })
 }
 
 // DecryptContext is Decrypt, waiting for an unavailable provider until ctx
 // ends, as SignContext does.
 func (d *DurableDecrypter) DecryptContext(ctx context.Context, rand io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {
-	return d.d.do(ctx, true, "decrypt", func(k *key) ([]byte, error) { return k.decryptWith(rand, ciphertext, opts) })
+	return d.dur().do(ctx, true, "decrypt", func(k *key) ([]byte, error) { return k.decryptWith(rand, ciphertext, opts) })
 }

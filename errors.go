@@ -368,3 +368,9 @@ func p11err(op string, gen uint64, err error) error {
 func opErr(op string, gen uint64, err error, format string, args ...any) error {
 	return &Error{Op: op, Generation: gen, Err: wrapf(err, format, args...)}
 }
+
+// errNoKey is the error of an operation on a key value that holds no key:
+// nil or the zero value, not one a Provider or Group handed out.
+func errNoKey(op, typ string) error {
+	return opErr(op, 0, ErrKeyNotFound, "a nil or zero hsm.%s holds no key: get keys from a Provider or a Group", typ)
+}

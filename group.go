@@ -728,7 +728,12 @@ func (g *Group) Signer(ref KeyRef) (*GroupSigner, error) {
 }
 
 // Public returns the pinned public key. It makes no PKCS#11 call.
-func (s *GroupSigner) Public() crypto.PublicKey { return s.k.pub }
+func (s *GroupSigner) Public() crypto.PublicKey {
+	if s == nil || s.k == nil {
+		return nil
+	}
+	return s.k.pub
+}
 
 // KeyRef returns the reference the key was asked for with.
 func (s *GroupSigner) KeyRef() KeyRef { return s.k.ref }
@@ -749,6 +754,9 @@ func (s *GroupSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) (
 // SignContext is Sign; ctx bounds the wait for a member's answer. It does
 // not wait for an unavailable member to recover.
 func (s *GroupSigner) SignContext(ctx context.Context, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	if s == nil || s.k == nil {
+		return nil, errNoKey("sign", "GroupSigner")
+	}
 	return s.k.do(ctx, "sign", func(k *key) ([]byte, error) { return k.sign(digest, opts) })
 }
 
@@ -767,7 +775,12 @@ func (g *Group) Decrypter(ref KeyRef) (*GroupDecrypter, error) {
 }
 
 // Public returns the pinned public key. It makes no PKCS#11 call.
-func (d *GroupDecrypter) Public() crypto.PublicKey { return d.k.pub }
+func (d *GroupDecrypter) Public() crypto.PublicKey {
+	if d == nil || d.k == nil {
+		return nil
+	}
+	return d.k.pub
+}
 
 // KeyRef returns the reference the key was asked for with.
 func (d *GroupDecrypter) KeyRef() KeyRef { return d.k.ref }
@@ -786,5 +799,8 @@ func (d *GroupDecrypter) Decrypt(rand io.Reader, ciphertext []byte, opts crypto.
 
 // DecryptContext is Decrypt; ctx bounds the wait for a member's answer.
 func (d *GroupDecrypter) DecryptContext(ctx context.Context, rand io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {
+	if d == nil || d.k == nil {
+		return nil, errNoKey("decrypt", "GroupDecrypter")
+	}
 	return d.k.do(ctx, "decrypt", func(k *key) ([]byte, error) { return k.decryptWith(rand, ciphertext, opts) })
 }

@@ -3,6 +3,7 @@
 package hsm
 
 import (
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
@@ -255,5 +256,43 @@ func TestURIMatchTakesASlot(t *testing.T) {
 	wantErr(t, err, ErrBusy)
 	if err := p.matchURI(u); err != nil {
 		t.Fatalf("with the slot free: %v", err)
+	}
+}
+
+// TestZeroKeys: nil and zero key values, which no Provider or Group handed
+// out, fail with an error naming the mistake, never a panic, in the methods
+// generic code calls (Public, Sign, Decrypt).
+func TestZeroKeys(t *testing.T) {
+	digest := make([]byte, 32)
+	signers := map[string]crypto.Signer{
+		"nil *Signer": (*Signer)(nil), "zero Signer": &Signer{},
+		"nil *Decrypter": (*Decrypter)(nil), "zero Decrypter": &Decrypter{},
+		"nil *DurableSigner": (*DurableSigner)(nil), "zero DurableSigner": &DurableSigner{},
+		"nil *DurableDecrypter": (*DurableDecrypter)(nil), "zero DurableDecrypter": &DurableDecrypter{},
+		"nil *GroupSigner": (*GroupSigner)(nil), "zero GroupSigner": &GroupSigner{},
+	}
+	for name, s := range signers {
+		if pub := s.Public(); pub != nil {
+			t.Errorf("%s: Public() = %v", name, pub)
+		}
+		_, err := s.Sign(nil, digest, crypto.SHA256)
+		wantErr(t, err, ErrKeyNotFound)
+		if !strings.Contains(err.Error(), "holds no key") {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	decrypters := map[string]crypto.Decrypter{
+		"nil *Decrypter": (*Decrypter)(nil), "zero Decrypter": &Decrypter{},
+		"zero DurableDecrypter": &DurableDecrypter{}, "nil *GroupDecrypter": (*GroupDecrypter)(nil), "zero GroupDecrypter": &GroupDecrypter{},
+	}
+	for name, d := range decrypters {
+		if pub := d.Public(); pub != nil {
+			t.Errorf("%s: Public() = %v", name, pub)
+		}
+		_, err := d.Decrypt(nil, digest, nil)
+		wantErr(t, err, ErrKeyNotFound)
+	}
+	if _, err := (&DurableSigner{}).SignContext(context.Background(), digest, crypto.SHA256); !errors.Is(err, ErrKeyNotFound) {
+		t.Errorf("zero DurableSigner.SignContext: %v", err)
 	}
 }

@@ -37,7 +37,12 @@ func (p *Provider) Signer(ref KeyRef) (*Signer, error) {
 
 // Public returns the public key: *rsa.PublicKey, *ecdsa.PublicKey or
 // ed25519.PublicKey. It makes no PKCS#11 call.
-func (s *Signer) Public() crypto.PublicKey { return s.k.pub }
+func (s *Signer) Public() crypto.PublicKey {
+	if s == nil || s.k == nil {
+		return nil
+	}
+	return s.k.pub
+}
 
 // Generation returns the generation of the PKCS#11 library the key was found
 // in.
@@ -82,6 +87,9 @@ func (k *key) pubOrderBits() int { return k.pub.(*ecdsa.PublicKey).Curve.Params(
 // duration of the PKCS#11 calls, and up to Config.SessionWaitTimeout for a
 // free session. Safe for concurrent use.
 func (s *Signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	if s == nil || s.k == nil {
+		return nil, errNoKey("sign", "Signer")
+	}
 	return s.k.sign(digest, opts)
 }
 
