@@ -2,12 +2,10 @@ package soak
 
 import (
 	"context"
-	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
-	"crypto/sha256"
 	"fmt"
 	mrand "math/rand/v2"
 	"runtime"
@@ -73,8 +71,11 @@ func RunGroup(opts Options, members int) (GroupResult, error) {
 	if opts.Workers <= 0 {
 		opts.Workers = 8
 	}
+	var logMu sync.Mutex // the members' chaos goroutines log concurrently
 	logf := func(format string, args ...any) {
 		if opts.Log != nil {
+			logMu.Lock()
+			defer logMu.Unlock()
 			fmt.Fprintf(opts.Log, format+"\n", args...)
 		}
 	}
@@ -141,19 +142,15 @@ func RunGroup(opts Options, members int) (GroupResult, error) {
 			}()
 			key := keys[w%len(keys)]
 			for i := 0; time.Now().Before(deadline); i++ {
-				digest := sha256.Sum256(fmt.Appendf(nil, "worker %d message %d", w, i))
-				var so crypto.SignerOpts = crypto.SHA256
-				if _, ok := key.Public().(*rsa.PublicKey); ok && i%2 == 1 {
-					so = &rsa.PSSOptions{Hash: crypto.SHA256, SaltLength: rsa.PSSSaltLengthEqualsHash}
-				}
+				digest, so := signInput(key, w, i)
 				ops.Add(1)
-				sig, err := key.Sign(rand.Reader, digest[:], so)
+				sig, err := key.Sign(rand.Reader, digest, so)
 				switch {
 				case err != nil:
 					failed.Add(1)
 					firstErr.CompareAndSwap(nil, err.Error())
 					time.Sleep(time.Millisecond)
-				case verify(key.Public(), digest[:], sig, so):
+				case verify(key.Public(), digest, sig, so):
 					verified.Add(1)
 				default:
 					wrong.Add(1)

@@ -158,21 +158,14 @@ func Run(opts Options) (Result, error) {
 			}()
 			key := keys[w%len(keys)]
 			for i := 0; time.Now().Before(deadline); i++ {
-				msg := fmt.Appendf(nil, "worker %d message %d", w, i)
-				digest := sha256.Sum256(msg)
-				var opts crypto.SignerOpts = crypto.SHA256
-				if i%2 == 1 {
-					if _, ok := key.Public().(*rsa.PublicKey); ok {
-						opts = &rsa.PSSOptions{Hash: crypto.SHA256, SaltLength: rsa.PSSSaltLengthEqualsHash}
-					}
-				}
+				digest, opts := signInput(key, w, i)
 				start := time.Now()
 				ops.Add(1)
-				sig, err := key.Sign(rand.Reader, digest[:], opts)
+				sig, err := key.Sign(rand.Reader, digest, opts)
 				switch {
 				case err == nil:
 					sigs.Add(1)
-					if verify(key.Public(), digest[:], sig, opts) {
+					if verify(key.Public(), digest, sig, opts) {
 						verified.Add(1)
 					} else {
 						wrong.Add(1)
@@ -271,6 +264,16 @@ func Run(opts Options) (Result, error) {
 		res.FirstUnexpected = "(first: " + s + ")"
 	}
 	return res, nil
+}
+
+// signInput is worker w's i-th digest and options for key: SHA-256, and
+// for an RSA key PSS every other time.
+func signInput(key crypto.Signer, w, i int) ([]byte, crypto.SignerOpts) {
+	digest := sha256.Sum256(fmt.Appendf(nil, "worker %d message %d", w, i))
+	if _, ok := key.Public().(*rsa.PublicKey); ok && i%2 == 1 {
+		return digest[:], &rsa.PSSOptions{Hash: crypto.SHA256, SaltLength: rsa.PSSSaltLengthEqualsHash}
+	}
+	return digest[:], crypto.SHA256
 }
 
 func verify(pub crypto.PublicKey, digest, sig []byte, opts crypto.SignerOpts) bool {
