@@ -28,10 +28,20 @@ func (d *Decrypter) Public() crypto.PublicKey {
 
 // Generation returns the generation of the PKCS#11 library the key was
 // found in.
-func (d *Decrypter) Generation() uint64 { return d.k.gen }
+func (d *Decrypter) Generation() uint64 {
+	if d == nil || d.k == nil {
+		return 0
+	}
+	return d.k.gen
+}
 
 // KeyRef returns the key's own CKA_ID and CKA_LABEL as read from the token.
-func (d *Decrypter) KeyRef() KeyRef { return d.k.ref }
+func (d *Decrypter) KeyRef() KeyRef {
+	if d == nil || d.k == nil {
+		return KeyRef{}
+	}
+	return d.k.ref
+}
 
 // Sign signs as Signer.Sign does; the key must allow signing (CKA_SIGN).
 func (d *Decrypter) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
@@ -60,6 +70,9 @@ func (p *Provider) Decrypter(ref KeyRef) (*Decrypter, error) {
 
 // String describes the key without secrets.
 func (d *Decrypter) String() string {
+	if d == nil || d.k == nil {
+		return "hsm.Decrypter{no key}"
+	}
 	return fmt.Sprintf("hsm.Decrypter{%s, %s, generation %d}", d.k.describe(), d.k.ref, d.k.gen)
 }
 

@@ -186,13 +186,26 @@ func (s *DurableSigner) Public() crypto.PublicKey {
 }
 
 // KeyRef returns the key's CKA_ID and CKA_LABEL used to find it again.
-func (s *DurableSigner) KeyRef() KeyRef { return s.d.ref }
+func (s *DurableSigner) KeyRef() KeyRef {
+	if s.dur() == nil {
+		return KeyRef{}
+	}
+	return s.d.ref
+}
 
 // Generation returns the generation the key is currently bound in.
-func (s *DurableSigner) Generation() uint64 { return s.d.cur.Load().gen }
+func (s *DurableSigner) Generation() uint64 {
+	if s.dur() == nil {
+		return 0
+	}
+	return s.d.cur.Load().gen
+}
 
 // String describes the key without secrets.
 func (s *DurableSigner) String() string {
+	if s.dur() == nil {
+		return "hsm.DurableSigner{no key}"
+	}
 	k := s.d.cur.Load()
 	return fmt.Sprintf("hsm.DurableSigner{%s, %s, generation %d}", k.describe(), s.d.ref, k.gen)
 }
@@ -232,10 +245,20 @@ func (d *DurableDecrypter) Public() crypto.PublicKey {
 }
 
 // KeyRef returns the key's CKA_ID and CKA_LABEL used to find it again.
-func (d *DurableDecrypter) KeyRef() KeyRef { return d.d.ref }
+func (d *DurableDecrypter) KeyRef() KeyRef {
+	if d.dur() == nil {
+		return KeyRef{}
+	}
+	return d.d.ref
+}
 
 // Generation returns the generation the key is currently bound in.
-func (d *DurableDecrypter) Generation() uint64 { return d.d.cur.Load().gen }
+func (d *DurableDecrypter) Generation() uint64 {
+	if d.dur() == nil {
+		return 0
+	}
+	return d.d.cur.Load().gen
+}
 
 // Sign signs as DurableSigner.Sign does; the key must allow signing.
 func (d *DurableDecrypter) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
@@ -254,6 +277,9 @@ func (p *Provider) DurableDecrypter(ref KeyRef) (*DurableDecrypter, error) {
 
 // String describes the key without secrets.
 func (d *DurableDecrypter) String() string {
+	if d.dur() == nil {
+		return "hsm.DurableDecrypter{no key}"
+	}
 	k := d.d.cur.Load()
 	return fmt.Sprintf("hsm.DurableDecrypter{%s, %s, generation %d}", k.describe(), d.d.ref, k.gen)
 }

@@ -1,8 +1,14 @@
 package hsm
 
 import (
+	"bytes"
 	"context"
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	cryptorand "crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -210,6 +216,10 @@ func OpenGroupConfig(gc GroupConfig) (*Group, error) {
 	}
 	if len(bad) > 0 || opened == 0 {
 		// An error no retry cures, or no member opened: close the others.
+		refused := false
+		for _, m := range g.members {
+			refused = refused || (m.p != nil && m.p.State() == StateFailed)
+		}
 		var wg sync.WaitGroup
 		for _, m := range g.members {
 			if m.p != nil {
@@ -219,6 +229,12 @@ func OpenGroupConfig(gc GroupConfig) (*Group, error) {
 		wg.Wait()
 		if len(bad) > 0 {
 			return nil, &Error{Op: op, Err: errors.Join(bad...)}
+		}
+		if refused {
+			// A PIN refused (or another token): not ErrUnavailable, so
+			// that a loop retrying OpenGroup while the HSMs come up does
+			// not send a wrong PIN again and lock the token.
+			return nil, &Error{Op: op, Err: wrapf(errors.Join(down...), "none of the %d members opened", n)}
 		}
 		return nil, &Error{Op: op, Err: causedBy(wrapf(ErrUnavailable, "none of the %d members opened", n), errors.Join(down...))}
 	}
@@ -244,6 +260,9 @@ func OpenGroupConfig(gc GroupConfig) (*Group, error) {
 // including those that did not open (see OpenGroupConfig). Closing one
 // takes it out of the group for good.
 func (g *Group) Members() []*Provider {
+	if g == nil {
+		return nil
+	}
 	out := make([]*Provider, len(g.members))
 	for i, m := range g.members {
 		out[i] = m.p
@@ -261,12 +280,12 @@ func (g *Group) compute() (GroupState, int) {
 		}
 	}
 	switch {
+	case healthy == 0:
+		return GroupUnavailable, 0
 	case healthy == len(g.members):
 		return GroupHealthy, healthy
-	case healthy > 0:
-		return GroupDegraded, healthy
 	}
-	return GroupUnavailable, healthy
+	return GroupDegraded, healthy
 }
 
 // update recomputes the group's state after a member's change (from the
@@ -319,6 +338,9 @@ func (g *Group) notify(f func(GroupStateChange)) {
 
 // State returns the group's state, from its members' states now.
 func (g *Group) State() GroupState {
+	if g == nil {
+		return GroupClosed
+	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.closed {
@@ -335,6 +357,9 @@ func (g *Group) State() GroupState {
 // callback to return, at most one second, except when called from inside
 // it. Calling it again returns nil.
 func (g *Group) Close() error {
+	if g == nil {
+		return nil
+	}
 	g.mu.Lock()
 	if g.closed {
 		g.mu.Unlock()
@@ -349,13 +374,23 @@ func (g *Group) Close() error {
 	g.mu.Unlock()
 
 	errs := make([]error, len(g.members))
+	closeMember := func(i int, m *member) {
+		if err := m.p.Close(); err != nil {
+			errs[i] = fmt.Errorf("member %d: %w", i, err)
+		}
+	}
+	self := goid()
 	var wg sync.WaitGroup
 	for i, m := range g.members {
-		wg.Go(func() {
-			if err := m.p.Close(); err != nil {
-				errs[i] = fmt.Errorf("member %d: %w", i, err)
-			}
-		})
+		if m.p.health.notifier.Load() == self {
+			continue // called from this member's OnStateChange: closed below, here, so that its Close knows
+		}
+		wg.Go(func() { closeMember(i, m) })
+	}
+	for i, m := range g.members {
+		if m.p.health.notifier.Load() == self {
+			closeMember(i, m)
+		}
 	}
 	wg.Wait()
 	if g.events != nil && g.notifier.Load() != goid() {
@@ -408,6 +443,9 @@ type MemberStats struct {
 // Stats returns a snapshot of the group and of each member. It makes no
 // PKCS#11 call.
 func (g *Group) Stats() GroupStats {
+	if g == nil {
+		return GroupStats{State: GroupClosed}
+	}
 	g.mu.Lock()
 	s := GroupStats{State: g.state, Since: g.since}
 	if !g.closed {
@@ -434,8 +472,8 @@ type groupKey struct {
 	g       *Group
 	ref     KeyRef
 	decrypt bool
-	pub     crypto.PublicKey
-	pinned  string // hex of the first 8 bytes of the SHA-256 of the public key, for messages
+	pub     crypto.PublicKey // written by newKey only, before the key is shared
+	pinned  string           // hex of the first 8 bytes of the SHA-256 of pub, for messages
 	at      []memberKey
 	rr      atomic.Uint64 // round robin among equally loaded members
 
@@ -445,8 +483,15 @@ type groupKey struct {
 // memberKey is a group key on one member.
 type memberKey struct {
 	d atomic.Pointer[durable] // bound, with the group's public key
+	// binding is set while a lookup of the key on the member runs (it may
+	// outlive the caller that started it, when the HSM stops answering):
+	// pick passes the member over meanwhile.
+	binding atomic.Bool
+	// proven is the member's generation in which its private key last
+	// signed (or decrypted) a challenge under the pinned public key.
+	proven atomic.Uint64
 
-	mu sync.Mutex // protects following fields; serializes binding
+	mu sync.Mutex // protects following fields; never held across a PKCS#11 call
 	// excluded is set when the member holds another key under ref: it is
 	// never used for it.
 	excluded error
@@ -462,23 +507,44 @@ type memberKey struct {
 // found is asked again within one generation.
 const rebindEvery = 5 * time.Second
 
-// newKey finds ref on every healthy member, in order, and pins the public
-// key of the first that has it; a member holding another key is excluded
-// for it. Members not healthy now are bound when first used.
+// newKey looks ref up on every healthy member, concurrently (each lookup
+// bounded as an operation is), and pins the public key of the first member
+// in order that has it; a member holding another key is excluded for it.
+// Members not healthy now, or whose lookup did not finish, are bound when
+// first used.
 func (g *Group) newKey(ref KeyRef, decrypt bool, op string) (*groupKey, error) {
-	k := &groupKey{g: g, ref: ref, decrypt: decrypt, at: make([]memberKey, len(g.members)),
-		closed: &Error{Op: op, Err: ErrClosed}}
-	if g.isClosed() {
-		return nil, k.closed
+	closed := &Error{Op: op, Err: ErrClosed}
+	if g == nil || len(g.members) == 0 {
+		return nil, opErr(op, 0, ErrClosed, "a nil or zero hsm.Group: open one with OpenGroup")
 	}
-	var errs []error
+	if g.isClosed() {
+		return nil, closed
+	}
+	k := &groupKey{g: g, ref: ref, decrypt: decrypt, at: make([]memberKey, len(g.members)), closed: closed}
+	type found struct {
+		d   *durable
+		err error
+	}
+	res := make([]found, len(g.members))
+	var wg sync.WaitGroup
 	for i, m := range g.members {
 		if m.p.State() != StateHealthy {
-			errs = append(errs, fmt.Errorf("member %d: %w", i, &Error{Op: op, Err: ErrUnavailable}))
+			res[i].err = &Error{Op: op, Err: wrapf(ErrUnavailable, "member %d is %v", i, m.p.State())}
 			continue
 		}
-		if _, err := k.bind(i); err != nil {
-			errs = append(errs, fmt.Errorf("member %d: %w", i, err))
+		wg.Go(func() { res[i].d, res[i].err = k.lookup(context.Background(), i) })
+	}
+	wg.Wait()
+	var errs []error
+	for i, r := range res {
+		if r.err == nil && k.pub == nil {
+			k.pub, k.pinned = r.d.pub, r.d.pinned
+		}
+		if r.err == nil {
+			r.err = k.adopt(i, r.d)
+		}
+		if r.err != nil {
+			errs = append(errs, fmt.Errorf("member %d: %w", i, r.err))
 		}
 	}
 	if k.pub == nil {
@@ -500,39 +566,70 @@ func (g *Group) isClosed() bool {
 	return g.closed
 }
 
-// bind finds the key on member i and checks it against the pinned public
-// key (pinning it if none is yet).
-func (k *groupKey) bind(i int) (*durable, error) {
+// lookup finds the key on member i as a durable key of the member. The
+// lookup runs in a goroutine of its own and is waited for as an operation
+// is (see wait): a member that stops answering does not hold the caller,
+// and is passed over (binding) until the lookup returns. A failure is
+// remembered, so that the member is not asked again at every call.
+func (k *groupKey) lookup(ctx context.Context, i int) (*durable, error) {
 	mk, m := &k.at[i], k.g.members[i]
-	mk.mu.Lock()
-	defer mk.mu.Unlock()
-	if d := mk.d.Load(); d != nil {
-		return d, nil
-	}
-	if mk.excluded != nil {
-		return nil, mk.excluded
+	if !mk.binding.CompareAndSwap(false, true) {
+		return nil, &Error{Op: "bind key", Err: wrapf(ErrBusy, "member %d: a lookup of %s is still running", i, k.ref)}
 	}
 	gen := m.p.Generation()
-	d, err := m.p.durable(k.ref, k.decrypt)
-	if err != nil {
+	done := make(chan result, 1)
+	var d *durable
+	go func() {
+		defer mk.binding.Store(false)
+		var err error
+		d, err = m.p.durable(k.ref, k.decrypt)
+		done <- result{err: err}
+	}()
+	r := k.wait(ctx, m, "bind key", done)
+	if r.err != nil {
+		mk.mu.Lock()
 		mk.failed, mk.failedGen, mk.failedAt = true, gen, time.Now()
-		return nil, err
+		mk.mu.Unlock()
+		return nil, r.err
 	}
-	if k.pub == nil { // newKey's first member: only newKey binds before pub is set
-		k.pub, k.pinned = d.pub, d.pinned
-	} else if eq, ok := d.pub.(interface{ Equal(crypto.PublicKey) bool }); !ok || !eq.Equal(k.pub) {
+	return d, nil
+}
+
+// adopt binds d, found on member i, if its public key is the pinned one,
+// and excludes the member for the key otherwise.
+func (k *groupKey) adopt(i int, d *durable) error {
+	mk := &k.at[i]
+	mk.mu.Lock()
+	defer mk.mu.Unlock()
+	if mk.excluded != nil {
+		return mk.excluded
+	}
+	if eq, ok := d.pub.(interface{ Equal(crypto.PublicKey) bool }); !ok || !eq.Equal(k.pub) {
 		k.exclude(i, mk, opErr("bind key", d.cur.Load().gen, ErrKeyChanged,
 			"member %d holds another key under %s (SHA-256 %s..., not the group's %s...): never used for it", i, k.ref, d.pinned, k.pinned))
-		return nil, mk.excluded
+		return mk.excluded
 	}
 	mk.failed = false
 	mk.d.Store(d)
+	return nil
+}
+
+// bind finds and binds the key on member i, for an operation.
+func (k *groupKey) bind(ctx context.Context, i int) (*durable, error) {
+	d, err := k.lookup(ctx, i)
+	if err != nil {
+		return nil, err
+	}
+	if err := k.adopt(i, d); err != nil {
+		return nil, err
+	}
 	return d, nil
 }
 
 // exclude takes member i out of the key for good. Called with mk.mu held.
 func (k *groupKey) exclude(i int, mk *memberKey, err error) {
 	mk.excluded = err
+	mk.d.Store(nil)
 	m := k.g.members[i]
 	m.mu.Lock()
 	m.excluded = append(m.excluded, k.ref)
@@ -541,9 +638,9 @@ func (k *groupKey) exclude(i int, mk *memberKey, err error) {
 }
 
 // pick chooses the member for the next attempt: a healthy one, not yet
-// tried (a bit of tried), not excluded, with the fewest operations in
-// flight; equally loaded members take turns. It returns -1 when none is
-// left.
+// tried (a bit of tried), not excluded, not in a lookup of the key, with
+// the fewest operations in flight; equally loaded members take turns. It
+// returns -1 when none is left.
 func (k *groupKey) pick(tried uint64) int {
 	n := len(k.at)
 	start := int(k.rr.Add(1) % uint64(n))
@@ -572,6 +669,9 @@ func (k *groupKey) pick(tried uint64) int {
 // mayBind says whether binding the key on a member in generation gen may
 // be tried now.
 func (k *groupKey) mayBind(mk *memberKey, gen uint64) bool {
+	if mk.binding.Load() {
+		return false
+	}
 	mk.mu.Lock()
 	defer mk.mu.Unlock()
 	return mk.excluded == nil && (!mk.failed || mk.failedGen != gen || time.Since(mk.failedAt) >= rebindEvery)
@@ -598,114 +698,209 @@ type result struct {
 }
 
 // do runs f, the operation op, on one member after another until one
-// succeeds, the error is the caller's, or no member is left.
+// succeeds, the error is the caller's, or no member is left. f must run no
+// code of the caller's (readers, options' methods): it may run on after
+// do has returned.
 func (k *groupKey) do(ctx context.Context, op string, f func(*key) ([]byte, error)) ([]byte, error) {
 	g := k.g
 	if g.isClosed() {
 		return nil, k.closed
 	}
+	if err := ctx.Err(); err != nil {
+		return nil, &Error{Op: op, Err: causedBy(ErrUnavailable, err)}
+	}
 	g.ops.Add(1)
 	var tried uint64
 	var errs []error
+	var failedOn *member // the member the last attempt failed on
 	for {
 		i := k.pick(tried)
 		if i < 0 {
 			break
 		}
+		if err := ctx.Err(); err != nil {
+			return nil, &Error{Op: op, Err: causedBy(ErrUnavailable, err)}
+		}
 		tried |= 1 << i
 		m := g.members[i]
+		if failedOn != nil { // the operation is repeated on m
+			failedOn.failovers.Add(1)
+			g.failovers.Add(1)
+			failedOn = nil
+		}
 		d := k.at[i].d.Load()
 		if d == nil {
 			var err error
-			if d, err = k.bind(i); err != nil {
+			if d, err = k.bind(ctx, i); err != nil {
+				if !retryable(err) {
+					return nil, err
+				}
 				errs = append(errs, fmt.Errorf("member %d: %w", i, err))
 				continue
 			}
 		}
 		m.ops.Add(1)
-		out, err := k.attempt(ctx, m, d, op, f)
+		out, err := k.attempt(ctx, i, d, op, f)
 		if err == nil {
 			return out, nil
+		}
+		if g.isClosed() {
+			return nil, k.closed
 		}
 		if !retryable(err) {
 			return nil, err
 		}
-		if ctx.Err() != nil {
-			return nil, &Error{Op: op, Err: causedBy(ErrUnavailable, ctx.Err())}
-		}
+		mk := &k.at[i]
 		switch {
 		case errors.Is(err, ErrKeyChanged):
-			mk := &k.at[i]
 			mk.mu.Lock()
 			if mk.excluded == nil {
-				mk.d.Store(nil)
 				k.exclude(i, mk, err)
 			}
 			mk.mu.Unlock()
 		case errors.Is(err, ErrKeyNotFound), errors.Is(err, ErrAmbiguousKey):
 			// Gone from the member since it was bound (found again by the
 			// member's re-binding): ask again later, not at every call.
-			mk := &k.at[i]
 			mk.mu.Lock()
 			mk.d.Store(nil)
 			mk.failed, mk.failedGen, mk.failedAt = true, m.p.Generation(), time.Now()
 			mk.mu.Unlock()
 		}
-		m.failovers.Add(1)
-		g.failovers.Add(1)
+		failedOn = m
 		errs = append(errs, fmt.Errorf("member %d: %w", i, err))
 	}
-	g.failed.Add(1)
 	if g.isClosed() {
 		return nil, k.closed
 	}
+	g.failed.Add(1)
 	if len(errs) == 0 {
 		return nil, k.none
 	}
 	return nil, &Error{Op: op, Err: causedBy(wrapf(ErrUnavailable, "no member of the group could %s with %s", op, k.ref), errors.Join(errs...))}
 }
 
-// attempt runs f on member m's key. The call runs in a goroutine of its
-// own, so that a member whose HSM stops answering does not hold the
-// caller: the attempt is abandoned when the member stops being healthy,
-// after its ProbeTimeout, or when ctx ends. An abandoned call keeps its
-// place in m.inFlight until the module returns it.
-func (k *groupKey) attempt(ctx context.Context, m *member, d *durable, op string, f func(*key) ([]byte, error)) ([]byte, error) {
+// attempt runs f on member i's key d, after proving, once per generation
+// of the member, that the member's private key is the pinned public key's.
+// The call runs in a goroutine of its own and is waited for as wait says.
+// An abandoned call keeps its place in the member's inFlight until the
+// module returns it.
+func (k *groupKey) attempt(ctx context.Context, i int, d *durable, op string, f func(*key) ([]byte, error)) ([]byte, error) {
+	m, mk := k.g.members[i], &k.at[i]
 	m.inFlight.Add(1)
 	done := make(chan result, 1)
 	go func() {
 		defer m.inFlight.Add(-1)
-		out, err := d.do(context.Background(), false, op, f)
+		out, err := d.do(context.Background(), false, op, func(bk *key) ([]byte, error) {
+			if mk.proven.Load() != bk.gen {
+				if err := k.prove(i, bk); err != nil {
+					return nil, err
+				}
+				mk.proven.Store(bk.gen)
+			}
+			return f(bk)
+		})
 		done <- result{out, err}
 	}()
+	r := k.wait(ctx, m, op, done)
+	return r.out, r.err
+}
+
+// wait waits for the result of a call on member m: until it comes, the
+// member stops being healthy (its watchdog saw it hang, or it was lost),
+// the member's ProbeTimeout has passed, or ctx ends. A result that is
+// there is preferred to any of those.
+func (k *groupKey) wait(ctx context.Context, m *member, op string, done <-chan result) result {
 	t := time.NewTimer(m.p.cfg.ProbeTimeout)
 	defer t.Stop()
 	for {
 		changed := m.p.changes()
 		select {
 		case r := <-done:
-			return r.out, r.err
+			return r
 		default:
 		}
 		if _, st := m.p.gate.load(); st != StateHealthy {
-			select {
-			case r := <-done: // it may have finished as the member changed
-				return r.out, r.err
-			default:
-			}
-			return nil, &Error{Op: op, Generation: m.p.Generation(),
-				Err: causedBy(wrapf(ErrUnavailable, "member %d became %v during the call", m.index, st), m.p.LastError())}
+			return result{err: &Error{Op: op, Generation: m.p.Generation(),
+				Err: causedBy(wrapf(ErrUnavailable, "member %d became %v during the call", m.index, st), m.p.LastError())}}
 		}
 		select {
 		case r := <-done:
-			return r.out, r.err
+			return r
 		case <-changed:
 		case <-t.C:
-			return nil, &Error{Op: op, Generation: m.p.Generation(), Err: wrapf(ErrHung, "member %d did not answer in %v (its ProbeTimeout)", m.index, m.p.cfg.ProbeTimeout)}
+			select {
+			case r := <-done:
+				return r
+			default:
+			}
+			return result{err: &Error{Op: op, Generation: m.p.Generation(),
+				Err: wrapf(ErrHung, "member %d did not answer in %v (its ProbeTimeout)", m.index, m.p.cfg.ProbeTimeout)}}
 		case <-ctx.Done():
-			return nil, &Error{Op: op, Generation: m.p.Generation(), Err: causedBy(ErrUnavailable, ctx.Err())}
+			select {
+			case r := <-done:
+				return r
+			default:
+			}
+			return result{err: &Error{Op: op, Generation: m.p.Generation(), Err: causedBy(ErrUnavailable, ctx.Err())}}
 		}
 	}
+}
+
+// prove checks that member i's private key bk signs (or, for a decryption
+// key, decrypts) under the pinned public key: a key whose public object
+// says one thing and whose private key is another must not sign for the
+// group. A mismatch is ErrKeyChanged (the member is excluded); other
+// errors are the member's.
+func (k *groupKey) prove(i int, bk *key) error {
+	challenge := make([]byte, 32)
+	if _, err := cryptorand.Read(challenge); err != nil {
+		return err
+	}
+	mismatch := func() error {
+		return opErr("bind key", bk.gen, ErrKeyChanged,
+			"member %d's private key under %s is not the group's key (SHA-256 %s...): it failed a challenge under the pinned public key; never used for it", i, k.ref, k.pinned)
+	}
+	if k.decrypt {
+		pub, ok := k.pub.(*rsa.PublicKey)
+		if !ok {
+			return mismatch()
+		}
+		ct, err := rsa.EncryptOAEP(sha256.New(), cryptorand.Reader, pub, challenge, nil)
+		if err != nil {
+			return err
+		}
+		pt, err := bk.decryptWith(nil, ct, &rsa.OAEPOptions{Hash: crypto.SHA256})
+		switch {
+		case errors.Is(err, ErrDecryption):
+			return mismatch()
+		case err != nil:
+			return err
+		case !bytes.Equal(pt, challenge):
+			return mismatch()
+		}
+		return nil
+	}
+	var opts crypto.SignerOpts = crypto.SHA256
+	if _, ok := k.pub.(ed25519.PublicKey); ok {
+		opts = crypto.Hash(0)
+	}
+	sig, err := bk.sign(challenge, opts)
+	if err != nil {
+		return err
+	}
+	ok := false
+	switch pub := k.pub.(type) {
+	case *ecdsa.PublicKey:
+		ok = ecdsa.VerifyASN1(pub, challenge, sig)
+	case *rsa.PublicKey:
+		ok = rsa.VerifyPKCS1v15(pub, crypto.SHA256, challenge, sig) == nil
+	case ed25519.PublicKey:
+		ok = ed25519.Verify(pub, challenge, sig)
+	}
+	if !ok {
+		return mismatch()
+	}
+	return nil
 }
 
 // GroupSigner is a group's private key as a crypto.Signer. Safe for
@@ -736,10 +931,18 @@ func (s *GroupSigner) Public() crypto.PublicKey {
 }
 
 // KeyRef returns the reference the key was asked for with.
-func (s *GroupSigner) KeyRef() KeyRef { return s.k.ref }
+func (s *GroupSigner) KeyRef() KeyRef {
+	if s == nil || s.k == nil {
+		return KeyRef{}
+	}
+	return s.k.ref
+}
 
 // String describes the key without secrets.
 func (s *GroupSigner) String() string {
+	if s == nil || s.k == nil {
+		return "hsm.GroupSigner{no key}"
+	}
 	return fmt.Sprintf("hsm.GroupSigner{%s, public key SHA-256 %s..., %d members}", s.k.ref, s.k.pinned, len(s.k.at))
 }
 
@@ -757,7 +960,44 @@ func (s *GroupSigner) SignContext(ctx context.Context, digest []byte, opts crypt
 	if s == nil || s.k == nil {
 		return nil, errNoKey("sign", "GroupSigner")
 	}
-	return s.k.do(ctx, "sign", func(k *key) ([]byte, error) { return k.sign(digest, opts) })
+	own, err := ownSignerOpts(opts)
+	if err != nil {
+		return nil, err
+	}
+	digest = bytes.Clone(digest) // the call may outlive this one (a member that hangs)
+	return s.k.do(ctx, "sign", func(k *key) ([]byte, error) { return k.sign(digest, own) })
+}
+
+// ownSignerOpts returns opts with nothing of the caller's left to run: the
+// caller's HashFunc is called here, in the caller's goroutine, and PSS and
+// Ed25519 options are copied, because a group's call runs in a goroutine of
+// its own and may outlive the caller's. A typed nil is passed on for
+// Signer.Sign to refuse without calling it.
+func ownSignerOpts(opts crypto.SignerOpts) (crypto.SignerOpts, error) {
+	switch o := opts.(type) {
+	case nil, crypto.Hash:
+		return opts, nil
+	case *rsa.PSSOptions:
+		if o == nil {
+			return opts, nil
+		}
+		c := *o
+		return &c, nil
+	case *ed25519.Options:
+		if o == nil {
+			return opts, nil
+		}
+		c := *o
+		return &c, nil
+	}
+	if isNil(opts) {
+		return opts, nil
+	}
+	h, err := hashFunc(opts)
+	if err != nil {
+		return nil, &Error{Op: "sign", Err: err}
+	}
+	return h, nil
 }
 
 // GroupDecrypter is a group's RSA private key as a crypto.Decrypter. Safe
@@ -783,10 +1023,18 @@ func (d *GroupDecrypter) Public() crypto.PublicKey {
 }
 
 // KeyRef returns the reference the key was asked for with.
-func (d *GroupDecrypter) KeyRef() KeyRef { return d.k.ref }
+func (d *GroupDecrypter) KeyRef() KeyRef {
+	if d == nil || d.k == nil {
+		return KeyRef{}
+	}
+	return d.k.ref
+}
 
 // String describes the key without secrets.
 func (d *GroupDecrypter) String() string {
+	if d == nil || d.k == nil {
+		return "hsm.GroupDecrypter{no key}"
+	}
 	return fmt.Sprintf("hsm.GroupDecrypter{%s, public key SHA-256 %s..., %d members}", d.k.ref, d.k.pinned, len(d.k.at))
 }
 
@@ -802,5 +1050,48 @@ func (d *GroupDecrypter) DecryptContext(ctx context.Context, rand io.Reader, cip
 	if d == nil || d.k == nil {
 		return nil, errNoKey("decrypt", "GroupDecrypter")
 	}
-	return d.k.do(ctx, "decrypt", func(k *key) ([]byte, error) { return k.decryptWith(rand, ciphertext, opts) })
+	maxLen := 0
+	if pub, ok := d.k.pub.(*rsa.PublicKey); ok {
+		maxLen = pub.Size() - 11
+	}
+	own, random, err := ownDecrypterOpts(rand, opts, maxLen)
+	if err != nil {
+		return nil, err
+	}
+	ciphertext = bytes.Clone(ciphertext)
+	return d.k.do(ctx, "decrypt", func(k *key) ([]byte, error) {
+		return k.decryptWith(bytes.NewReader(random), ciphertext, own)
+	})
+}
+
+// ownDecrypterOpts returns opts with nothing of the caller's left to use,
+// as ownSignerOpts does, and the random bytes PKCS #1 v1.5 decryption with
+// a SessionKeyLen may need (twice the length: the constant-time path and
+// the token's own), read here from the caller's rand (crypto/rand if nil);
+// a length above maxLen is left for Decrypter to refuse.
+func ownDecrypterOpts(rand io.Reader, opts crypto.DecrypterOpts, maxLen int) (crypto.DecrypterOpts, []byte, error) {
+	switch o := opts.(type) {
+	case *rsa.OAEPOptions:
+		if o == nil {
+			return opts, nil, nil
+		}
+		c := *o
+		c.Label = bytes.Clone(o.Label)
+		return &c, nil, nil
+	//lint:ignore SA1019 crypto.Decrypter still defines PKCS #1 v1.5 decryption options.
+	case *rsa.PKCS1v15DecryptOptions:
+		if o == nil || o.SessionKeyLen <= 0 || o.SessionKeyLen > maxLen {
+			return opts, nil, nil
+		}
+		c := *o
+		if rand == nil {
+			rand = cryptorand.Reader
+		}
+		random := make([]byte, 2*c.SessionKeyLen)
+		if _, err := io.ReadFull(rand, random); err != nil {
+			return nil, nil, &Error{Op: "decrypt", Err: err}
+		}
+		return &c, random, nil
+	}
+	return opts, nil, nil
 }

@@ -632,3 +632,207 @@ func BenchmarkGroup(b *testing.B) {
 		})
 	}
 }
+
+// TestGroupSignerFrozenMember: a member that stops answering (unnoticed:
+// no probes) while Signer looks the key up does not hold Signer beyond its
+// ProbeTimeout, nor the signatures that follow.
+func TestGroupSignerFrozenMember(t *testing.T) {
+	f := newGroupFixture(t, 2, ecKey(t))
+	g := openGroup(t, GroupConfig{Members: f.configs(func(_ int, c *Config) {
+		c.ProbeInterval, c.ProbeTimeout = -1, 500*time.Millisecond
+	})})
+	f.srvs[1].Pause()
+	defer f.srvs[1].Resume()
+	type got struct {
+		s   *GroupSigner
+		err error
+	}
+	ch := make(chan got, 1)
+	go func() {
+		s, err := g.Signer(groupRef)
+		ch <- got{s, err}
+	}()
+	var r got
+	select {
+	case r = <-ch:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Signer held for 10s by a frozen member")
+	}
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	digest := sha256.Sum256([]byte("frozen at bind"))
+	for i := range 20 {
+		done := make(chan error, 1)
+		go func() {
+			sig, err := r.s.Sign(nil, digest[:], crypto.SHA256)
+			if err == nil && !ecdsa.VerifyASN1(f.key.Public().(*ecdsa.PublicKey), digest[:], sig) {
+				err = errors.New("wrong signature")
+			}
+			done <- err
+		}()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("signature %d: %v", i, err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("signature %d held for 10s by a frozen member", i)
+		}
+	}
+}
+
+// TestGroupMismatchedPair: a member whose private key under the reference
+// is another key than its public key object says (the one the group pins)
+// fails the challenge, is excluded, and makes no wrong signature.
+func TestGroupMismatchedPair(t *testing.T) {
+	f := newGroupFixture(t, 2, ecKey(t))
+	f.toks[1].DeleteKeyPair(t, groupRef.ID)
+	if err := f.toks[1].ImportPair(ecKey(t), f.key.Public(), groupRef.ID, groupRef.Label); err != nil {
+		t.Fatal(err)
+	}
+	g := openGroup(t, GroupConfig{Members: f.configs()})
+	s, err := g.Signer(groupRef)
+	if err != nil {
+		t.Fatal(err)
+	}
+	digest := sha256.Sum256([]byte("mismatched"))
+	for i := range 40 {
+		sig, err := s.Sign(nil, digest[:], crypto.SHA256)
+		if err != nil {
+			t.Fatalf("signature %d: %v", i, err)
+		}
+		if !ecdsa.VerifyASN1(f.key.Public().(*ecdsa.PublicKey), digest[:], sig) {
+			t.Fatalf("signature %d is wrong", i)
+		}
+	}
+	if ex := g.Stats().Members[1].Excluded; len(ex) != 1 {
+		t.Fatalf("member 1 with a mismatched pair not excluded: %v", ex)
+	}
+}
+
+// TestGroupAccounting: a cancelled context makes no signature; a group of
+// one whose member is lost counts a failure and no failover; Close turns
+// operations into ErrClosed without counting failures; a panicking reader
+// of the caller's panics in the caller's goroutine.
+func TestGroupAccounting(t *testing.T) {
+	rk, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := newGroupFixture(t, 1, rk)
+	g := openGroup(t, GroupConfig{Members: f.configs()})
+	s, err := g.Signer(groupRef)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := g.Decrypter(groupRef)
+	if err != nil {
+		t.Fatal(err)
+	}
+	digest := sha256.Sum256([]byte("accounting"))
+	if _, err := s.Sign(nil, digest[:], crypto.SHA256); err != nil { // binds and proves
+		t.Fatal(err)
+	}
+	signs := func() uint64 { return g.Stats().Members[0].Stats.Latency["sign"].Count }
+	before := signs()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	for range 20 {
+		_, err := s.SignContext(ctx, digest[:], crypto.SHA256)
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("cancelled context: %v", err)
+		}
+	}
+	if n := signs() - before; n != 0 {
+		t.Fatalf("%d signatures made for cancelled contexts", n)
+	}
+
+	func() {
+		defer func() {
+			if r := recover(); r != "caller's reader" {
+				t.Fatalf("recovered %v, want the reader's panic in the caller's goroutine", r)
+			}
+		}()
+		//lint:ignore SA1019 the PKCS #1 v1.5 session key path reads the caller's rand.
+		_, _ = d.Decrypt(panicReader{}, make([]byte, 256), &rsa.PKCS1v15DecryptOptions{SessionKeyLen: 16})
+		t.Fatal("the reader was not read")
+	}()
+
+	if err := f.srvs[0].Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.Sign(nil, digest[:], crypto.SHA256)
+	wantErr(t, err, ErrUnavailable)
+	st := g.Stats()
+	if st.Failovers != 0 || st.Members[0].Failovers != 0 || st.Failed != 1 {
+		t.Fatalf("one member lost: %d failovers (member %d), %d failed; want 0 and 1", st.Failovers, st.Members[0].Failovers, st.Failed)
+	}
+	if err := g.Close(); err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.Sign(nil, digest[:], crypto.SHA256)
+	wantErr(t, err, ErrClosed)
+	if st := g.Stats(); st.Failed != 1 || st.Failovers != 0 {
+		t.Fatalf("after Close: %d failed, %d failovers", st.Failed, st.Failovers)
+	}
+}
+
+type panicReader struct{}
+
+func (panicReader) Read([]byte) (int, error) { panic("caller's reader") }
+
+// TestOpenGroupAllPINsRefused: when no member opens and a PIN was refused,
+// the error does not match ErrUnavailable (a loop retrying OpenGroup while
+// the HSMs come up would send the wrong PIN again and lock the token).
+func TestOpenGroupAllPINsRefused(t *testing.T) {
+	f := newGroupFixture(t, 2, ecKey(t))
+	_, err := OpenGroup(f.configs(func(_ int, c *Config) { c.PIN = "9999" })...)
+	wantErr(t, err, ErrPIN)
+	if errors.Is(err, ErrUnavailable) {
+		t.Fatalf("every PIN refused, yet the error matches ErrUnavailable: %v", err)
+	}
+}
+
+// TestGroupCloseFromMemberCallback: Close called from a member's
+// OnStateChange returns without waiting for that callback, its caller.
+func TestGroupCloseFromMemberCallback(t *testing.T) {
+	f := newGroupFixture(t, 2, ecKey(t))
+	var g *Group
+	ready := make(chan struct{})
+	closed := make(chan error, 1)
+	var once sync.Once
+	cfgs := f.configs(func(i int, c *Config) {
+		c.DrainTimeout = 20 * time.Second
+		if i == 1 {
+			c.OnStateChange = func(ch StateChange) {
+				if ch.To == StateUnavailable {
+					<-ready
+					once.Do(func() { closed <- g.Close() })
+				}
+			}
+		}
+	})
+	var err error
+	if g, err = OpenGroup(cfgs...); err != nil {
+		t.Fatal(err)
+	}
+	close(ready)
+	if err := f.srvs[1].Kill(); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Members()[1].Reinitialize(context.Background()); err == nil {
+		t.Fatal("re-initialized with the HSM gone")
+	}
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Fatalf("Close from the callback: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close from a member's callback waited for that callback")
+	}
+	if g.State() != GroupClosed {
+		t.Fatalf("group %v after Close", g.State())
+	}
+}

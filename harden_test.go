@@ -10,6 +10,7 @@ import (
 	"crypto/rsa"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -272,6 +273,15 @@ func TestZeroKeys(t *testing.T) {
 		"nil *GroupSigner": (*GroupSigner)(nil), "zero GroupSigner": &GroupSigner{},
 	}
 	for name, s := range signers {
+		_ = fmt.Sprint(s) // String, and for some KeyRef and Generation below: no panic
+		if k, ok := s.(interface {
+			KeyRef() KeyRef
+		}); ok && k.KeyRef().Label != "" {
+			t.Errorf("%s: KeyRef %v", name, k.KeyRef())
+		}
+		if k, ok := s.(interface{ Generation() uint64 }); ok && k.Generation() != 0 {
+			t.Errorf("%s: Generation %d", name, k.Generation())
+		}
 		if pub := s.Public(); pub != nil {
 			t.Errorf("%s: Public() = %v", name, pub)
 		}
@@ -294,5 +304,22 @@ func TestZeroKeys(t *testing.T) {
 	}
 	if _, err := (&DurableSigner{}).SignContext(context.Background(), digest, crypto.SHA256); !errors.Is(err, ErrKeyNotFound) {
 		t.Errorf("zero DurableSigner.SignContext: %v", err)
+	}
+	// A nil or zero Group.
+	for name, g := range map[string]*Group{"nil *Group": nil, "zero Group": {}} {
+		if st := g.State(); st == GroupHealthy {
+			t.Errorf("%s: state %v", name, st)
+		}
+		if _, err := g.Signer(KeyRef{Label: "k"}); !errors.Is(err, ErrClosed) {
+			t.Errorf("%s: Signer: %v", name, err)
+		}
+		if _, err := g.Decrypter(KeyRef{Label: "k"}); !errors.Is(err, ErrClosed) {
+			t.Errorf("%s: Decrypter: %v", name, err)
+		}
+		_ = g.Members()
+		_ = g.Stats()
+		if err := g.Close(); err != nil {
+			t.Errorf("%s: Close: %v", name, err)
+		}
 	}
 }

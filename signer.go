@@ -46,14 +46,27 @@ func (s *Signer) Public() crypto.PublicKey {
 
 // Generation returns the generation of the PKCS#11 library the key was found
 // in.
-func (s *Signer) Generation() uint64 { return s.k.gen }
+func (s *Signer) Generation() uint64 {
+	if s == nil || s.k == nil {
+		return 0
+	}
+	return s.k.gen
+}
 
 // KeyRef returns the key's own CKA_ID and CKA_LABEL as read from the token.
-func (s *Signer) KeyRef() KeyRef { return s.k.ref }
+func (s *Signer) KeyRef() KeyRef {
+	if s == nil || s.k == nil {
+		return KeyRef{}
+	}
+	return s.k.ref
+}
 
 // String describes the key without secrets, e.g.
 // `hsm.Signer{ECDSA P-256, label "tls" id 01, generation 2}`.
 func (s *Signer) String() string {
+	if s == nil || s.k == nil {
+		return "hsm.Signer{no key}"
+	}
 	return fmt.Sprintf("hsm.Signer{%s, %s, generation %d}", s.k.describe(), s.k.ref, s.k.gen)
 }
 

@@ -179,11 +179,17 @@ func (tok *Token) Generate(typ KeyType, id []byte, label string) error {
 // through pkcs11-tool --write-object: the same key can so be put on several
 // tokens, as on the members of an HSM group.
 func (tok *Token) Import(key crypto.Signer, id []byte, label string) error {
+	return tok.ImportPair(key, key.Public(), id, label)
+}
+
+// ImportPair is Import with a public half of its own: a public key that is
+// not the private key's makes the mismatched pair a test needs.
+func (tok *Token) ImportPair(key crypto.Signer, public crypto.PublicKey, id []byte, label string) error {
 	priv, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
 		return fmt.Errorf("softhsm: import: %w", err)
 	}
-	pub, err := x509.MarshalPKIXPublicKey(key.Public())
+	pub, err := x509.MarshalPKIXPublicKey(public)
 	if err != nil {
 		return fmt.Errorf("softhsm: import: %w", err)
 	}
