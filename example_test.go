@@ -349,3 +349,62 @@ func ExampleProvider_GenerateKey() {
 	fmt.Printf("%s issued by %s: verified %v\n", leaf.Subject.CommonName, leaf.Issuer.CommonName, err == nil)
 	// Output: service.example issued by Example Root CA: verified true
 }
+
+// One key on two HSMs: the group signs while either is up. Here two
+// SoftHSM2 tokens holding the same imported key, each behind a p11-kit
+// server of its own, stand for two network HSMs.
+func ExampleOpenGroup() {
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	var members []hsm.Config
+	var servers []*softhsmtest.Server
+	for range 2 {
+		tok, err := softhsmtest.CreateToken("group-example")
+		if err != nil {
+			log.Fatal(err)
+		}
+		if err := tok.Import(key, []byte{1}, "ca"); err != nil {
+			log.Fatal(err)
+		}
+		srv, err := softhsmtest.ServeOwn(tok)
+		if err != nil {
+			log.Fatal(err)
+		}
+		defer srv.Stop()
+		servers = append(servers, srv)
+		members = append(members, hsm.Config{Path: srv.Module(), TokenLabel: tok.Label, PIN: tok.PIN, MaxSessions: 1})
+	}
+
+	g, err := hsm.OpenGroup(members...)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer g.Close()
+	signer, err := g.Signer(hsm.KeyRef{Label: "ca"})
+	if err != nil {
+		log.Fatal(err)
+	}
+	digest := sha256.Sum256([]byte("hello"))
+	sign := func() {
+		sig, err := signer.Sign(rand.Reader, digest[:], crypto.SHA256)
+		if err != nil {
+			log.Fatal(err)
+		}
+		fmt.Println(ecdsa.VerifyASN1(&key.PublicKey, digest[:], sig))
+	}
+	fmt.Println(g.State())
+	sign()
+	if err := servers[1].Kill(); err != nil { // the second HSM is lost
+		log.Fatal(err)
+	}
+	for range 3 {
+		sign() // no error: a call that fails on the lost member is repeated on the other
+	}
+	fmt.Println(g.State())
+	// Output:
+	// healthy
+	// true
+	// true
+	// true
+	// true
+	// degraded
+}

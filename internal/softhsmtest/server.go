@@ -14,6 +14,11 @@ type Server = softhsm.Server
 // is stopped with Stop.
 func Serve(tok *Token) (*Server, error) { return softhsm.Serve(tok) }
 
+// ServeOwn is softhsm.ServeOwn: a p11-kit server for tok on a socket of
+// its own, reached through a copy of the client module, so that several
+// run at once (the members of an hsm.Group).
+func ServeOwn(tok *Token) (*Server, error) { return softhsm.ServeOwn(tok) }
+
 // StartServer is Serve for tests: it stops the server when the test ends,
 // fails the test on error, and skips it where p11-kit is not installed
 // (outside CI).
