@@ -836,3 +836,47 @@ func TestGroupCloseFromMemberCallback(t *testing.T) {
 		t.Fatalf("group %v after Close", g.State())
 	}
 }
+
+// TestGroupCallOnFrozenMember: a signature that lands on a member whose HSM
+// has just stopped answering (unnoticed: no probes) is abandoned once the
+// member's watchdog sees the hang, and made on the other member; the caller
+// does not wait for the HSM to answer again.
+func TestGroupCallOnFrozenMember(t *testing.T) {
+	f := newGroupFixture(t, 2, ecKey(t))
+	g := openGroup(t, GroupConfig{Members: f.configs(func(_ int, c *Config) {
+		c.ProbeInterval, c.ProbeTimeout = -1, 500*time.Millisecond
+	})})
+	s, err := g.Signer(groupRef)
+	if err != nil {
+		t.Fatal(err)
+	}
+	digest := sha256.Sum256([]byte("frozen in the call"))
+	for range 4 { // both members bound and proven
+		if _, err := s.Sign(nil, digest[:], crypto.SHA256); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := g.Stats().Members[1].Operations; n == 0 {
+		t.Fatal("member 1 took no operation before the freeze")
+	}
+	f.srvs[1].Pause()
+	defer f.srvs[1].Resume()
+	for i := range 6 {
+		done := make(chan error, 1)
+		go func() {
+			_, err := s.Sign(nil, digest[:], crypto.SHA256)
+			done <- err
+		}()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("signature %d: %v", i, err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("signature %d waited 10s for a frozen member", i)
+		}
+	}
+	if st := g.Stats(); st.Failovers == 0 || st.Members[1].InFlight == 0 {
+		t.Fatalf("no call was abandoned on the frozen member: %d failovers, %d in flight on it", st.Failovers, st.Members[1].InFlight)
+	}
+}
