@@ -17,6 +17,17 @@
 //	prometheus.WrapRegistererWith(prometheus.Labels{"hsm": "primary"}, reg).MustRegister(hsmprom.NewCollector(p1))
 //	prometheus.WrapRegistererWith(prometheus.Labels{"hsm": "backup"}, reg).MustRegister(hsmprom.NewCollector(p2))
 //
+// An hsm.Group has metrics of its own, hsm_group_* (NewGroupCollector:
+// state, healthy members, operations, failovers, failures, and per member
+// whether it is up, its share of the operations, its failovers and the keys
+// it is excluded for); its members' provider metrics come from one
+// NewCollector per member, labelled:
+//
+//	reg.MustRegister(hsmprom.NewGroupCollector(g))
+//	for i, p := range g.Members() {
+//		prometheus.WrapRegistererWith(prometheus.Labels{"member": strconv.Itoa(i)}, reg).MustRegister(hsmprom.NewCollector(p))
+//	}
+//
 // # Metrics
 //
 // State and identity (gauges):
