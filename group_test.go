@@ -43,6 +43,15 @@ func newGroupFixture(t testing.TB, n int, key crypto.Signer) *groupFixture {
 	return f
 }
 
+func rsaKey(t testing.TB) *rsa.PrivateKey {
+	t.Helper()
+	k, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
 func ecKey(t testing.TB) *ecdsa.PrivateKey {
 	t.Helper()
 	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -466,10 +475,7 @@ func TestGroupCallerErrorNotRetried(t *testing.T) {
 // TestGroupDecrypter: an RSA key on two members decrypts through the
 // group, also with one member gone; a rejected ciphertext is not retried.
 func TestGroupDecrypter(t *testing.T) {
-	rk, err := rsa.GenerateKey(rand.Reader, 2048)
-	if err != nil {
-		t.Fatal(err)
-	}
+	rk := rsaKey(t)
 	f := newGroupFixture(t, 2, rk)
 	g := openGroup(t, GroupConfig{Members: f.configs()})
 	d, err := g.Decrypter(groupRef)
@@ -716,10 +722,7 @@ func TestGroupMismatchedPair(t *testing.T) {
 // operations into ErrClosed without counting failures; a panicking reader
 // of the caller's panics in the caller's goroutine.
 func TestGroupAccounting(t *testing.T) {
-	rk, err := rsa.GenerateKey(rand.Reader, 2048)
-	if err != nil {
-		t.Fatal(err)
-	}
+	rk := rsaKey(t)
 	f := newGroupFixture(t, 1, rk)
 	g := openGroup(t, GroupConfig{Members: f.configs()})
 	s, err := g.Signer(groupRef)
