@@ -8,7 +8,6 @@ import (
 	"crypto/ed25519"
 	cryptorand "crypto/rand"
 	"crypto/rsa"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -849,58 +848,81 @@ func (k *groupKey) wait(ctx context.Context, m *member, op string, done <-chan r
 // prove checks that member i's private key bk signs (or, for a decryption
 // key, decrypts) under the pinned public key: a key whose public object
 // says one thing and whose private key is another must not sign for the
-// group. A mismatch is ErrKeyChanged (the member is excluded); other
-// errors are the member's.
+// group. A mismatch is ErrKeyChanged (the member is excluded). A token that
+// refuses the challenge's mechanism (a caller-class error: OAEP with
+// SHA-256 and SHA-1 and no raw RSA, say) cannot be checked this way and is
+// let through, logged; other errors are the member's.
 func (k *groupKey) prove(i int, bk *key) error {
 	challenge := make([]byte, 32)
 	if _, err := cryptorand.Read(challenge); err != nil {
 		return err
 	}
-	mismatch := func() error {
-		return opErr("bind key", bk.gen, ErrKeyChanged,
-			"member %d's private key under %s is not the group's key (SHA-256 %s...): it failed a challenge under the pinned public key; never used for it", i, k.ref, k.pinned)
-	}
+	mismatch := opErr("bind key", bk.gen, ErrKeyChanged,
+		"member %d's private key under %s is not the group's key (SHA-256 %s...): it failed a challenge under the pinned public key; never used for it", i, k.ref, k.pinned)
+	var ok bool
+	var err error
 	if k.decrypt {
-		pub, ok := k.pub.(*rsa.PublicKey)
-		if !ok {
-			return mismatch()
+		ok, err = k.proveDecrypt(bk, challenge)
+	} else {
+		ok, err = k.proveSign(bk, challenge)
+	}
+	switch {
+	case err != nil && !retryable(err) && !errors.Is(err, ErrDecryption):
+		k.g.log.Warn("hsm: group member's key cannot be challenged; used unchecked", "member", i, "key", k.ref.String(), "err", err)
+		return nil
+	case err != nil:
+		return err
+	case !ok:
+		return mismatch
+	}
+	return nil
+}
+
+// proveDecrypt decrypts challenge, encrypted under the pinned RSA key with
+// OAEP (SHA-256, else SHA-1), with bk.
+func (k *groupKey) proveDecrypt(bk *key, challenge []byte) (bool, error) {
+	pub, ok := k.pub.(*rsa.PublicKey)
+	if !ok {
+		return false, nil
+	}
+	var err error
+	for _, h := range []crypto.Hash{crypto.SHA256, crypto.SHA1} {
+		var ct, pt []byte
+		if ct, err = rsa.EncryptOAEP(h.New(), cryptorand.Reader, pub, challenge, nil); err != nil {
+			return false, err
 		}
-		ct, err := rsa.EncryptOAEP(sha256.New(), cryptorand.Reader, pub, challenge, nil)
-		if err != nil {
-			return err
-		}
-		pt, err := bk.decryptWith(nil, ct, &rsa.OAEPOptions{Hash: crypto.SHA256})
+		pt, err = bk.decryptWith(nil, ct, &rsa.OAEPOptions{Hash: h})
 		switch {
 		case errors.Is(err, ErrDecryption):
-			return mismatch()
-		case err != nil:
-			return err
-		case !bytes.Equal(pt, challenge):
-			return mismatch()
+			return false, nil
+		case err == nil:
+			return bytes.Equal(pt, challenge), nil
+		case !errors.Is(err, ErrInvalidOptions):
+			return false, err
 		}
-		return nil
 	}
+	return false, err
+}
+
+// proveSign signs challenge with bk and verifies it under the pinned key.
+func (k *groupKey) proveSign(bk *key, challenge []byte) (bool, error) {
 	var opts crypto.SignerOpts = crypto.SHA256
 	if _, ok := k.pub.(ed25519.PublicKey); ok {
 		opts = crypto.Hash(0)
 	}
 	sig, err := bk.sign(challenge, opts)
 	if err != nil {
-		return err
+		return false, err
 	}
-	ok := false
 	switch pub := k.pub.(type) {
 	case *ecdsa.PublicKey:
-		ok = ecdsa.VerifyASN1(pub, challenge, sig)
+		return ecdsa.VerifyASN1(pub, challenge, sig), nil
 	case *rsa.PublicKey:
-		ok = rsa.VerifyPKCS1v15(pub, crypto.SHA256, challenge, sig) == nil
+		return rsa.VerifyPKCS1v15(pub, crypto.SHA256, challenge, sig) == nil, nil
 	case ed25519.PublicKey:
-		ok = ed25519.Verify(pub, challenge, sig)
+		return ed25519.Verify(pub, challenge, sig), nil
 	}
-	if !ok {
-		return mismatch()
-	}
-	return nil
+	return false, nil
 }
 
 // GroupSigner is a group's private key as a crypto.Signer. Safe for
