@@ -36,12 +36,14 @@ type Group struct {
 
 	// Counters over the group's life, read by Stats.
 	ops, failovers, failed atomic.Uint64
+	// isShut is closed, readable without mu: every operation looks at it.
+	isShut atomic.Bool
 
 	mu     sync.Mutex // protects following fields
 	state  GroupState
 	since  time.Time
-	ready  bool // every member's Provider is set: the members' callbacks may look at them
-	closed bool
+	ready  bool                  // every member's Provider is set: the members' callbacks may look at them
+	closed bool                  // also in isShut, for the operations' path
 	events chan GroupStateChange // nil without GroupConfig.OnStateChange
 
 	notifier   atomic.Uint64 // goroutine id of the notifier, while it runs a callback
@@ -366,6 +368,7 @@ func (g *Group) Close() error {
 	}
 	from := g.state
 	g.closed, g.state, g.since = true, GroupClosed, time.Now()
+	g.isShut.Store(true)
 	g.queueLocked(GroupStateChange{From: from, To: GroupClosed, Members: len(g.members), At: g.since})
 	if g.events != nil {
 		close(g.events)
@@ -559,11 +562,7 @@ func (g *Group) newKey(ref KeyRef, decrypt bool, op string) (*groupKey, error) {
 	return k, nil
 }
 
-func (g *Group) isClosed() bool {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return g.closed
-}
+func (g *Group) isClosed() bool { return g.isShut.Load() }
 
 // lookup finds the key on member i as a durable key of the member. The
 // lookup runs in a goroutine of its own and is waited for as an operation
