@@ -374,10 +374,17 @@ func TestGroupMemberDownAtOpen(t *testing.T) {
 	if err := f.srvs[1].Restart(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "member 1 joins", func() bool { return g.State() == GroupHealthy })
+	joinsAndSigns(t, g, s)
 	if ti := g.Members()[1].TokenInfo(); ti.Serial != f.toks[1].Serial {
 		t.Fatalf("member 1 token serial %q, want %q", ti.Serial, f.toks[1].Serial)
 	}
+}
+
+// joinsAndSigns waits until member 1 of g is healthy and has signed with
+// s, which must never fail meanwhile.
+func joinsAndSigns(t *testing.T, g *Group, s *GroupSigner) {
+	t.Helper()
+	waitFor(t, "member 1 joins", func() bool { return g.State() == GroupHealthy })
 	digest := sha256.Sum256([]byte("joined"))
 	waitFor(t, "member 1 signs", func() bool {
 		if _, err := s.Sign(nil, digest[:], crypto.SHA256); err != nil {
@@ -410,14 +417,7 @@ func TestGroupMemberFrozenAtOpen(t *testing.T) {
 	}
 	f.srvs[1].Resume()
 	resumed = true
-	waitFor(t, "member 1 joins", func() bool { return g.State() == GroupHealthy })
-	digest := sha256.Sum256([]byte("thawed"))
-	waitFor(t, "member 1 signs", func() bool {
-		if _, err := s.Sign(nil, digest[:], crypto.SHA256); err != nil {
-			t.Fatal(err)
-		}
-		return g.Stats().Members[1].Operations > 0
-	})
+	joinsAndSigns(t, g, s)
 }
 
 // TestGroupFrozenMember: a member whose HSM stops answering (SIGSTOP) under
