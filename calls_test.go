@@ -254,16 +254,23 @@ func TestCallsPerLookup(t *testing.T) {
 	if _, err := p.Signer(KeyRef{Label: "p256"}); err != nil { // the pool has a session now
 		t.Fatal(err)
 	}
-	for _, label := range []string{"p256", "ed25519", "rsa2048"} {
+	// An EC or Ed25519 key's public key comes from its public key object:
+	// the lookup proves the private key with one signature of a challenge
+	// (C_SignInit, C_Sign). An RSA key's comes from its private key object.
+	for _, c := range []struct {
+		label  string
+		proofs int
+	}{{"p256", 1}, {"ed25519", 1}, {"rsa2048", 0}} {
 		calls := callsByName(t, func() {
-			if _, err := p.Signer(KeyRef{Label: label}); err != nil {
+			if _, err := p.Signer(KeyRef{Label: c.label}); err != nil {
 				t.Fatal(err)
 			}
 		})
 		n := total(calls)
-		t.Logf("Signer(%q): %d calls %v", label, n, calls)
-		if n > 5 || calls["C_FindObjectsInit"] != 1 {
-			t.Errorf("Signer(%q): %d calls, %d finds; want at most 5 (one find, one read of each half)", label, n, calls["C_FindObjectsInit"])
+		t.Logf("Signer(%q): %d calls %v", c.label, n, calls)
+		if n > 5+2*c.proofs || calls["C_FindObjectsInit"] != 1 || calls["C_Sign"] != c.proofs {
+			t.Errorf("Signer(%q): %d calls, %d finds, %d signatures; want at most %d (one find, one read of each half, %d proofs)",
+				c.label, n, calls["C_FindObjectsInit"], calls["C_Sign"], 5+2*c.proofs, c.proofs)
 		}
 	}
 
@@ -281,11 +288,12 @@ func TestCallsPerLookup(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
-	// The re-binding, the session the new generation opens, the signature.
+	// The re-binding with its proof, the session the new generation opens,
+	// the signature.
 	rebind := total(calls) - calls["C_OpenSession"] - 2
 	t.Logf("durable re-bind after a re-initialization: %d calls (%v in all, with C_OpenSession and the signature)", rebind, calls)
-	if rebind > 5 || calls["C_FindObjectsInit"] != 1 {
-		t.Errorf("re-bind: %d calls, %d finds; want at most 5, one find", rebind, calls["C_FindObjectsInit"])
+	if rebind > 7 || calls["C_FindObjectsInit"] != 1 || calls["C_Sign"] != 2 {
+		t.Errorf("re-bind: %d calls, %d finds, %d signatures; want at most 7, one find, the proof's signature and the caller's", rebind, calls["C_FindObjectsInit"], calls["C_Sign"])
 	}
 
 	// A module whose partial attribute reads cannot be trusted (NSS): one
@@ -302,8 +310,8 @@ func TestCallsPerLookup(t *testing.T) {
 		}
 	})
 	t.Logf("Signer(\"p256\") reading only what each object has: %d calls %v (with the signature)", total(calls)-2, calls)
-	if n := total(calls) - 2; n > 9 || calls["C_FindObjectsInit"] != 1 {
-		t.Errorf("strict lookup: %d calls, %d finds; want at most 9, one find", n, calls["C_FindObjectsInit"])
+	if n := total(calls) - 2; n > 11 || calls["C_FindObjectsInit"] != 1 {
+		t.Errorf("strict lookup: %d calls, %d finds; want at most 11 (with the proof's two), one find", n, calls["C_FindObjectsInit"])
 	}
 	p.inst.Load().strictAttrs.Store(false)
 

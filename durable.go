@@ -58,11 +58,21 @@ func (p *Provider) durable(ref KeyRef, decrypt bool) (*durable, error) {
 }
 
 // durableFrom makes a durable key of k, found with the checks of
-// Decrypter (decrypt) or Signer, and pins its public key.
+// Decrypter (decrypt) or Signer, and pins its public key, after proving
+// that k's private key is that key's (a key the lookup proved already is
+// not asked again).
 func (p *Provider) durableFrom(k *key, decrypt bool) (*durable, error) {
 	der, err := x509.MarshalPKIXPublicKey(k.pub)
 	if err != nil {
 		return nil, opErr("find key", k.gen, ErrUnsupportedKey, "public key: %v", err)
+	}
+	if !k.proven {
+		err := k.check(k.pub, func() error {
+			return opErr("bind key", k.gen, ErrKeyMismatch, "%s: a signature of a random challenge does not verify under its public key: the pair is refused", k.ref)
+		})
+		if err != nil {
+			return nil, err
+		}
 	}
 	sum := sha256.Sum256(der)
 	d := &durable{p: p, ref: k.ref, pub: k.pub, pinned: hex.EncodeToString(sum[:8]), decrypt: decrypt,
@@ -74,7 +84,10 @@ func (p *Provider) durableFrom(k *key, decrypt bool) (*durable, error) {
 }
 
 // bound returns the key bound in the provider's current generation,
-// finding it again (once per generation) if the one held is older.
+// finding it again (once per generation) if the one held is older. The
+// key it binds has the pinned public key and has proved, with a challenge
+// under the pinned public key, that its private key is the pinned key's:
+// every key d.cur holds has.
 func (d *durable) bound() (*key, error) {
 	k := d.cur.Load()
 	gen, st := d.p.gate.load()
@@ -95,17 +108,39 @@ func (d *durable) bound() (*key, error) {
 		return nil, d.changedErr
 	}
 	nk, err := d.p.lookupFor(d.ref, d.decrypt)
-	if err != nil {
+	switch {
+	case errors.Is(err, ErrKeyMismatch):
+		// The public key object may still be the pinned key's: the
+		// private key is not.
+		return nil, d.changed(gen, &Error{Op: "bind key", Generation: gen,
+			Err: causedBy(wrapf(ErrKeyChanged, "%s (pinned SHA-256 %s...)", d.ref, d.pinned), err)})
+	case err != nil:
 		return nil, err
-	}
-	if eq, ok := nk.pub.(interface{ Equal(crypto.PublicKey) bool }); !ok || !eq.Equal(d.pub) {
-		d.changedGen = nk.gen
-		d.changedErr = opErr("bind key", nk.gen, ErrKeyChanged, "%s now has another public key than the one pinned (SHA-256 %s...): refusing it", d.ref, d.pinned)
-		d.p.log.Error("hsm: durable key refused: the key on the token changed", "key", d.ref.String(), "generation", nk.gen)
-		return nil, d.changedErr
+	case !samePublic(nk.pub, d.pub):
+		return nil, d.changed(nk.gen, opErr("bind key", nk.gen, ErrKeyChanged,
+			"%s now has another public key than the one pinned (SHA-256 %s...): refusing it", d.ref, d.pinned))
+	case !nk.proven:
+		// The public key is the private key object's own (RSA): prove the
+		// private key all the same, against the pin.
+		err := nk.check(d.pub, func() error {
+			return d.changed(nk.gen, opErr("bind key", nk.gen, ErrKeyChanged,
+				"%s: the private key is not the pinned key (SHA-256 %s...): a signature of a random challenge does not verify under it; refusing it", d.ref, d.pinned))
+		})
+		if err != nil {
+			return nil, err
+		}
 	}
 	d.cur.Store(nk)
 	return nk, nil
+}
+
+// changed records err, a refusal of the key found in generation gen as
+// another key than the pinned one, so that calls in that generation fail
+// fast, and returns it. Called with d.mu held.
+func (d *durable) changed(gen uint64, err error) error {
+	d.changedGen, d.changedErr = gen, err
+	d.p.log.Error("hsm: durable key refused: the key on the token changed", "key", d.ref.String(), "generation", gen, "err", err)
+	return err
 }
 
 // maxRebinds bounds how many times in a row one call of a durable key binds

@@ -89,6 +89,15 @@ var (
 	// is never used.
 	ErrKeyChanged = newSentinel("the key on the token is not the key that was pinned")
 
+	// ErrKeyMismatch is returned by a lookup (Signer, Decrypter, and the
+	// durable and group kinds) when the private key under a reference is not
+	// the private key of the public key found with it (its public key
+	// object, or a certificate): a signature of a random challenge does not
+	// verify under that public key. The pair is refused, never used. A
+	// durable key that meets it in a later generation returns an error
+	// matching both ErrKeyChanged and ErrKeyMismatch.
+	ErrKeyMismatch = newSentinel("the private key is not the key of its public key")
+
 	// ErrHung is the cause recorded when the HSM stops answering: a probe got
 	// no answer, or calls inside the library made no progress, within
 	// Config.ProbeTimeout. Open, Reinitialize and Close return an error

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto"
-	"crypto/ecdsa"
 	"crypto/ed25519"
 	cryptorand "crypto/rand"
 	"crypto/rsa"
@@ -489,9 +488,6 @@ type memberKey struct {
 	// outlive the caller that started it, when the HSM stops answering):
 	// pick passes the member over meanwhile.
 	binding atomic.Bool
-	// proven is the member's generation in which its private key last
-	// signed (or decrypted) a challenge under the pinned public key.
-	proven atomic.Uint64
 
 	mu sync.Mutex // protects following fields; never held across a PKCS#11 call
 	// excluded is set when the member holds another key under ref: it is
@@ -551,7 +547,7 @@ func (g *Group) newKey(ref KeyRef, decrypt bool, op string) (*groupKey, error) {
 	}
 	if k.pub == nil {
 		err := errors.Join(errs...)
-		for _, target := range []error{ErrKeyNotFound, ErrAmbiguousKey, ErrUnsupportedKey} {
+		for _, target := range []error{ErrKeyNotFound, ErrAmbiguousKey, ErrUnsupportedKey, ErrKeyMismatch} {
 			if errors.Is(err, target) {
 				return nil, &Error{Op: op, Err: causedBy(wrapf(target, "%s on no member of the group", ref), err)}
 			}
@@ -587,6 +583,11 @@ func (k *groupKey) lookup(ctx context.Context, i int) (*durable, error) {
 	if r.err != nil {
 		mk.mu.Lock()
 		mk.failed, mk.failedGen, mk.failedAt = true, gen, time.Now()
+		if errors.Is(r.err, ErrKeyMismatch) && mk.excluded == nil {
+			// The member's private key under ref is not its public key's:
+			// whatever the group pins, it is not to be trusted with it.
+			k.exclude(i, mk, r.err)
+		}
 		mk.mu.Unlock()
 		return nil, r.err
 	}
@@ -777,26 +778,19 @@ func (k *groupKey) do(ctx context.Context, op string, f func(*key) ([]byte, erro
 	return nil, &Error{Op: op, Err: causedBy(wrapf(ErrUnavailable, "no member of the group could %s with %s", op, k.ref), errors.Join(errs...))}
 }
 
-// attempt runs f on member i's key d, after proving, once per generation
-// of the member, that the member's private key is the pinned public key's.
-// The call runs in a goroutine of its own and is waited for as wait says.
+// attempt runs f on member i's key d: a durable key of the member, which
+// proves in each of the member's generations, before its first operation,
+// that the member's private key is the pinned one (a member that fails is
+// excluded, by do, on ErrKeyChanged). The call runs in a goroutine of its own and is waited for as wait says.
 // An abandoned call keeps its place in the member's inFlight until the
 // module returns it.
 func (k *groupKey) attempt(ctx context.Context, i int, d *durable, op string, f func(*key) ([]byte, error)) ([]byte, error) {
-	m, mk := k.g.members[i], &k.at[i]
+	m := k.g.members[i]
 	m.inFlight.Add(1)
 	done := make(chan result, 1)
 	go func() {
 		defer m.inFlight.Add(-1)
-		out, err := d.do(context.Background(), false, op, func(bk *key) ([]byte, error) {
-			if mk.proven.Load() != bk.gen {
-				if err := k.prove(i, bk); err != nil {
-					return nil, err
-				}
-				mk.proven.Store(bk.gen)
-			}
-			return f(bk)
-		})
+		out, err := d.do(context.Background(), false, op, f)
 		done <- result{out, err}
 	}()
 	r := k.wait(ctx, m, op, done)
@@ -842,86 +836,6 @@ func (k *groupKey) wait(ctx context.Context, m *member, op string, done <-chan r
 			return result{err: &Error{Op: op, Generation: m.p.Generation(), Err: causedBy(ErrUnavailable, ctx.Err())}}
 		}
 	}
-}
-
-// prove checks that member i's private key bk signs (or, for a decryption
-// key, decrypts) under the pinned public key: a key whose public object
-// says one thing and whose private key is another must not sign for the
-// group. A mismatch is ErrKeyChanged (the member is excluded). A token that
-// refuses the challenge's mechanism (a caller-class error: OAEP with
-// SHA-256 and SHA-1 and no raw RSA, say) cannot be checked this way and is
-// let through, logged; other errors are the member's.
-func (k *groupKey) prove(i int, bk *key) error {
-	challenge := make([]byte, 32)
-	if _, err := cryptorand.Read(challenge); err != nil {
-		return err
-	}
-	mismatch := opErr("bind key", bk.gen, ErrKeyChanged,
-		"member %d's private key under %s is not the group's key (SHA-256 %s...): it failed a challenge under the pinned public key; never used for it", i, k.ref, k.pinned)
-	var ok bool
-	var err error
-	if k.decrypt {
-		ok, err = k.proveDecrypt(bk, challenge)
-	} else {
-		ok, err = k.proveSign(bk, challenge)
-	}
-	switch {
-	case err != nil && !retryable(err) && !errors.Is(err, ErrDecryption):
-		k.g.log.Warn("hsm: group member's key cannot be challenged; used unchecked", "member", i, "key", k.ref.String(), "err", err)
-		return nil
-	case err != nil:
-		return err
-	case !ok:
-		return mismatch
-	}
-	return nil
-}
-
-// proveDecrypt decrypts challenge, encrypted under the pinned RSA key with
-// OAEP (SHA-256, else SHA-1), with bk.
-func (k *groupKey) proveDecrypt(bk *key, challenge []byte) (bool, error) {
-	pub, ok := k.pub.(*rsa.PublicKey)
-	if !ok {
-		return false, nil
-	}
-	var err error
-	for _, h := range []crypto.Hash{crypto.SHA256, crypto.SHA1} {
-		var ct, pt []byte
-		if ct, err = rsa.EncryptOAEP(h.New(), cryptorand.Reader, pub, challenge, nil); err != nil {
-			return false, err
-		}
-		pt, err = bk.decryptWith(nil, ct, &rsa.OAEPOptions{Hash: h})
-		switch {
-		case errors.Is(err, ErrDecryption):
-			return false, nil
-		case err == nil:
-			return bytes.Equal(pt, challenge), nil
-		case !errors.Is(err, ErrInvalidOptions):
-			return false, err
-		}
-	}
-	return false, err
-}
-
-// proveSign signs challenge with bk and verifies it under the pinned key.
-func (k *groupKey) proveSign(bk *key, challenge []byte) (bool, error) {
-	var opts crypto.SignerOpts = crypto.SHA256
-	if _, ok := k.pub.(ed25519.PublicKey); ok {
-		opts = crypto.Hash(0)
-	}
-	sig, err := bk.sign(challenge, opts)
-	if err != nil {
-		return false, err
-	}
-	switch pub := k.pub.(type) {
-	case *ecdsa.PublicKey:
-		return ecdsa.VerifyASN1(pub, challenge, sig), nil
-	case *rsa.PublicKey:
-		return rsa.VerifyPKCS1v15(pub, crypto.SHA256, challenge, sig) == nil, nil
-	case ed25519.PublicKey:
-		return ed25519.Verify(pub, challenge, sig), nil
-	}
-	return false, nil
 }
 
 // GroupSigner is a group's private key as a crypto.Signer. Safe for

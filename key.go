@@ -82,6 +82,13 @@ type key struct {
 	// alwaysAuth: CKA_ALWAYS_AUTHENTICATE; each operation needs a
 	// C_Login(CKU_CONTEXT_SPECIFIC) after its init.
 	alwaysAuth bool
+	// pubFromPriv: pub was read from the private key object itself (an RSA
+	// key's CKA_MODULUS), so it is the private key's own.
+	pubFromPriv bool
+	// proven: the private key signed (or decrypted) a challenge under pub
+	// when the key was looked up, or the token refused every challenge
+	// mechanism for it (prove.go). Written before the key is shared.
+	proven bool
 
 	signRefusals, decryptRefusals *refusals
 }
@@ -100,7 +107,17 @@ func (p *Provider) lookup(ref KeyRef) (*key, error) {
 	if err != nil {
 		return nil, err
 	}
-	return p.adopt(k), nil
+	k = p.adopt(k)
+	if k.needsProof() {
+		err := k.check(k.pub, func() error {
+			return opErr(op, k.gen, ErrKeyMismatch, "%s: a signature of a random challenge does not verify under its public key object: the pair is refused", k.ref)
+		})
+		if err != nil {
+			return nil, err
+		}
+		k.proven = true
+	}
+	return k, nil
 }
 
 // adopt makes k, found in an operation of p, a key of p: its refusals are
@@ -237,6 +254,7 @@ func (in *instance) certPublic(s pkcs11.SessionHandle, k *key) (crypto.PublicKey
 	if err := in.proves(s, k, cert.PublicKey); err != nil {
 		return nil, err
 	}
+	k.proven = true
 	return cert.PublicKey, nil
 }
 

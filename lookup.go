@@ -404,7 +404,9 @@ func sameCurve(keyType uint, a, b []byte) bool {
 // tokens expose the modulus and exponent there, else from its public half.
 func (in *instance) rsaPublic(s pkcs11.SessionHandle, k *key, o *object, cands []object) error {
 	src := o
+	k.pubFromPriv = true
 	if len(o.modulus) == 0 || len(o.exponent) == 0 {
+		k.pubFromPriv = false
 		p, err := in.publicHalf(s, o, cands)
 		if err != nil {
 			return err

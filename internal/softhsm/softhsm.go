@@ -227,6 +227,28 @@ func (tok *Token) Delete(id []byte) error {
 	return nil
 }
 
+// ReplacePrivate replaces the private key with CKA_ID id by a new private
+// key of type typ, with the same CKA_ID and CKA_LABEL label, and leaves the
+// public key object as it is: a token whose public key object says one key
+// and whose private key is another (the new pair is made under a
+// temporary ID, its public half deleted, its private half given id).
+func (tok *Token) ReplacePrivate(typ KeyType, id []byte, label string) error {
+	tmp := append([]byte{0xfe, 0xed}, id...)
+	if err := tok.Generate(typ, tmp, label); err != nil {
+		return err
+	}
+	for _, args := range [][]string{
+		{"--delete-object", "--type", "pubkey", "--id", hex.EncodeToString(tmp)},
+		{"--delete-object", "--type", "privkey", "--id", hex.EncodeToString(id)},
+		{"--set-id", hex.EncodeToString(id), "--type", "privkey", "--id", hex.EncodeToString(tmp)},
+	} {
+		if _, err := tok.Tool(args...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // SetPIN changes the user PIN.
 func (tok *Token) SetPIN(newPIN string) error {
 	if _, err := tok.Tool("--change-pin", "--new-pin", newPIN); err != nil {

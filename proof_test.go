@@ -1,0 +1,234 @@
+package hsm
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"math/big"
+	"testing"
+	"time"
+
+	"github.com/ce46d8f2/hsm/internal/softhsmtest"
+)
+
+// The private-key swap: while the library is down, only the private key
+// object under a reference is replaced by another key (same CKA_ID and
+// CKA_LABEL); the public key object stays. A key whose public key comes
+// from the public key object would look the same, and sign with the other
+// key. Every kind of key must refuse it, and sign nothing with it.
+
+// swapCase is a key type of the swap tests, with what it signs.
+type swapCase struct {
+	typ    softhsmtest.KeyType
+	opts   crypto.SignerOpts
+	digest []byte
+}
+
+func swapCases() []swapCase {
+	return []swapCase{
+		{softhsmtest.P256, crypto.SHA256, hashOf(crypto.SHA256, []byte("swap"))},
+		{softhsmtest.Ed25519, crypto.Hash(0), []byte("swap")},
+		{softhsmtest.RSA2048, crypto.SHA256, hashOf(crypto.SHA256, []byte("swap"))},
+	}
+}
+
+// swapSigners are the signers a swap test holds: a durable key, the
+// PrivateKey of a TLSCertificate and, for RSA, a durable decrypter.
+func swapSigners(t *testing.T, p *Provider, ref KeyRef) map[string]crypto.Signer {
+	t.Helper()
+	ds, err := p.DurableSigner(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tc, err := p.TLSCertificate(ref, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: certFor(t, ds.Public())}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	signers := map[string]crypto.Signer{"DurableSigner": ds, "TLSCertificate": tc.PrivateKey.(crypto.Signer)}
+	if _, ok := ds.Public().(*rsa.PublicKey); ok {
+		dd, err := p.DurableDecrypter(ref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		signers["DurableDecrypter"] = dd
+	}
+	return signers
+}
+
+// refusesSwapped checks that each signer refuses, n times, to sign after
+// the swap: no signature, and ErrKeyChanged (or, for a key the module
+// cannot sign with at all, its refusal), without a lookup per call.
+func refusesSwapped(t *testing.T, p *Provider, signers map[string]crypto.Signer, c swapCase, n int) {
+	t.Helper()
+	for name, s := range signers {
+		ops := uint64(0)
+		for i := range n {
+			sig, err := s.Sign(nil, c.digest, c.opts)
+			if sig != nil || err == nil {
+				if verify(s.Public(), c.digest, sig, c.opts) != nil {
+					t.Fatalf("%s: signature %d made with the swapped key, and it does not verify under Public()", name, i)
+				}
+				t.Fatalf("%s: signature %d made after the private key was swapped", name, i)
+			}
+			if !errors.Is(err, ErrKeyChanged) {
+				if c.typ == softhsmtest.Ed25519 && classOf(err) == classCaller {
+					continue // the module cannot sign Ed25519 at all (p11-kit's RPC has no CKM_EDDSA)
+				}
+				t.Fatalf("%s: %v, want ErrKeyChanged", name, err)
+			}
+			if i == 0 {
+				t.Logf("%s: %v", name, err)
+				ops = p.Stats().Operations
+			} else if p.Stats().Operations != ops {
+				t.Fatalf("%s: the refusal made PKCS#11 operations again", name)
+			}
+		}
+	}
+}
+
+// lookupAfterSwap: a new lookup of the swapped reference refuses the
+// mismatched pair (EC, Ed25519: the public key object says another key),
+// or, for RSA, whose public key is the private key object's own, finds
+// the new key and signs under its own Public().
+func lookupAfterSwap(t *testing.T, p *Provider, ref KeyRef, c swapCase, old crypto.PublicKey) {
+	t.Helper()
+	s, err := p.Signer(ref)
+	if c.typ != softhsmtest.RSA2048 {
+		if err == nil && c.typ == softhsmtest.Ed25519 {
+			// A module that cannot sign Ed25519 cannot prove it either;
+			// then it signs nothing.
+			if _, serr := s.Sign(nil, c.digest, c.opts); serr == nil {
+				t.Fatal("Ed25519 key found and signing after the swap without a proof")
+			}
+			return
+		}
+		e := wantErr(t, err, ErrKeyMismatch)
+		t.Logf("lookup after the swap: %v", e)
+		return
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if samePublic(s.Public(), old) {
+		t.Fatal("the RSA lookup still says the old public key")
+	}
+	sig, err := s.Sign(nil, c.digest, c.opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := verify(s.Public(), c.digest, sig, c.opts); err != nil {
+		t.Fatalf("the new RSA key's signature does not verify under its Public(): %v", err)
+	}
+}
+
+// TestPrivateKeySwapped swaps the private key in process, while the library
+// is finalized (inside Reinitialize), for EC, Ed25519 and RSA keys.
+func TestPrivateKeySwapped(t *testing.T) {
+	for _, c := range swapCases() {
+		t.Run(string(c.typ), func(t *testing.T) {
+			tok := softhsmtest.NewToken(t, "swap")
+			ref := KeyRef{ID: []byte{9}, Label: "k"}
+			tok.GenerateKey(t, c.typ, ref.ID, ref.Label)
+			p := openToken(t, tok)
+			signers := swapSigners(t, p, ref)
+			for name, s := range signers {
+				sig, err := s.Sign(nil, c.digest, c.opts)
+				if err != nil {
+					t.Fatalf("%s before the swap: %v", name, err)
+				}
+				if err := verify(s.Public(), c.digest, sig, c.opts); err != nil {
+					t.Fatalf("%s before the swap: %v", name, err)
+				}
+			}
+			p.testHookFinalized = func() {
+				if err := tok.ReplacePrivate(c.typ, ref.ID, ref.Label); err != nil {
+					t.Error(err)
+				}
+			}
+			if err := p.Reinitialize(t.Context()); err != nil {
+				t.Fatal(err)
+			}
+			p.testHookFinalized = nil
+			refusesSwapped(t, p, signers, c, 100)
+			lookupAfterSwap(t, p, ref, c, signers["DurableSigner"].Public())
+		})
+	}
+}
+
+// TestPrivateKeySwappedThroughRemoting: the same through p11-kit, the
+// token's server killed, the private key swapped while it is down, the
+// server restarted and the provider re-initialized.
+func TestPrivateKeySwappedThroughRemoting(t *testing.T) {
+	for _, c := range swapCases() {
+		t.Run(string(c.typ), func(t *testing.T) {
+			tok := softhsmtest.NewToken(t, "swapremote")
+			ref := KeyRef{ID: []byte{9}, Label: "k"}
+			tok.GenerateKey(t, c.typ, ref.ID, ref.Label)
+			srv := softhsmtest.StartServer(t, tok)
+			p := openToken(t, tok, func(cfg *Config) {
+				cfg.Path = srv.Module()
+				cfg.MaxSessions = 1
+				cfg.DisableAutoRecovery = true
+			})
+			signers := swapSigners(t, p, ref)
+			for name, s := range signers {
+				sig, err := s.Sign(nil, c.digest, c.opts)
+				if c.typ == softhsmtest.Ed25519 {
+					// p11-kit 0.24's RPC does not carry CKM_EDDSA: the key
+					// signs nothing through it, before or after.
+					if err == nil {
+						t.Logf("%s: this p11-kit carries CKM_EDDSA", name)
+					}
+					continue
+				}
+				if err != nil {
+					t.Fatalf("%s before the swap: %v", name, err)
+				}
+				if err := verify(s.Public(), c.digest, sig, c.opts); err != nil {
+					t.Fatalf("%s before the swap: %v", name, err)
+				}
+			}
+			if err := srv.Kill(); err != nil {
+				t.Fatal(err)
+			}
+			if err := tok.ReplacePrivate(c.typ, ref.ID, ref.Label); err != nil {
+				t.Fatal(err)
+			}
+			if err := srv.Restart(); err != nil {
+				t.Fatal(err)
+			}
+			if err := p.Reinitialize(t.Context()); err != nil {
+				t.Fatal(err)
+			}
+			refusesSwapped(t, p, signers, c, 200)
+			lookupAfterSwap(t, p, ref, c, signers["DurableSigner"].Public())
+		})
+	}
+}
+
+// certFor is a certificate for pub, issued by a throw-away CA in Go.
+func certFor(t *testing.T, pub crypto.PublicKey) []byte {
+	t.Helper()
+	ca, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "hsm.test"},
+		DNSNames:     []string{"hsm.test"},
+		NotBefore:    time.Now().Add(-time.Minute),
+		NotAfter:     time.Now().Add(time.Hour),
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, pub, ca)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return der
+}
