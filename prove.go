@@ -38,9 +38,9 @@ const challengeLen = 32
 type proved int
 
 const (
-	provedMismatch  proved = iota // the private key is not pub's
-	provedMatch                   // it is
-	provedUncheckable             // the token refuses every challenge mechanism for the key
+	provedMismatch    proved = iota // the private key is not pub's
+	provedMatch                     // it is
+	provedUncheckable               // the token refuses every challenge mechanism for the key
 )
 
 // prove checks that k's private key is the private key of pub, with one
