@@ -4,6 +4,7 @@ import (
 	"crypto"
 	cryptorand "crypto/rand"
 	"crypto/rsa"
+	_ "crypto/sha512" // SHA-512/224 and SHA-512/256 for OAEP
 	"crypto/subtle"
 	"errors"
 	"fmt"
@@ -90,7 +91,9 @@ func (d *Decrypter) String() string {
 //     CKM_RSA_PKCS, and then how the token handles a bad ciphertext (its
 //     time, its error, a session that must be closed) shows.
 //   - *rsa.OAEPOptions: RSAES-OAEP with Hash, MGFHash (zero means Hash) and
-//     Label; SHA-1, SHA-224, SHA-256, SHA-384 and SHA-512. When the token's
+//     Label; SHA-1, SHA-224, SHA-256, SHA-384 and SHA-512, and SHA-512/224
+//     and SHA-512/256 (for Hash or MGFHash), which PKCS#11 has no OAEP
+//     parameters for, through the token's raw RSA only. When the token's
 //     CKM_RSA_PKCS_OAEP refuses these parameters (SoftHSM 2.6 takes only
 //     SHA-1 without a label), the token does the raw RSA operation
 //     (CKM_RSA_X_509) and the OAEP padding is checked here in constant time.
@@ -214,6 +217,9 @@ var errRawRefused = errors.New("raw RSA refused")
 // returns errRawRefused when the token refuses the mechanism (remembered
 // for the generation).
 func (k *key) rawRSA(ct []byte) ([]byte, error) {
+	if k.in.rawRefused.Load() {
+		return nil, errRawRefused // learnt in this generation: no call
+	}
 	out, atInit, err := k.decrypt(pkcs11.CKM_RSA_X_509, nil, ct)
 	if err != nil {
 		if atInit && refusesParams(err) {
@@ -268,16 +274,16 @@ func unpadPKCS1(em []byte) (valid, index int) {
 
 func (k *key) decryptOAEP(ct []byte, o *rsa.OAEPOptions) ([]byte, error) {
 	const op = "decrypt"
-	m, ok := hashMechs[o.Hash]
-	if !ok {
-		return nil, opErr(op, k.gen, ErrInvalidOptions, "OAEP hash %v is not supported (SHA-1, SHA-224, SHA-256, SHA-384, SHA-512 are)", o.Hash)
+	m, tokenHash := hashMechs[o.Hash]
+	if !tokenHash && !softOAEPHashes[o.Hash] {
+		return nil, opErr(op, k.gen, ErrInvalidOptions, "OAEP hash %v is not supported (SHA-1, SHA-224, SHA-256, SHA-384, SHA-512 are, and SHA-512/224 and SHA-512/256 where the token does raw RSA)", o.Hash)
 	}
 	mgfHash := o.MGFHash
 	if mgfHash == 0 {
 		mgfHash = o.Hash
 	}
-	mm, ok := hashMechs[mgfHash]
-	if !ok {
+	mm, tokenMGF := hashMechs[mgfHash]
+	if !tokenMGF && !softOAEPHashes[mgfHash] {
 		return nil, opErr(op, k.gen, ErrInvalidOptions, "OAEP MGF1 hash %v is not supported", mgfHash)
 	}
 	if 2*o.Hash.Size()+2 > k.size {
@@ -285,6 +291,18 @@ func (k *key) decryptOAEP(ct []byte, o *rsa.OAEPOptions) ([]byte, error) {
 	}
 	if err := k.checkCiphertext(ct); err != nil {
 		return nil, err
+	}
+	if !tokenHash || !tokenMGF {
+		// PKCS#11 has no OAEP parameters for these hashes: decoded here,
+		// over the token's raw RSA, or not at all.
+		em, err := k.rawRSA(ct)
+		switch {
+		case err == errRawRefused:
+			return nil, opErr(op, k.gen, ErrInvalidOptions, "OAEP with %v/MGF1-%v is decoded in software over raw RSA (PKCS#11 has no OAEP parameters for it), and the token refuses raw RSA (CKM_RSA_X_509) for this key", o.Hash, mgfHash)
+		case err != nil:
+			return nil, err
+		}
+		return k.unpadOAEP(em, o, mgfHash)
 	}
 	// With a label, OAEP is decoded here over raw RSA whenever the token
 	// allows it: tokens are not all trusted to check a label (SoftHSM 2.6's
@@ -326,6 +344,10 @@ func (k *key) decryptOAEP(ct []byte, o *rsa.OAEPOptions) ([]byte, error) {
 	}
 	return k.unpadOAEP(em, o, mgfHash)
 }
+
+// softOAEPHashes are the hashes OAEP takes only in software: PKCS#11 has
+// no CKM_ digest or CKG_MGF1_ function for them (crypto/rsa takes them).
+var softOAEPHashes = map[crypto.Hash]bool{crypto.SHA512_224: true, crypto.SHA512_256: true}
 
 // neitherOAEP is the error for a token that has no way to decrypt OAEP
 // with these parameters.

@@ -3,13 +3,20 @@ package hsm
 import (
 	"bytes"
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/rsa"
 	"crypto/sha1"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/asn1"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
+	"math/big"
+	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -118,16 +125,31 @@ type KeySpec struct {
 
 // GenerateKey generates a key pair on the token and returns it as a Signer
 // of the current generation. The private half is a token object, private,
-// sensitive and not extractable (unless spec says so), and signs (and
-// decrypts, with spec.Decrypt); the public half verifies (and encrypts).
+// sensitive and not extractable (unless spec says so), and can sign and
+// nothing else: CKA_SIGN, and CKA_DECRYPT, CKA_UNWRAP and CKA_DERIVE false
+// (CKA_DECRYPT true with spec.Decrypt). The public half can verify and
+// nothing else: CKA_VERIFY, and CKA_ENCRYPT, CKA_WRAP and CKA_DERIVE false
+// (CKA_ENCRYPT true with spec.Decrypt). spec.PrivateAttributes and
+// spec.PublicAttributes may ask for more. Whatever the module's defaults,
+// every one of these is read back after generation; one the module set
+// against the spec is turned off, and if the module refuses that, the pair
+// is deleted and GenerateKey fails.
 //
 // It refuses a label, or an ID, that a private key already has
 // (ErrKeyExists). That makes a retry safe: when the HSM is lost during a
 // generation, the key may or may not have been made; after recovery, a
-// second GenerateKey with the same label either makes it or fails with
-// ErrKeyExists, whose message says to look the key up. Two GenerateKey
-// calls of one Provider run one at a time (the second waits up to
-// Config.SessionWaitTimeout, then ErrBusy); other processes are not
+// second GenerateKey with the same spec either makes it or fails with
+// ErrKeyExists, whose message says to look the key up. When the loss cut
+// the generation short, the retry (the same label, ID and type, on the
+// same Provider) finishes what it left: a lone half it made is deleted and
+// the key generated again, a whole pair it made is finished (its ID, its
+// attributes) and returned, so that the token holds exactly one pair.
+// Objects it did not make are never touched: with the computed ID, a
+// public key under the label that was there before the generation makes
+// the retry leave what it finds (give KeySpec.ID for exact retries), and
+// DeleteKey removes a lone public key when asked by its reference. Two
+// GenerateKey calls of one Provider run one at a time (the second waits up
+// to Config.SessionWaitTimeout, then ErrBusy); other processes are not
 // excluded.
 //
 // It blocks for the generation (an RSA-4096 key can take seconds) and up to
@@ -135,7 +157,7 @@ type KeySpec struct {
 func (p *Provider) GenerateKey(spec KeySpec) (*Signer, error) {
 	const op = "generate key"
 	gen := p.Generation()
-	mech, pub, priv, err := spec.templates()
+	tmpl, err := spec.templates()
 	if err != nil {
 		return nil, &Error{Op: op, Generation: gen, Err: err}
 	}
@@ -148,85 +170,310 @@ func (p *Provider) GenerateKey(spec KeySpec) (*Signer, error) {
 		return nil, &Error{Op: op, Generation: gen, Err: wrapf(ErrBusy, "another GenerateKey has run for %v", p.cfg.SessionWaitTimeout)}
 	}
 	defer func() { <-p.genSem }()
+	// cut is set once C_GenerateKeyPair has been called, until the pair is
+	// handed out: a failure in between may leave objects on the token.
+	var cut *cutShort
 	var k *key
 	err = p.write(op, func(in *instance, s pkcs11.SessionHandle) error {
+		var ph, kh pkcs11.ObjectHandle
+		if prev := p.cutShort[spec.Label]; prev != nil && prev.sameSpec(spec) {
+			// A generation of this spec was cut short: finish what it left.
+			var found bool
+			var err error
+			if ph, kh, found, err = in.leftBy(s, prev, tmpl, p.log); err != nil {
+				return err
+			}
+			if found {
+				cut = prev
+				k, err = in.finishPair(s, spec, tmpl, ph, kh)
+				return err
+			}
+		}
 		// The label must be free among private keys, and the ID among all
 		// objects: a public half or a certificate left with it would be
 		// taken for the new key's.
-		taken := func(tmpl []*pkcs11.Attribute) (bool, error) {
-			handles, err := in.findObjects(s, tmpl, 0)
-			return len(handles) > 0, err
+		taken := func(tmpl []*pkcs11.Attribute) (int, error) {
+			handles, err := in.findObjects(s, tmpl, maxRefObjects)
+			return len(handles), err
 		}
-		if yes, err := taken(refTemplate(pkcs11.CKO_PRIVATE_KEY, nil, spec.Label)); err != nil {
+		if n, err := taken(refTemplate(pkcs11.CKO_PRIVATE_KEY, nil, spec.Label)); err != nil {
 			return err
-		} else if yes {
-			return opErr(op, in.gen, ErrKeyExists, "a private key with %s is on the token: look it up (Signer, DurableSigner) or delete it", KeyRef{Label: spec.Label})
+		} else if n > 0 {
+			return opErr(op, in.gen, ErrKeyExists, "a private key with %s is on the token: look it up (Signer, DurableSigner) or delete it (DeleteKey)", KeyRef{Label: spec.Label})
 		}
+		c := &cutShort{spec: spec}
 		if len(spec.ID) > 0 {
-			if yes, err := taken(refTemplate(0, spec.ID, "")); err != nil {
+			if n, err := taken(refTemplate(0, spec.ID, "")); err != nil {
 				return err
-			} else if yes {
-				return opErr(op, in.gen, ErrKeyExists, "an object with %s is on the token (a key, a public key or a certificate): look it up (Signer, DurableSigner), or delete what holds the ID", KeyRef{ID: spec.ID})
+			} else if n > 0 {
+				return opErr(op, in.gen, ErrKeyExists, "an object with %s is on the token: look it up (Signer, DurableSigner), or delete it (DeleteKey for a key or a lone public key, DeleteCertificate for a certificate)", KeyRef{ID: spec.ID})
 			}
-		}
-		var ph, kh pkcs11.ObjectHandle
-		in.long(func() {
-			ph, kh, err = in.ctx.GenerateKeyPair(s, mech, pub, priv)
-			if err != nil && spec.Type == Ed25519 && refusesCurve(err) {
-				// The other encoding of the curve PKCS#11 3.0 allows.
-				pub = replaceAttr(pub, pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, ed25519String))
-				ph, kh, err = in.ctx.GenerateKeyPair(s, mech, pub, priv)
-			}
-		})
-		if err != nil {
-			return stepErr("C_GenerateKeyPair", err)
-		}
-		po, err := in.readObject(s, ph)
-		if err != nil {
-			return err
-		}
-		ko, err := in.readObject(s, kh)
-		if err != nil {
-			return err
-		}
-		if ko.decrypt && !spec.Decrypt {
-			// The module's default lets the private half decrypt (SoftHSM
-			// for EC keys): turn it off, as asked.
-			if err := in.ctx.SetAttributeValue(s, kh, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, false)}); err != nil {
-				return &Error{Op: op, Generation: in.gen, Err: wrapf(stepErr("C_SetAttributeValue (CKA_DECRYPT false)", err),
-					"the module made the private key decrypt and refuses to change it; %s", in.discard(s, spec.Label, ph, kh))}
-			}
-			ko.decrypt = false
-		}
-		if len(spec.ID) == 0 {
-			// The default ID, from the public key.
-			if k, err = in.keyFrom(s, &ko, []object{po}); err != nil {
-				return in.unusable(s, spec.Label, ph, kh, err)
-			}
-			der, err := x509.MarshalPKIXPublicKey(k.pub)
+		} else {
+			// With the computed ID, what a cut-short generation leaves has
+			// no ID yet: only the label tells it, and only if no object had
+			// the label before.
+			n, err := taken(refTemplate(0, nil, spec.Label))
 			if err != nil {
-				return opErr(op, in.gen, ErrUnsupportedKey, "public key: %v", err)
+				return err
 			}
-			id := ski(der)
-			for _, h := range []pkcs11.ObjectHandle{kh, ph} {
-				if err := in.ctx.SetAttributeValue(s, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_ID, id)}); err != nil {
-					// Do not leave a key without its ID (or with it on one
-					// half only): delete the pair.
-					return &Error{Op: op, Generation: in.gen, Err: wrapf(stepErr("C_SetAttributeValue (CKA_ID)", err),
-						"%s; give KeySpec.ID for an HSM that sets CKA_ID only at generation", in.discard(s, spec.Label, ph, kh))}
-				}
+			c.labelTaken = n > 0
+		}
+		cut = c
+		var err error
+		if ph, kh, err = in.generatePair(s, spec, tmpl); err != nil {
+			if code, ok := codeOf(err); ok && classify(code) == classCaller {
+				cut = nil // refused: nothing was made
 			}
-			ko.id, po.id = id, id
+			return err
 		}
-		if k, err = in.keyFrom(s, &ko, []object{po}); err != nil {
-			return in.unusable(s, spec.Label, ph, kh, err)
-		}
-		return nil
+		k, err = in.finishPair(s, spec, tmpl, ph, kh)
+		return err
 	})
+	switch {
+	case err == nil:
+		delete(p.cutShort, spec.Label)
+	case cut != nil && !errors.Is(err, ErrUnsupportedKey) && !errors.Is(err, ErrKeyExists):
+		// The outcome is unknown (the HSM lost, hung, or the module failed
+		// after C_GenerateKeyPair): a retry finishes what is left.
+		if p.cutShort == nil {
+			p.cutShort = map[string]*cutShort{}
+		}
+		p.cutShort[spec.Label] = cut
+	}
 	if err != nil {
 		return nil, err
 	}
 	return &Signer{p.adopt(k)}, nil
+}
+
+// cutShort is a GenerateKey whose C_GenerateKeyPair was called and did
+// not end in a key handed out: the HSM was lost, hung, or failed during or
+// after it. Provider.cutShort keeps them by label (guarded by genSem).
+type cutShort struct {
+	spec KeySpec
+	// labelTaken: with the computed ID, objects with the label were on
+	// the token before the generation, so the objects it left cannot be
+	// told from them.
+	labelTaken bool
+}
+
+// sameSpec reports whether spec is the generation that was cut short.
+func (c *cutShort) sameSpec(spec KeySpec) bool {
+	return c.spec.Label == spec.Label && c.spec.Type == spec.Type && bytes.Equal(c.spec.ID, spec.ID)
+}
+
+// leftBy finds what the cut-short generation c left: the objects with its
+// label (and ID), of its key type and size, that no object had before it.
+// A whole pair is returned (found) to be finished. Lone halves are
+// deleted, so that the key is generated again. Anything else (several
+// pairs, objects that were there before) is left alone.
+func (in *instance) leftBy(s pkcs11.SessionHandle, c *cutShort, tmpl keyTemplates, log *slog.Logger) (ph, kh pkcs11.ObjectHandle, found bool, err error) {
+	if len(c.spec.ID) == 0 && c.labelTaken {
+		log.Warn("hsm: a key generation cut short may have left objects that cannot be told from others with its label (they were there before it): nothing deleted", "label", c.spec.Label)
+		return 0, 0, false, nil
+	}
+	handles, err := in.findObjects(s, refTemplate(0, c.spec.ID, c.spec.Label), maxRefObjects)
+	if err != nil || len(handles) > maxRefObjects {
+		return 0, 0, false, err
+	}
+	var privs, pubs []object
+	for _, h := range handles {
+		o, err := in.readObject(s, h)
+		if err != nil {
+			return 0, 0, false, err
+		}
+		if !o.hasClass || !o.hasKeyType || o.keyType != tmpl.keyType || o.label != c.spec.Label {
+			continue
+		}
+		if len(c.spec.ID) == 0 && len(o.id) > 0 && !bytes.Equal(o.id, skiOf(o)) {
+			continue // an ID the generation did not set
+		}
+		switch {
+		case o.class == pkcs11.CKO_PRIVATE_KEY && tmpl.fits(&o):
+			privs = append(privs, o)
+		case o.class == pkcs11.CKO_PUBLIC_KEY && tmpl.fits(&o):
+			pubs = append(pubs, o)
+		}
+	}
+	switch {
+	case len(privs) == 1 && len(pubs) == 1:
+		return pubs[0].h, privs[0].h, true, nil
+	case len(privs)+len(pubs) == 1:
+		o := append(privs, pubs...)[0]
+		if err := in.ctx.DestroyObject(s, o.h); err != nil {
+			return 0, 0, false, stepErr("C_DestroyObject (a half left by a generation cut short)", err)
+		}
+		log.Info("hsm: deleted the lone half of a key pair that a key generation cut short had left", "label", c.spec.Label, "id", hex.EncodeToString(o.id), "class", o.class)
+	}
+	return 0, 0, false, nil
+}
+
+// skiOf is the computed ID of a public key object read by readObject, or
+// nil when it cannot say (a private key object, an unreadable key).
+func skiOf(o object) []byte {
+	if o.class != pkcs11.CKO_PUBLIC_KEY {
+		return o.id // a private half's ID is checked with its public half
+	}
+	pub, err := publicOf(&o)
+	if err != nil {
+		return nil
+	}
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return nil
+	}
+	return ski(der)
+}
+
+// generatePair runs C_GenerateKeyPair with the templates of spec: first
+// with every capability the spec does not ask for turned off in the
+// templates, then, where the module refuses such a template (tpm2-pkcs11
+// refuses CKA_DECRYPT or CKA_ENCRYPT false), without them (finishPair
+// turns them off after generation); for Ed25519, with each encoding of the
+// curve PKCS#11 3.0 allows.
+func (in *instance) generatePair(s pkcs11.SessionHandle, spec KeySpec, tmpl keyTemplates) (ph, kh pkcs11.ObjectHandle, err error) {
+	mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(tmpl.mech, nil)}
+	in.long(func() {
+		for _, strict := range []bool{true, false} {
+			for _, params := range tmpl.params {
+				pub, priv := tmpl.build(strict, params)
+				if ph, kh, err = in.ctx.GenerateKeyPair(s, mech, pub, priv); err == nil || !refusesTemplate(err) {
+					return
+				}
+			}
+		}
+	})
+	if err != nil {
+		return 0, 0, stepErr("C_GenerateKeyPair", err)
+	}
+	return ph, kh, nil
+}
+
+// finishPair makes the pair GenerateKey generated (ph, kh) what spec asks
+// for, and the key: the capabilities the spec does not ask for off on both
+// halves, the computed ID set when spec has none. A pair that cannot be
+// made so is deleted.
+func (in *instance) finishPair(s pkcs11.SessionHandle, spec KeySpec, tmpl keyTemplates, ph, kh pkcs11.ObjectHandle) (*key, error) {
+	const op = "generate key"
+	for _, half := range []struct {
+		h     pkcs11.ObjectHandle
+		attrs []boolAttr
+		name  string
+	}{{kh, tmpl.privBools, "private"}, {ph, tmpl.pubBools, "public"}} {
+		if err := in.enforce(s, half.h, half.attrs); err != nil {
+			return nil, &Error{Op: op, Generation: in.gen, Err: wrapf(err, "the %s half: %s", half.name, in.discard(s, spec.Label, ph, kh))}
+		}
+	}
+	po, err := in.readObject(s, ph)
+	if err != nil {
+		return nil, err
+	}
+	ko, err := in.readObject(s, kh)
+	if err != nil {
+		return nil, err
+	}
+	k, err := in.keyFrom(s, &ko, []object{po})
+	if err != nil {
+		return nil, in.unusable(s, spec.Label, ph, kh, err)
+	}
+	id := spec.ID
+	if len(id) == 0 {
+		// The computed ID, from the public key.
+		der, err := x509.MarshalPKIXPublicKey(k.pub)
+		if err != nil {
+			return nil, opErr(op, in.gen, ErrUnsupportedKey, "public key: %v", err)
+		}
+		id = ski(der)
+	}
+	if !bytes.Equal(ko.id, id) || !bytes.Equal(po.id, id) {
+		for _, h := range []pkcs11.ObjectHandle{kh, ph} {
+			if err := in.ctx.SetAttributeValue(s, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_ID, id)}); err != nil {
+				// Do not leave a key without its ID (or with it on one
+				// half only): delete the pair.
+				return nil, &Error{Op: op, Generation: in.gen, Err: wrapf(stepErr("C_SetAttributeValue (CKA_ID)", err),
+					"%s; give KeySpec.ID for an HSM that sets CKA_ID only at generation", in.discard(s, spec.Label, ph, kh))}
+			}
+		}
+		ko.id, po.id = id, id
+		if k, err = in.keyFrom(s, &ko, []object{po}); err != nil {
+			return nil, in.unusable(s, spec.Label, ph, kh, err)
+		}
+	}
+	k.proven = true // one pair, made as one by C_GenerateKeyPair
+	return k, nil
+}
+
+// boolAttr is a CK_BBOOL attribute of a generated key and its value.
+type boolAttr struct {
+	typ uint
+	on  bool
+}
+
+// enforce reads attrs of object h back, and turns off, with one
+// C_SetAttributeValue, those the module set on against them. An attribute
+// the spec wants on that is off is an error (the module ignored the
+// template). An attribute the object does not have is off.
+func (in *instance) enforce(s pkcs11.SessionHandle, h pkcs11.ObjectHandle, attrs []boolAttr) error {
+	types := make([]uint, len(attrs))
+	for i, a := range attrs {
+		types[i] = a.typ
+	}
+	vals, err := in.slowAttrs(s, h, types)
+	if err != nil {
+		return err
+	}
+	var off []*pkcs11.Attribute
+	var names []string
+	for i, a := range attrs {
+		switch on := isTrue(vals[i]); {
+		case on && !a.on:
+			off = append(off, pkcs11.NewAttribute(a.typ, false))
+			names = append(names, attrName(a.typ))
+		case !on && a.on:
+			return fmt.Errorf("the module did not set %s, which the key needs", attrName(a.typ))
+		}
+	}
+	if len(off) == 0 {
+		return nil
+	}
+	if err := in.ctx.SetAttributeValue(s, h, off); err != nil {
+		return wrapf(stepErr("C_SetAttributeValue", err), "the module set %s against the spec and refuses to turn them off", strings.Join(names, ", "))
+	}
+	return nil
+}
+
+// attrName names the CKA_ attributes enforce checks.
+func attrName(t uint) string {
+	switch t {
+	case pkcs11.CKA_SIGN:
+		return "CKA_SIGN"
+	case pkcs11.CKA_VERIFY:
+		return "CKA_VERIFY"
+	case pkcs11.CKA_DECRYPT:
+		return "CKA_DECRYPT"
+	case pkcs11.CKA_ENCRYPT:
+		return "CKA_ENCRYPT"
+	case pkcs11.CKA_UNWRAP:
+		return "CKA_UNWRAP"
+	case pkcs11.CKA_WRAP:
+		return "CKA_WRAP"
+	case pkcs11.CKA_DERIVE:
+		return "CKA_DERIVE"
+	}
+	return fmt.Sprintf("attribute 0x%x", t)
+}
+
+// refusesTemplate reports whether a C_GenerateKeyPair failure means the
+// module refuses an attribute or value of the templates (or the curve's
+// encoding), so that another template may be tried.
+func refusesTemplate(err error) bool {
+	code, _ := codeOf(err)
+	switch code {
+	case pkcs11.CKR_ATTRIBUTE_VALUE_INVALID, pkcs11.CKR_ATTRIBUTE_TYPE_INVALID, pkcs11.CKR_ATTRIBUTE_READ_ONLY,
+		pkcs11.CKR_TEMPLATE_INCONSISTENT, pkcs11.CKR_CURVE_NOT_SUPPORTED, pkcs11.CKR_DOMAIN_PARAMS_INVALID:
+		return true
+	}
+	return false
 }
 
 // unusable deletes the key pair GenerateKey made when err says hsm cannot
@@ -243,7 +490,7 @@ func (in *instance) unusable(s pkcs11.SessionHandle, label string, pub, priv pkc
 // says what became of it.
 func (in *instance) discard(s pkcs11.SessionHandle, label string, pub, priv pkcs11.ObjectHandle) string {
 	if err := errors.Join(in.ctx.DestroyObject(s, pub), in.ctx.DestroyObject(s, priv)); err != nil {
-		return fmt.Sprintf("deleting the key pair made failed too (%v): delete the key labelled %q", err, label)
+		return fmt.Sprintf("deleting the key pair made failed too (%v): delete the key labelled %q (DeleteKey)", err, label)
 	}
 	return "the key pair made was deleted"
 }
@@ -263,32 +510,103 @@ func ski(der []byte) []byte {
 	return sum[:]
 }
 
-func refusesCurve(err error) bool {
-	code, _ := codeOf(err)
-	return code == pkcs11.CKR_CURVE_NOT_SUPPORTED || code == pkcs11.CKR_ATTRIBUTE_VALUE_INVALID || code == pkcs11.CKR_DOMAIN_PARAMS_INVALID || code == pkcs11.CKR_TEMPLATE_INCONSISTENT
+// keyTemplates is what GenerateKey makes of a KeySpec.
+type keyTemplates struct {
+	mech, keyType uint
+	// pub and priv are the templates without the capabilities turned off;
+	// pubOff and privOff are those, added by build when strict.
+	pub, priv, pubOff, privOff []*pkcs11.Attribute
+	// params are the encodings of the curve to try (CKA_EC_PARAMS of the
+	// public half), or one nil for RSA.
+	params [][]byte
+	// bits is the RSA modulus size.
+	bits int
+	// privBools and pubBools are the capabilities each half must end with.
+	privBools, pubBools []boolAttr
+	// overrides are the spec's own attributes, last in each template.
+	pubOverrides, privOverrides []*pkcs11.Attribute
 }
 
-// templates returns the mechanism and the templates of the public and the
-// private half, or why spec is not valid.
-func (spec KeySpec) templates() ([]*pkcs11.Mechanism, []*pkcs11.Attribute, []*pkcs11.Attribute, error) {
+// build returns the templates of the public and the private half, with
+// the capabilities the spec does not ask for turned off when strict, and
+// the curve's parameters.
+func (t keyTemplates) build(strict bool, params []byte) (pub, priv []*pkcs11.Attribute) {
+	pub = append([]*pkcs11.Attribute{}, t.pub...)
+	priv = append([]*pkcs11.Attribute{}, t.priv...)
+	if strict {
+		pub = append(pub, t.pubOff...)
+		priv = append(priv, t.privOff...)
+	}
+	if params != nil {
+		pub = append(pub, pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, params))
+	}
+	for _, a := range t.pubOverrides {
+		pub = replaceAttr(pub, a)
+	}
+	for _, a := range t.privOverrides {
+		priv = replaceAttr(priv, a)
+	}
+	return pub, priv
+}
+
+// fits reports whether o is of the size or curve the templates make.
+func (t keyTemplates) fits(o *object) bool {
+	if t.keyType == pkcs11.CKK_RSA {
+		return len(o.modulus) == 0 || len(o.modulus)*8 == t.bits || len(trimZeros(o.modulus))*8 == t.bits
+	}
+	for _, p := range t.params {
+		if sameCurve(t.keyType, p, o.ecParams) {
+			return true
+		}
+	}
+	return false
+}
+
+// publicOf is the public key of a public key object read by readObject.
+func publicOf(o *object) (crypto.PublicKey, error) {
+	switch {
+	case o.keyType == pkcs11.CKK_RSA:
+		e := new(big.Int).SetBytes(o.exponent)
+		if len(o.modulus) == 0 || !e.IsInt64() || e.Int64() > 1<<31-1 {
+			return nil, errors.New("no usable modulus or exponent")
+		}
+		return &rsa.PublicKey{N: new(big.Int).SetBytes(o.modulus), E: int(e.Int64())}, nil
+	case o.keyType == pkcs11.CKK_EC:
+		curve, err := curveOf(o.ecParams)
+		if err != nil {
+			return nil, err
+		}
+		return ecdsa.ParseUncompressedPublicKey(curve, ecPoint(o.ecPoint, 1+2*((curve.Params().BitSize+7)/8)))
+	case o.keyType == ckkECEdwards:
+		point := ecPoint(o.ecPoint, ed25519.PublicKeySize)
+		if len(point) != ed25519.PublicKeySize {
+			return nil, errors.New("not an Ed25519 point")
+		}
+		return ed25519.PublicKey(bytes.Clone(point)), nil
+	}
+	return nil, errors.New("not an RSA, EC or Ed25519 key")
+}
+
+// templates returns what GenerateKey makes of spec, or why spec is not
+// valid.
+func (spec KeySpec) templates() (keyTemplates, error) {
+	var t keyTemplates
 	switch {
 	case spec.Label == "":
-		return nil, nil, nil, errOpts("KeySpec.Label is empty: a key needs a label")
+		return t, errOpts("KeySpec.Label is empty: a key needs a label")
 	case !utf8.ValidString(spec.Label):
-		return nil, nil, nil, errOpts("KeySpec.Label is not valid UTF-8")
+		return t, errOpts("KeySpec.Label is not valid UTF-8")
 	case spec.Decrypt && spec.Type.rsaBits() == 0:
-		return nil, nil, nil, errOpts("KeySpec.Decrypt: only RSA keys decrypt, not %v", spec.Type)
+		return t, errOpts("KeySpec.Decrypt: only RSA keys decrypt, not %v", spec.Type)
 	}
-	var mech uint
-	var keyType uint
-	pub := []*pkcs11.Attribute{
+	t.pub = []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY),
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
 		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, false),
 		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, true),
 		pkcs11.NewAttribute(pkcs11.CKA_LABEL, spec.Label),
 	}
-	priv := []*pkcs11.Attribute{
+	t.priv = []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
 		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
@@ -298,49 +616,77 @@ func (spec KeySpec) templates() ([]*pkcs11.Mechanism, []*pkcs11.Attribute, []*pk
 		pkcs11.NewAttribute(pkcs11.CKA_LABEL, spec.Label),
 	}
 	if len(spec.ID) > 0 {
-		pub = append(pub, pkcs11.NewAttribute(pkcs11.CKA_ID, spec.ID))
-		priv = append(priv, pkcs11.NewAttribute(pkcs11.CKA_ID, spec.ID))
+		t.pub = append(t.pub, pkcs11.NewAttribute(pkcs11.CKA_ID, spec.ID))
+		t.priv = append(t.priv, pkcs11.NewAttribute(pkcs11.CKA_ID, spec.ID))
 	}
 	switch spec.Type {
 	case RSA2048, RSA3072, RSA4096:
-		mech, keyType = pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, pkcs11.CKK_RSA
-		pub = append(pub,
+		t.mech, t.keyType, t.bits = pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, pkcs11.CKK_RSA, spec.Type.rsaBits()
+		t.pub = append(t.pub,
 			pkcs11.NewAttribute(pkcs11.CKA_MODULUS_BITS, spec.Type.rsaBits()),
 			pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, []byte{1, 0, 1}))
+		t.params = [][]byte{nil}
 		if spec.Decrypt {
-			// Only when asked: tpm2-pkcs11 refuses a template with
-			// CKA_DECRYPT or CKA_ENCRYPT false (GenerateKey turns a
-			// module's default of true off after generation instead).
-			pub = append(pub, pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true))
-			priv = append(priv, pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true))
+			t.pub = append(t.pub, pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true))
+			t.priv = append(t.priv, pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true))
 		}
 	case ECDSAP256, ECDSAP384, ECDSAP521:
-		mech, keyType = pkcs11.CKM_EC_KEY_PAIR_GEN, pkcs11.CKK_EC
-		params := map[KeyType][]byte{ECDSAP256: p256Params, ECDSAP384: p384Params, ECDSAP521: p521Params}[spec.Type]
-		pub = append(pub, pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, params))
+		t.mech, t.keyType = pkcs11.CKM_EC_KEY_PAIR_GEN, pkcs11.CKK_EC
+		t.params = [][]byte{map[KeyType][]byte{ECDSAP256: p256Params, ECDSAP384: p384Params, ECDSAP521: p521Params}[spec.Type]}
 	case Ed25519:
-		mech, keyType = ckmECEdwardsKeyPairGen, ckkECEdwards
-		pub = append(pub, pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, ed25519OID))
+		// RFC 8410's OID, then the PrintableString "edwards25519" that
+		// PKCS#11 3.0 also allows (SoftHSM 2.6 takes only this one).
+		t.mech, t.keyType = ckmECEdwardsKeyPairGen, ckkECEdwards
+		t.params = [][]byte{ed25519OID, ed25519String}
 	default:
-		return nil, nil, nil, errOpts("KeySpec.Type %v is not one of RSA2048, RSA3072, RSA4096, ECDSAP256, ECDSAP384, ECDSAP521, Ed25519", spec.Type)
+		return t, errOpts("KeySpec.Type %v is not one of RSA2048, RSA3072, RSA4096, ECDSAP256, ECDSAP384, ECDSAP521, Ed25519", spec.Type)
 	}
-	pub = append(pub, pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, keyType))
-	priv = append(priv, pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, keyType))
+	t.pub = append(t.pub, pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, t.keyType))
+	t.priv = append(t.priv, pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, t.keyType))
 	var err error
-	if pub, err = override(pub, spec.PublicAttributes, "PublicAttributes"); err != nil {
-		return nil, nil, nil, err
+	if t.pubOverrides, err = override(spec.PublicAttributes, "PublicAttributes"); err != nil {
+		return t, err
 	}
-	if priv, err = override(priv, spec.PrivateAttributes, "PrivateAttributes"); err != nil {
-		return nil, nil, nil, err
+	if t.privOverrides, err = override(spec.PrivateAttributes, "PrivateAttributes"); err != nil {
+		return t, err
 	}
-	return []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, pub, priv, nil
+	// Least privilege: each half can do what the spec asks, nothing else.
+	t.privBools = wanted([]boolAttr{{pkcs11.CKA_SIGN, true}, {pkcs11.CKA_DECRYPT, spec.Decrypt}, {pkcs11.CKA_UNWRAP, false}, {pkcs11.CKA_DERIVE, false}}, t.privOverrides)
+	t.pubBools = wanted([]boolAttr{{pkcs11.CKA_VERIFY, true}, {pkcs11.CKA_ENCRYPT, spec.Decrypt}, {pkcs11.CKA_WRAP, false}, {pkcs11.CKA_DERIVE, false}}, t.pubOverrides)
+	t.privOff, t.pubOff = offAttrs(t.privBools), offAttrs(t.pubBools)
+	return t, nil
+}
+
+// wanted is attrs with the values the spec's own attributes give them.
+func wanted(attrs []boolAttr, overrides []*pkcs11.Attribute) []boolAttr {
+	for _, o := range overrides {
+		for i := range attrs {
+			if attrs[i].typ == o.Type {
+				attrs[i].on = isTrue(o.Value)
+			}
+		}
+	}
+	return attrs
+}
+
+// offAttrs is the template of the attributes of attrs that are off.
+func offAttrs(attrs []boolAttr) []*pkcs11.Attribute {
+	var t []*pkcs11.Attribute
+	for _, a := range attrs {
+		if !a.on {
+			t = append(t, pkcs11.NewAttribute(a.typ, false))
+		}
+	}
+	return t
 }
 
 // CKM_EC_EDWARDS_KEY_PAIR_GEN (PKCS#11 3.0; miekg/pkcs11 v1.1.2 lacks it).
 const ckmECEdwardsKeyPairGen = 0x1055
 
-// override adds attrs to tmpl, each replacing an attribute of its type.
-func override(tmpl []*pkcs11.Attribute, attrs []Attribute, field string) ([]*pkcs11.Attribute, error) {
+// override checks the spec's own attributes and returns them as PKCS#11
+// attributes, each to replace an attribute of its type in a template.
+func override(attrs []Attribute, field string) ([]*pkcs11.Attribute, error) {
+	var out []*pkcs11.Attribute
 	for _, a := range attrs {
 		switch a.Type {
 		case pkcs11.CKA_CLASS, pkcs11.CKA_KEY_TYPE, pkcs11.CKA_TOKEN, pkcs11.CKA_LABEL, pkcs11.CKA_ID:
@@ -356,9 +702,9 @@ func override(tmpl []*pkcs11.Attribute, attrs []Attribute, field string) ([]*pkc
 		if v, ok := a.Value.(int); ok && v < 0 {
 			return nil, errOpts("KeySpec.%s: attribute 0x%x is negative", field, a.Type)
 		}
-		tmpl = replaceAttr(tmpl, pkcs11.NewAttribute(a.Type, a.Value))
+		out = append(out, pkcs11.NewAttribute(a.Type, a.Value))
 	}
-	return tmpl, nil
+	return out, nil
 }
 
 func replaceAttr(tmpl []*pkcs11.Attribute, a *pkcs11.Attribute) []*pkcs11.Attribute {
@@ -395,6 +741,12 @@ func (p *Provider) write(op string, f task) error {
 // CKA_ID, or same label for a key without one). A certificate with its ID
 // stays: DeleteCertificate deletes it. Afterwards Signer(ref) fails with
 // ErrKeyNotFound; keys looked up before fail at their next operation.
+//
+// When no private key matches ref, it deletes the one public key that ref
+// names and that has no private half (none with its CKA_ID, or, without
+// one, its label): a lone public key, such as a key generation cut short
+// by a lost HSM can leave, which would otherwise hold its ID for good.
+// Several such public keys are ErrAmbiguousKey, none ErrKeyNotFound.
 // Safe for concurrent use.
 func (p *Provider) DeleteKey(ref KeyRef) error {
 	const op = "delete key"
@@ -403,6 +755,9 @@ func (p *Provider) DeleteKey(ref KeyRef) error {
 	}
 	return p.write(op, func(in *instance, s pkcs11.SessionHandle) error {
 		h, err := in.findOne(s, op, refTemplate(pkcs11.CKO_PRIVATE_KEY, ref.ID, ref.Label), "private key", ref)
+		if errors.Is(err, ErrKeyNotFound) {
+			return in.deleteLonePublic(s, ref)
+		}
 		if err != nil {
 			return err
 		}
@@ -433,8 +788,55 @@ func (p *Provider) DeleteKey(ref KeyRef) error {
 	})
 }
 
+// deleteLonePublic deletes the one public key ref names that has no
+// private half, for DeleteKey.
+func (in *instance) deleteLonePublic(s pkcs11.SessionHandle, ref KeyRef) error {
+	const op = "delete key"
+	handles, err := in.findObjects(s, refTemplate(pkcs11.CKO_PUBLIC_KEY, ref.ID, ref.Label), maxRefObjects)
+	if err != nil {
+		return err
+	}
+	var lone []pkcs11.ObjectHandle
+	for _, h := range handles {
+		o, err := in.readObject(s, h)
+		if err != nil {
+			return err
+		}
+		if len(o.id) == 0 && o.label == "" {
+			continue // its private half cannot be told: never deleted alone
+		}
+		label := ""
+		if len(o.id) == 0 {
+			label = o.label
+		}
+		tmpl := refTemplate(pkcs11.CKO_PRIVATE_KEY, o.id, label)
+		if o.hasKeyType {
+			tmpl = append(tmpl, pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, o.keyType))
+		}
+		privs, err := in.findObjects(s, tmpl, 0)
+		if err != nil {
+			return err
+		}
+		if len(privs) == 0 {
+			lone = append(lone, h)
+		}
+	}
+	switch {
+	case len(lone) == 0:
+		return opErr(op, in.gen, ErrKeyNotFound, "no private key, and no public key without its private key, with %s", ref)
+	case len(lone) > 1:
+		return opErr(op, in.gen, ErrAmbiguousKey, "no private key, and several public keys without their private keys, with %s: nothing deleted", ref)
+	}
+	if err := in.ctx.DestroyObject(s, lone[0]); err != nil {
+		return stepErr("C_DestroyObject", err)
+	}
+	return nil
+}
+
 // ImportCertificate stores cert on the token as a CKO_CERTIFICATE (X.509)
-// with CKA_SUBJECT, CKA_ISSUER, CKA_SERIAL_NUMBER and CKA_VALUE. When a
+// with CKA_SUBJECT, CKA_ISSUER, CKA_SERIAL_NUMBER and CKA_VALUE, all taken
+// from cert.Raw, which must parse as a certificate (x509.ParseCertificate);
+// cert's other fields are not looked at. When a
 // private key matches ref, the certificate must be for it (its public key),
 // and takes the key's CKA_ID and CKA_LABEL; otherwise (a CA certificate of
 // the chain) it takes ref's ID and label. A certificate with that CKA_ID
@@ -448,6 +850,13 @@ func (p *Provider) ImportCertificate(ref KeyRef, cert *x509.Certificate) error {
 	case len(ref.ID) == 0 && ref.Label == "":
 		return opErr(op, p.Generation(), ErrInvalidOptions, "empty KeyRef: set ID, Label or both")
 	}
+	// What is stored is cert.Raw: it is what must parse, and be for the
+	// key, whatever the other fields of cert say.
+	parsed, err := x509.ParseCertificate(cert.Raw)
+	if err != nil {
+		return opErr(op, p.Generation(), ErrInvalidOptions, "cert.Raw is not a certificate: %v", err)
+	}
+	cert = parsed
 	k, err := p.lookup(ref)
 	switch {
 	case err == nil:

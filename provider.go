@@ -63,9 +63,13 @@ type Provider struct {
 
 	flights singleflight.Group // one re-initialization at a time, shared
 	genSem  chan struct{}      // one GenerateKey at a time, so that its check for a free label holds
-	reinits atomic.Uint64
-	health  health
-	meter   meter // session waits and latencies, for Stats
+	// cutShort holds the GenerateKey calls, by label, whose outcome a loss
+	// left unknown, for their retry to finish (lifecycle.go). Guarded by
+	// genSem.
+	cutShort map[string]*cutShort
+	reinits  atomic.Uint64
+	health   health
+	meter    meter // session waits and latencies, for Stats
 
 	// testHookFinalized, if set, runs inside a re-initialization right
 	// after C_Finalize and before C_Initialize. Tests use it to change the

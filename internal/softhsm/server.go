@@ -2,6 +2,7 @@ package softhsm
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 )
 
 // Server serves one token through `p11-kit server`, the way a network HSM
@@ -247,3 +249,79 @@ func (s *Server) Stop() {
 func (s *Server) String() string {
 	return fmt.Sprintf("p11-kit server for token %q at %s", s.tok.Label, s.sock)
 }
+
+// Trap stops the server the moment a given number of new object files have
+// appeared in its token's directory: what SoftHSM had written by then stays,
+// what it had not written never is (see StopAtObject).
+type Trap struct {
+	f     *os.File
+	done  chan struct{}
+	fired atomic.Bool
+	names []string
+}
+
+// StopAtObject arranges for every process of the server's session to be
+// stopped (SIGSTOP) as soon as the n-th new object file appears in the
+// token's directory (SoftHSM's file store writes one file per object): a
+// token that dies in the middle of a C_GenerateKeyPair, after its first
+// half is written and before its second is. Kill it afterwards. The
+// processes are the server and its connections' children as they are now:
+// call it once the client is connected.
+func (s *Server) StopAtObject(n int) (*Trap, error) {
+	dir, err := s.tok.Dir()
+	if err != nil {
+		return nil, err
+	}
+	pids := s.Pids()
+	if len(pids) == 0 {
+		return nil, errors.New("softhsm: the server is not running")
+	}
+	fd, err := syscall.InotifyInit1(syscall.IN_CLOEXEC | syscall.IN_NONBLOCK)
+	if err != nil {
+		return nil, fmt.Errorf("softhsm: inotify: %w", err)
+	}
+	if _, err := syscall.InotifyAddWatch(fd, dir, syscall.IN_CREATE); err != nil {
+		syscall.Close(fd)
+		return nil, fmt.Errorf("softhsm: inotify on %s: %w", dir, err)
+	}
+	tr := &Trap{f: os.NewFile(uintptr(fd), "inotify"), done: make(chan struct{})}
+	go func() {
+		defer close(tr.done)
+		buf := make([]byte, 4096)
+		seen := 0
+		for {
+			m, err := tr.f.Read(buf)
+			if err != nil {
+				return // closed
+			}
+			for off := 0; off+syscall.SizeofInotifyEvent <= m; {
+				ev := (*syscall.InotifyEvent)(unsafe.Pointer(&buf[off]))
+				name := strings.TrimRight(string(buf[off+syscall.SizeofInotifyEvent:off+syscall.SizeofInotifyEvent+int(ev.Len)]), "\x00")
+				off += syscall.SizeofInotifyEvent + int(ev.Len)
+				if !strings.HasSuffix(name, ".object") {
+					continue
+				}
+				tr.names = append(tr.names, name)
+				if seen++; seen == n {
+					for _, pid := range pids {
+						_ = syscall.Kill(pid, syscall.SIGSTOP)
+					}
+					tr.fired.Store(true)
+					return
+				}
+			}
+		}
+	}()
+	return tr, nil
+}
+
+// Close disarms the trap and reports whether it fired, with the names of
+// the new object files it saw.
+func (tr *Trap) Close() (bool, []string) {
+	tr.f.Close()
+	<-tr.done
+	return tr.fired.Load(), tr.names
+}
+
+// Fired reports whether the trap has stopped the server.
+func (tr *Trap) Fired() bool { return tr.fired.Load() }

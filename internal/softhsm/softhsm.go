@@ -227,6 +227,24 @@ func (tok *Token) Delete(id []byte) error {
 	return nil
 }
 
+// Dir returns the directory where SoftHSM's file store keeps the token's
+// objects, one file each.
+func (tok *Token) Dir() (string, error) {
+	tokens := filepath.Join(dir, "tokens")
+	entries, err := os.ReadDir(tokens)
+	if err != nil {
+		return "", err
+	}
+	label := []byte(fmt.Sprintf("%-32s", tok.Label))
+	for _, e := range entries {
+		b, err := os.ReadFile(filepath.Join(tokens, e.Name(), "token.object"))
+		if err == nil && bytes.Contains(b, label) {
+			return filepath.Join(tokens, e.Name()), nil
+		}
+	}
+	return "", fmt.Errorf("softhsm: no directory of token %q in %s", tok.Label, tokens)
+}
+
 // ReplacePrivate replaces the private key with CKA_ID id by a new private
 // key of type typ, with the same CKA_ID and CKA_LABEL label, and leaves the
 // public key object as it is: a token whose public key object says one key
