@@ -331,3 +331,58 @@ func TestImportCertificateParsesRaw(t *testing.T) {
 		t.Fatalf("the good certificate: %v", err)
 	}
 }
+
+// TestGenerateKeyDefaultsTurnedOff: a module that refuses the capabilities
+// off in the template (tpm2-pkcs11 refuses CKA_DECRYPT false) gets the
+// template without them; what its defaults then turn on (SoftHSM: an EC
+// private key that unwraps, an RSA public key that encrypts and wraps, an
+// RSA private key that decrypts and unwraps) is turned off after
+// generation, and read back off.
+func TestGenerateKeyDefaultsTurnedOff(t *testing.T) {
+	tok := softhsmtest.NewToken(t, "defaults")
+	p := openToken(t, tok)
+	caps := []uint{pkcs11.CKA_DECRYPT, pkcs11.CKA_ENCRYPT, pkcs11.CKA_UNWRAP, pkcs11.CKA_WRAP, pkcs11.CKA_DERIVE}
+	for _, typ := range []KeyType{RSA2048, ECDSAP256, Ed25519} {
+		spec := KeySpec{Type: typ, Label: "defaults " + typ.String()}
+		tmpl, err := spec.templates()
+		if err != nil {
+			t.Fatal(err)
+		}
+		tmpl.pubOff, tmpl.privOff = nil, nil // as after the module refused them
+		var k *key
+		var before [2][][]byte
+		err = p.write("generate key", func(in *instance, s pkcs11.SessionHandle) error {
+			ph, kh, err := in.generatePair(s, spec, tmpl)
+			if err != nil {
+				return err
+			}
+			for i, h := range []pkcs11.ObjectHandle{kh, ph} {
+				if before[i], err = in.slowAttrs(s, h, caps); err != nil {
+					return err
+				}
+			}
+			k, err = in.finishPair(s, spec, tmpl, ph, kh)
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		on := 0
+		for _, half := range before {
+			for _, v := range half {
+				if isTrue(v) {
+					on++
+				}
+			}
+		}
+		t.Logf("%v: %d capabilities on by the module's defaults", typ, on)
+		for _, o := range toolObjects(t, tok) {
+			if o.label == spec.Label && strings.Join(o.usage, ",") != map[string]string{"private": "sign", "public": "verify"}[o.class] {
+				t.Errorf("%v: pkcs11-tool: %s half's usage %v, want only sign or verify", typ, o.class, o.usage)
+			}
+		}
+		if k == nil {
+			t.Fatal("no key")
+		}
+	}
+}

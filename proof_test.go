@@ -8,9 +8,11 @@ import (
 	"crypto/rsa"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/asn1"
 	"encoding/pem"
 	"errors"
 	"math/big"
+	"os"
 	"testing"
 	"time"
 
@@ -231,4 +233,74 @@ func certFor(t *testing.T, pub crypto.PublicKey) []byte {
 		t.Fatal(err)
 	}
 	return der
+}
+
+// lyingRSA is the PKCS #8 DER of an RSA private key whose modulus and
+// public exponent are pub's and whose private parts are priv's: an object
+// whose CKA_MODULUS says one key while it signs with another.
+func lyingRSA(t *testing.T, pub *rsa.PublicKey, priv *rsa.PrivateKey) []byte {
+	t.Helper()
+	priv.Precompute()
+	type pkcs1 struct {
+		Version               int
+		N                     *big.Int
+		E                     int
+		D, P, Q, Dp, Dq, Qinv *big.Int
+	}
+	inner, err := asn1.Marshal(pkcs1{0, pub.N, pub.E, priv.D, priv.Primes[0], priv.Primes[1], priv.Precomputed.Dp, priv.Precomputed.Dq, priv.Precomputed.Qinv})
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := asn1.Marshal(struct {
+		Version int
+		Algo    pkix.AlgorithmIdentifier
+		Key     []byte
+	}{0, pkix.AlgorithmIdentifier{Algorithm: asn1.ObjectIdentifier{1, 2, 840, 113549, 1, 1, 1}, Parameters: asn1.NullRawValue}, inner})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return der
+}
+
+// TestRSAPrivateObjectLies: an RSA private key object whose CKA_MODULUS
+// is the pinned key's but whose private parts are another key's replaces
+// the pinned one while the library is down. The public key read from it
+// is the pinned one; only the proof shows that it does not sign for it.
+// The durable key, and a TLS certificate's, refuse it with ErrKeyChanged.
+func TestRSAPrivateObjectLies(t *testing.T) {
+	tok := softhsmtest.NewToken(t, "rsalies")
+	ref := KeyRef{ID: []byte{9}, Label: "k"}
+	tok.GenerateKey(t, softhsmtest.RSA2048, ref.ID, ref.Label)
+	p := openToken(t, tok)
+	c := swapCase{softhsmtest.RSA2048, crypto.SHA256, hashOf(crypto.SHA256, []byte("lies"))}
+	signers := swapSigners(t, p, ref)
+	other, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := t.TempDir() + "/lying.der"
+	if err := os.WriteFile(f, lyingRSA(t, signers["DurableSigner"].Public().(*rsa.PublicKey), other), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p.testHookFinalized = func() {
+		if _, err := tok.Tool("--delete-object", "--type", "privkey", "--id", "09"); err != nil {
+			t.Error(err)
+		}
+		if _, err := tok.Tool("--write-object", f, "--type", "privkey", "--id", "09", "--label", "k"); err != nil {
+			t.Error(err)
+		}
+	}
+	if err := p.Reinitialize(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	p.testHookFinalized = nil
+	// What the token now says of the key is the pinned public key.
+	s, err := p.Signer(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !samePublic(s.Public(), signers["DurableSigner"].Public()) {
+		t.Fatal("the lying object does not show the pinned modulus: the test proves nothing")
+	}
+	refusesSwapped(t, p, signers, c, 20)
 }
