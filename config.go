@@ -81,9 +81,13 @@ type Config struct {
 
 	// ProbeInterval is how often the provider checks, while healthy, that
 	// the token is present with the same serial and still logged in. An
-	// operation that fails with a suspect code (see Classify) triggers a
-	// probe at once. Zero means DefaultProbeInterval; negative disables the
-	// periodic probe (suspect codes still trigger one).
+	// operation that fails with a code that may mean a lost HSM as well as
+	// a bad session or handle (CKR_GENERAL_ERROR, CKR_FUNCTION_FAILED,
+	// CKR_SESSION_HANDLE_INVALID, CKR_SESSION_CLOSED,
+	// CKR_OBJECT_HANDLE_INVALID, CKR_KEY_HANDLE_INVALID,
+	// CKR_USER_NOT_LOGGED_IN, CKR_HOST_MEMORY) triggers a probe at once.
+	// Zero means DefaultProbeInterval; negative disables the periodic probe
+	// (those codes still trigger one).
 	ProbeInterval time.Duration
 	// ProbeTimeout is how long the HSM may stay silent before the provider
 	// decides that it hangs (ErrHung) and becomes unavailable: a probe
