@@ -289,15 +289,6 @@ func (c class) String() string {
 	return fmt.Sprintf("class(%d)", int(c))
 }
 
-// classOf returns the class of err's PKCS#11 code; classNone without one.
-func classOf(err error) class {
-	code, ok := codeOf(err)
-	if !ok {
-		return classNone
-	}
-	return classify(code)
-}
-
 // codeOf returns the PKCS#11 return value carried by err, if any: an
 // *Error's Code, or a pkcs11.Error in its chain (errors.As).
 func codeOf(err error) (uint, bool) {
