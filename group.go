@@ -198,7 +198,9 @@ func OpenGroupConfig(gc GroupConfig) (*Group, error) {
 			}
 		}
 		wg.Go(func() {
-			m.p, m.down, errs[i] = open(cfg, true)
+			if m.p, errs[i] = open(cfg, true); m.p != nil {
+				m.down = m.p.openErr
+			}
 		})
 	}
 	wg.Wait()

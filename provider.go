@@ -36,6 +36,9 @@ type Provider struct {
 	// serial is the serial number of the token found at Open; a later
 	// generation must find the same token. Written once by Open.
 	serial string
+	// openErr is why generation 1 did not come up when a group member was
+	// opened (see open), or nil. Written once by open.
+	openErr error
 
 	// life serializes re-initialization and Close: the gate's state moves
 	// (setState) only with life held, except markLost's healthy to
@@ -79,24 +82,23 @@ type Provider struct {
 // ErrHung, and the module stays claimed (Open of it fails with
 // ErrModuleInUse) until they return and the library is finalized.
 func Open(cfg Config) (*Provider, error) {
-	p, _, err := open(cfg, false)
-	return p, err
+	return open(cfg, false)
 }
 
 // open is Open. With late (a Group's member), a failure that a later
 // attempt may not repeat, that is anything but ErrConfig and
 // ErrModuleInUse, does not fail it: it returns the Provider in generation 1,
-// unavailable, and down, the failure. Automatic recovery then brings it up
-// when the HSM answers, as after a loss (the token's serial number is
-// learnt then). A failure that retrying cannot cure (ErrPIN) leaves it in
-// StateFailed instead, as recovery would.
-func open(cfg Config, late bool) (*Provider, error, error) {
+// unavailable, with the failure in p.openErr, and a nil error. Automatic
+// recovery then brings it up when the HSM answers, as after a loss (the
+// token's serial number is learnt then). A failure that retrying cannot
+// cure (ErrPIN) leaves it in StateFailed instead, as recovery would.
+func open(cfg Config, late bool) (*Provider, error) {
 	if err := cfg.validate(); err != nil {
-		return nil, nil, &Error{Op: "open", Err: err}
+		return nil, &Error{Op: "open", Err: err}
 	}
 	abs, ctx, err := claimModule(cfg.Path)
 	if err != nil {
-		return nil, nil, &Error{Op: "open", Err: err}
+		return nil, &Error{Op: "open", Err: err}
 	}
 	// p is not a named result: a call that does not return keeps using it
 	// after open has returned.
@@ -126,9 +128,10 @@ func open(cfg Config, late bool) (*Provider, error, error) {
 		if errors.Is(err, ErrPIN) || errors.Is(err, ErrTokenChanged) {
 			st = StateFailed
 		}
+		p.openErr = err
 		p.startBackground(1, st, err)
 		p.log.Warn("hsm: the HSM could not be opened; it is used once it answers", "module", abs, "state", st, "err", err)
-		return p, err, nil
+		return p, nil
 	}
 	if err != nil {
 		if errors.Is(err, ErrHung) {
@@ -140,12 +143,12 @@ func open(cfg Config, late bool) (*Provider, error, error) {
 			}
 			releaseModule(abs)
 		}
-		return nil, nil, err
+		return nil, err
 	}
 	p.serial = in.token.SerialNumber
 	p.inst.Store(in)
 	p.startBackground(1, StateHealthy, nil)
-	return p, nil, nil
+	return p, nil
 }
 
 // startBackground puts the new provider, not yet shared, in generation gen
