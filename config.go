@@ -116,9 +116,12 @@ type Config struct {
 	// OnStateChange, if set, is called for every change of State, in order,
 	// from a goroutine of the provider (never with a lock held: it may call
 	// the provider, Reinitialize and Close included). A slow callback does
-	// not slow the provider; changes it falls behind on are counted in
-	// Stats.EventsDropped. Close waits for a running callback, except when
-	// called from inside it.
+	// not slow the provider: up to 256 changes wait for it, and when more
+	// come the oldest waiting one is dropped (and counted in
+	// Stats.EventsDropped), so that the last change delivered is the
+	// latest. Close delivers the changes queued before it, StateClosed
+	// last, and waits for the callback within its own bound, except when
+	// called from inside it (see Provider.Close).
 	OnStateChange func(StateChange)
 }
 

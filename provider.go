@@ -155,15 +155,10 @@ func open(cfg Config, late bool) (*Provider, error) {
 // and state st (cause says why, for LastError), and starts the notifier
 // and the monitor.
 func (p *Provider) startBackground(gen uint64, st State, cause error) {
-	if p.cfg.OnStateChange != nil {
-		p.health.events = make(chan StateChange, 256)
-		p.health.notifyDone = make(chan struct{})
-	}
+	p.health.events = newNotifier(p.cfg.OnStateChange)
 	p.gate.set(gen, st) // the first state: no change to announce
 	p.health.lastErr = cause
-	if p.health.events != nil {
-		go p.notify()
-	}
+	p.health.events.start()
 	go p.monitor()
 }
 
@@ -356,15 +351,14 @@ func (p *Provider) TokenInfo() TokenInfo {
 // returned nil, it always does.
 //
 // Close interrupts a re-initialization in progress. When the provider has
-// an OnStateChange callback, Close delivers the changes already queued and
-// waits for the callback to return, within the same bound, except when
+// an OnStateChange callback, Close delivers the changes already queued,
+// StateClosed last, and waits for the callback to return, within the same
+// bound (a callback still running then is left to finish), except when
 // Close is called from inside the callback: then it returns without
 // waiting for the callback (its caller), and no callback starts after that
 // one. Safe for concurrent use.
 func (p *Provider) Close() error {
 	start := time.Now()
-	h := &p.health
-	fromCallback := h.events != nil && h.notifier.Load() == goid()
 	p.stopBackground() // stops the monitor; interrupts a re-initialization's waits
 	p.life.Lock()
 	gen, st := p.gate.load()
@@ -377,7 +371,7 @@ func (p *Provider) Close() error {
 		go p.finish()
 	}
 	p.life.Unlock()
-	p.closeEvents(fromCallback)
+	p.health.events.close()
 
 	t := time.NewTimer(p.cfg.DrainTimeout - time.Since(start))
 	defer t.Stop()
@@ -391,15 +385,15 @@ func (p *Provider) Close() error {
 	case <-t.C:
 	}
 	err := p.closeResult(gen)
-	if h.events != nil && !fromCallback {
-		t.Reset(p.cfg.DrainTimeout + p.cfg.ProbeTimeout - time.Since(start))
-		select {
-		case <-h.notifyDone:
-		case <-t.C:
-		}
-	}
+	p.health.events.wait(start.Add(p.cfg.closeBound()))
 	return err
 }
+
+// closeBound bounds Close, whatever the HSM and OnStateChange do: up to
+// DrainTimeout for the calls in flight, then up to ProbeTimeout for
+// C_Logout and C_Finalize; the wait for the callback ends with them.
+// Group.Close is bounded by the largest of its members'.
+func (c *Config) closeBound() time.Duration { return c.DrainTimeout + c.ProbeTimeout }
 
 // closeResult is what Close returns once its waits have ended: nil when
 // its work is done, else what it left behind.

@@ -67,21 +67,18 @@ type health struct {
 	ops, refused, failed  atomic.Uint64
 	reinitFailures        atomic.Uint64
 	probes, probeFailures atomic.Uint64
-	eventsDropped         atomic.Uint64
 	lastChange            atomic.Int64 // unix nanoseconds
 
 	probing    atomic.Bool  // a probe goroutine runs
 	probeSince atomic.Int64 // unix nanoseconds; 0 when no probe is inside the library
-	notifier   atomic.Uint64
-	muted      atomic.Bool // Close was called from inside OnStateChange: deliver no more
 
-	// The monitor's and the notifier's channels, set by init (and Open)
-	// and not changed after.
-	kick                    chan struct{} // wakes the monitor
-	stop                    chan struct{} // closed by Close
-	stopOnce                sync.Once
-	monitorDone, notifyDone chan struct{}
-	events                  chan StateChange // nil without OnStateChange
+	// The monitor's channels and OnStateChange's notifier, set by init
+	// (and Open) and not changed after.
+	kick        chan struct{} // wakes the monitor
+	stop        chan struct{} // closed by Close
+	stopOnce    sync.Once
+	monitorDone chan struct{}
+	events      *notifier[StateChange] // nil without OnStateChange
 
 	mu            sync.Mutex // protects following fields, and orders state changes (setState, markLost)
 	byCode        map[uint]uint64
@@ -89,7 +86,6 @@ type health struct {
 	changed       chan struct{} // closed and replaced at every state change
 	logNext       time.Time     // rate limit of "re-initialization failed" lines
 	logSuppressed int
-	eventsClosed  bool
 }
 
 func (h *health) init() {
@@ -137,13 +133,7 @@ func (p *Provider) recordLocked(from, to State, gen uint64, cause error) {
 	}
 	close(h.changed)
 	h.changed = make(chan struct{})
-	if h.events != nil && !h.eventsClosed {
-		select {
-		case h.events <- StateChange{From: from, To: to, Generation: gen, Err: cause, At: now}:
-		default:
-			h.eventsDropped.Add(1)
-		}
-	}
+	h.events.send(StateChange{From: from, To: to, Generation: gen, Err: cause, At: now})
 }
 
 // announce wakes the monitor and logs a state change, outside h.mu.

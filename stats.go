@@ -169,7 +169,7 @@ func (p *Provider) Stats() Stats {
 		ReinitializationFailures: h.reinitFailures.Load(),
 		Probes:                   h.probes.Load(),
 		ProbeFailures:            h.probeFailures.Load(),
-		EventsDropped:            h.eventsDropped.Load(),
+		EventsDropped:            h.events.droppedCount(),
 		ErrorsByCode:             map[string]uint64{},
 		Latency:                  make(map[string]Histogram, numClasses),
 	}
