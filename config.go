@@ -81,9 +81,13 @@ type Config struct {
 
 	// ProbeInterval is how often the provider checks, while healthy, that
 	// the token is present with the same serial and still logged in. An
-	// operation that fails with a suspect code (see Classify) triggers a
-	// probe at once. Zero means DefaultProbeInterval; negative disables the
-	// periodic probe (suspect codes still trigger one).
+	// operation that fails with a code that may mean a lost HSM as well as
+	// a bad session or handle (CKR_GENERAL_ERROR, CKR_FUNCTION_FAILED,
+	// CKR_SESSION_HANDLE_INVALID, CKR_SESSION_CLOSED,
+	// CKR_OBJECT_HANDLE_INVALID, CKR_KEY_HANDLE_INVALID,
+	// CKR_USER_NOT_LOGGED_IN, CKR_HOST_MEMORY) triggers a probe at once.
+	// Zero means DefaultProbeInterval; negative disables the periodic probe
+	// (those codes still trigger one).
 	ProbeInterval time.Duration
 	// ProbeTimeout is how long the HSM may stay silent before the provider
 	// decides that it hangs (ErrHung) and becomes unavailable: a probe
@@ -112,9 +116,12 @@ type Config struct {
 	// OnStateChange, if set, is called for every change of State, in order,
 	// from a goroutine of the provider (never with a lock held: it may call
 	// the provider, Reinitialize and Close included). A slow callback does
-	// not slow the provider; changes it falls behind on are counted in
-	// Stats.EventsDropped. Close waits for a running callback, except when
-	// called from inside it.
+	// not slow the provider: up to 256 changes wait for it, and when more
+	// come the oldest waiting one is dropped (and counted in
+	// Stats.EventsDropped), so that the last change delivered is the
+	// latest. Close delivers the changes queued before it, StateClosed
+	// last, and waits for the callback within its own bound, except when
+	// called from inside it (see Provider.Close).
 	OnStateChange func(StateChange)
 }
 

@@ -298,15 +298,6 @@ func (c class) String() string {
 	return fmt.Sprintf("class(%d)", int(c))
 }
 
-// classOf returns the class of err's PKCS#11 code; classNone without one.
-func classOf(err error) class {
-	code, ok := codeOf(err)
-	if !ok {
-		return classNone
-	}
-	return classify(code)
-}
-
 // codeOf returns the PKCS#11 return value carried by err, if any: an
 // *Error's Code, or a pkcs11.Error in its chain (errors.As).
 func codeOf(err error) (uint, bool) {
@@ -340,7 +331,7 @@ func classify(code uint) class {
 		pkcs11.CKR_TOKEN_NOT_PRESENT, pkcs11.CKR_TOKEN_NOT_RECOGNIZED,
 		pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED:
 		return classDeviceLost
-	case pkcs11.CKR_SESSION_HANDLE_INVALID, pkcs11.CKR_SESSION_CLOSED,
+	case pkcs11.CKR_SESSION_HANDLE_INVALID, pkcs11.CKR_SESSION_CLOSED, // listed in Config.ProbeInterval's doc
 		pkcs11.CKR_GENERAL_ERROR, pkcs11.CKR_FUNCTION_FAILED,
 		pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_KEY_HANDLE_INVALID,
 		pkcs11.CKR_USER_NOT_LOGGED_IN, pkcs11.CKR_HOST_MEMORY:

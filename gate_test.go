@@ -161,7 +161,7 @@ func TestFateOf(t *testing.T) {
 func TestMarkLostOnce(t *testing.T) {
 	p := &Provider{gate: newGate(), log: slog.New(slog.DiscardHandler)}
 	p.health.init()
-	p.health.events = make(chan StateChange, 16)
+	p.health.events = newNotifier(func(StateChange) {}) // not started: the changes stay queued
 	p.gate.set(1, StateHealthy)
 	var wg sync.WaitGroup
 	start := make(chan struct{})
@@ -176,10 +176,10 @@ func TestMarkLostOnce(t *testing.T) {
 	if gen, st := p.gate.load(); gen != 1 || st != StateUnavailable {
 		t.Fatalf("gate at generation %d, %v", gen, st)
 	}
-	if n := len(p.health.events); n != 1 {
+	if n := len(p.health.events.queue); n != 1 {
 		t.Fatalf("%d state changes announced, want 1", n)
 	}
-	ev := <-p.health.events
+	ev := <-p.health.events.queue
 	if ev.From != StateHealthy || ev.To != StateUnavailable || ev.Generation != 1 || !errors.Is(ev.Err, ErrDeviceLost) {
 		t.Fatalf("event %+v", ev)
 	}
@@ -189,7 +189,7 @@ func TestMarkLostOnce(t *testing.T) {
 	// Generation 2 is healthy; a late loss of generation 1 changes nothing.
 	p.gate.set(2, StateHealthy)
 	p.markLost(1, errors.New("late"))
-	if _, st := p.gate.load(); st != StateHealthy || len(p.health.events) != 0 {
+	if _, st := p.gate.load(); st != StateHealthy || len(p.health.events.queue) != 0 {
 		t.Fatalf("a late loss of an old generation changed the state to %v", st)
 	}
 }

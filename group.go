@@ -37,17 +37,15 @@ type Group struct {
 	ops, failovers, failed atomic.Uint64
 	// isShut is closed, readable without mu: every operation looks at it.
 	isShut atomic.Bool
+	// events is GroupConfig.OnStateChange's notifier, or nil; set before
+	// ready.
+	events *notifier[GroupStateChange]
 
 	mu     sync.Mutex // protects following fields
 	state  GroupState
 	since  time.Time
-	ready  bool                  // every member's Provider is set: the members' callbacks may look at them
-	closed bool                  // also in isShut, for the operations' path
-	events chan GroupStateChange // nil without GroupConfig.OnStateChange
-
-	notifier   atomic.Uint64 // goroutine id of the notifier, while it runs a callback
-	notifyDone chan struct{}
-	dropped    atomic.Uint64
+	ready  bool // every member's Provider is set: the members' callbacks may look at them
+	closed bool // also in isShut, for the operations' path
 }
 
 // member is one Provider of a Group.
@@ -119,9 +117,14 @@ type GroupConfig struct {
 	// or none.
 	Logger *slog.Logger
 	// OnStateChange, if set, is called after each change of the group's
-	// state, in order, from a goroutine of the group, never under a lock.
-	// Changes are dropped (and counted in GroupStats.EventsDropped) if it
-	// falls behind by more than 64.
+	// state, in order, from a goroutine of the group, never under a lock
+	// (it may call the group, Close included). A slow callback does not
+	// slow the group: up to 256 changes wait for it, and when more come the
+	// oldest waiting one is dropped (and counted in
+	// GroupStats.EventsDropped), so that the last change delivered is the
+	// latest. Close delivers the changes queued before it, GroupClosed
+	// last, and waits for the callback within its own bound, except when
+	// called from inside it (see Group.Close).
 	OnStateChange func(GroupStateChange)
 }
 
@@ -197,7 +200,9 @@ func OpenGroupConfig(gc GroupConfig) (*Group, error) {
 			}
 		}
 		wg.Go(func() {
-			m.p, m.down, errs[i] = open(cfg, true)
+			if m.p, errs[i] = open(cfg, true); m.p != nil {
+				m.down = m.p.openErr
+			}
 		})
 	}
 	wg.Wait()
@@ -243,11 +248,8 @@ func OpenGroupConfig(gc GroupConfig) (*Group, error) {
 			g.log.Warn("hsm: group member did not open; it joins when its HSM answers", "member", m.index, "module", gc.Members[m.index].Path, "state", m.p.State(), "err", m.down)
 		}
 	}
-	if gc.OnStateChange != nil {
-		g.events = make(chan GroupStateChange, 64)
-		g.notifyDone = make(chan struct{})
-		go g.notify(gc.OnStateChange)
-	}
+	g.events = newNotifier(gc.OnStateChange)
+	g.events.start()
 	g.mu.Lock()
 	g.state, _ = g.compute()
 	g.ready = true
@@ -303,7 +305,7 @@ func (g *Group) update() {
 		return
 	}
 	g.state, g.since = to, time.Now()
-	g.queueLocked(GroupStateChange{From: from, To: to, Healthy: healthy, Members: len(g.members), At: g.since})
+	g.events.send(GroupStateChange{From: from, To: to, Healthy: healthy, Members: len(g.members), At: g.since})
 	g.mu.Unlock()
 	switch to {
 	case GroupHealthy:
@@ -312,27 +314,6 @@ func (g *Group) update() {
 		g.log.Warn("hsm: group degraded", "healthy", healthy, "members", len(g.members))
 	case GroupUnavailable:
 		g.log.Error("hsm: group unavailable: no member is healthy", "members", len(g.members))
-	}
-}
-
-// queueLocked queues a change for OnStateChange. Called with g.mu held.
-func (g *Group) queueLocked(c GroupStateChange) {
-	if g.events == nil {
-		return
-	}
-	select {
-	case g.events <- c:
-	default:
-		g.dropped.Add(1)
-	}
-}
-
-func (g *Group) notify(f func(GroupStateChange)) {
-	defer close(g.notifyDone)
-	for c := range g.events {
-		g.notifier.Store(goid())
-		f(c)
-		g.notifier.Store(0)
 	}
 }
 
@@ -353,13 +334,18 @@ func (g *Group) State() GroupState {
 // Close closes every member, concurrently, and returns their errors
 // joined; each Close is bounded as Provider.Close is. Keys of the group
 // fail with ErrClosed after it. When the group has an OnStateChange
-// callback, Close delivers the change to GroupClosed and waits for the
-// callback to return, at most one second, except when called from inside
-// it. Calling it again returns nil.
+// callback, Close delivers the changes queued before it, the change to
+// GroupClosed last, and waits for the callback to return, except when
+// called from inside it: then it does not wait for its caller, and no
+// callback starts after that one. Close returns within the largest of the
+// members' DrainTimeout plus ProbeTimeout, whatever the HSMs and the
+// callbacks do (the members' and the group's). Calling it again returns
+// nil.
 func (g *Group) Close() error {
 	if g == nil {
 		return nil
 	}
+	start := time.Now()
 	g.mu.Lock()
 	if g.closed {
 		g.mu.Unlock()
@@ -368,10 +354,8 @@ func (g *Group) Close() error {
 	from := g.state
 	g.closed, g.state, g.since = true, GroupClosed, time.Now()
 	g.isShut.Store(true)
-	g.queueLocked(GroupStateChange{From: from, To: GroupClosed, Members: len(g.members), At: g.since})
-	if g.events != nil {
-		close(g.events)
-	}
+	g.events.send(GroupStateChange{From: from, To: GroupClosed, Members: len(g.members), At: g.since})
+	g.events.close()
 	g.mu.Unlock()
 
 	errs := make([]error, len(g.members))
@@ -380,28 +364,27 @@ func (g *Group) Close() error {
 			errs[i] = fmt.Errorf("member %d: %w", i, err)
 		}
 	}
-	self := goid()
+	// here is the member whose OnStateChange called Close, if any: it is
+	// closed here, in its callback's goroutine, so that its Close knows.
+	here := -1
+	var bound time.Duration
+	for i, m := range g.members {
+		if here < 0 && m.p.health.events.inCallback() {
+			here = i
+		}
+		bound = max(bound, m.p.cfg.closeBound())
+	}
 	var wg sync.WaitGroup
 	for i, m := range g.members {
-		if m.p.health.notifier.Load() == self {
-			continue // called from this member's OnStateChange: closed below, here, so that its Close knows
+		if i != here {
+			wg.Go(func() { closeMember(i, m) })
 		}
-		wg.Go(func() { closeMember(i, m) })
 	}
-	for i, m := range g.members {
-		if m.p.health.notifier.Load() == self {
-			closeMember(i, m)
-		}
+	if here >= 0 {
+		closeMember(here, g.members[here])
 	}
 	wg.Wait()
-	if g.events != nil && g.notifier.Load() != goid() {
-		t := time.NewTimer(time.Second)
-		defer t.Stop()
-		select {
-		case <-g.notifyDone:
-		case <-t.C:
-		}
-	}
+	g.events.wait(start.Add(bound))
 	return errors.Join(errs...)
 }
 
@@ -454,7 +437,7 @@ func (g *Group) Stats() GroupStats {
 	}
 	g.mu.Unlock()
 	s.Operations, s.Failovers, s.Failed = g.ops.Load(), g.failovers.Load(), g.failed.Load()
-	s.EventsDropped = g.dropped.Load()
+	s.EventsDropped = g.events.droppedCount()
 	s.Members = make([]MemberStats, len(g.members))
 	for i, m := range g.members {
 		ms := MemberStats{Stats: m.p.Stats(), Operations: m.ops.Load(), Failovers: m.failovers.Load(),

@@ -384,8 +384,8 @@ func TestSuspectCodeProbes(t *testing.T) {
 	probes := p.Stats().Probes
 	d := sha256.Sum256([]byte("x"))
 	_, err = s.Sign(nil, d[:], crypto.SHA256)
-	if classOf(err) != classSuspect {
-		t.Fatalf("sign with a destroyed key: %v, class %v; want a suspect code", err, classOf(err))
+	if code, _ := codeOf(err); classify(code) != classSuspect {
+		t.Fatalf("sign with a destroyed key: %v, class %v; want a suspect code", err, classify(code))
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for p.Stats().Probes == probes {

@@ -1,12 +1,10 @@
 package hsm
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"runtime"
 	"time"
 
 	"github.com/miekg/pkcs11"
@@ -199,38 +197,6 @@ func (p *Provider) probeOn(in *instance) error {
 	return nil
 }
 
-// notify delivers state changes to Config.OnStateChange, in order, outside
-// every lock of the provider. It ends when Close closes the events channel,
-// after the changes queued before; when Close was called from inside the
-// callback, it delivers no more.
-func (p *Provider) notify() {
-	h := &p.health
-	defer close(h.notifyDone)
-	h.notifier.Store(goid())
-	for ev := range h.events {
-		if !h.muted.Load() {
-			p.cfg.OnStateChange(ev)
-		}
-	}
-}
-
-// goid returns the id of the calling goroutine, read from the first line
-// of its stack trace ("goroutine 18 [running]:"). Close uses it to know
-// that it was called from inside OnStateChange.
-func goid() uint64 {
-	var buf [32]byte
-	b := buf[:runtime.Stack(buf[:], false)]
-	b, _ = bytes.CutPrefix(b, []byte("goroutine "))
-	var id uint64
-	for _, c := range b {
-		if c < '0' || c > '9' {
-			break
-		}
-		id = id*10 + uint64(c-'0')
-	}
-	return id
-}
-
 // stopBackground stops the monitor and waits for it, which is quick: the
 // monitor waits only in selects that watch h.stop. Closing h.stop also
 // interrupts a re-initialization's waits.
@@ -238,20 +204,4 @@ func (p *Provider) stopBackground() {
 	h := &p.health
 	h.stopOnce.Do(func() { close(h.stop) })
 	<-h.monitorDone
-}
-
-// closeEvents ends the delivery of state changes after the ones already
-// queued; fromCallback (Close called from inside the callback) ends it
-// after the running callback.
-func (p *Provider) closeEvents(fromCallback bool) {
-	h := &p.health
-	if fromCallback {
-		h.muted.Store(true)
-	}
-	h.mu.Lock()
-	if h.events != nil && !h.eventsClosed {
-		h.eventsClosed = true
-		close(h.events)
-	}
-	h.mu.Unlock()
 }

@@ -36,6 +36,9 @@ type Provider struct {
 	// serial is the serial number of the token found at Open; a later
 	// generation must find the same token. Written once by Open.
 	serial string
+	// openErr is why generation 1 did not come up when a group member was
+	// opened (see open), or nil. Written once by open.
+	openErr error
 
 	// life serializes re-initialization and Close: the gate's state moves
 	// (setState) only with life held, except markLost's healthy to
@@ -83,24 +86,23 @@ type Provider struct {
 // ErrHung, and the module stays claimed (Open of it fails with
 // ErrModuleInUse) until they return and the library is finalized.
 func Open(cfg Config) (*Provider, error) {
-	p, _, err := open(cfg, false)
-	return p, err
+	return open(cfg, false)
 }
 
 // open is Open. With late (a Group's member), a failure that a later
 // attempt may not repeat, that is anything but ErrConfig and
 // ErrModuleInUse, does not fail it: it returns the Provider in generation 1,
-// unavailable, and down, the failure. Automatic recovery then brings it up
-// when the HSM answers, as after a loss (the token's serial number is
-// learnt then). A failure that retrying cannot cure (ErrPIN) leaves it in
-// StateFailed instead, as recovery would.
-func open(cfg Config, late bool) (*Provider, error, error) {
+// unavailable, with the failure in p.openErr, and a nil error. Automatic
+// recovery then brings it up when the HSM answers, as after a loss (the
+// token's serial number is learnt then). A failure that retrying cannot
+// cure (ErrPIN) leaves it in StateFailed instead, as recovery would.
+func open(cfg Config, late bool) (*Provider, error) {
 	if err := cfg.validate(); err != nil {
-		return nil, nil, &Error{Op: "open", Err: err}
+		return nil, &Error{Op: "open", Err: err}
 	}
 	abs, ctx, err := claimModule(cfg.Path)
 	if err != nil {
-		return nil, nil, &Error{Op: "open", Err: err}
+		return nil, &Error{Op: "open", Err: err}
 	}
 	// p is not a named result: a call that does not return keeps using it
 	// after open has returned.
@@ -130,9 +132,10 @@ func open(cfg Config, late bool) (*Provider, error, error) {
 		if errors.Is(err, ErrPIN) || errors.Is(err, ErrTokenChanged) {
 			st = StateFailed
 		}
+		p.openErr = err
 		p.startBackground(1, st, err)
 		p.log.Warn("hsm: the HSM could not be opened; it is used once it answers", "module", abs, "state", st, "err", err)
-		return p, err, nil
+		return p, nil
 	}
 	if err != nil {
 		if errors.Is(err, ErrHung) {
@@ -144,27 +147,22 @@ func open(cfg Config, late bool) (*Provider, error, error) {
 			}
 			releaseModule(abs)
 		}
-		return nil, nil, err
+		return nil, err
 	}
 	p.serial = in.token.SerialNumber
 	p.inst.Store(in)
 	p.startBackground(1, StateHealthy, nil)
-	return p, nil, nil
+	return p, nil
 }
 
 // startBackground puts the new provider, not yet shared, in generation gen
 // and state st (cause says why, for LastError), and starts the notifier
 // and the monitor.
 func (p *Provider) startBackground(gen uint64, st State, cause error) {
-	if p.cfg.OnStateChange != nil {
-		p.health.events = make(chan StateChange, 256)
-		p.health.notifyDone = make(chan struct{})
-	}
+	p.health.events = newNotifier(p.cfg.OnStateChange)
 	p.gate.set(gen, st) // the first state: no change to announce
 	p.health.lastErr = cause
-	if p.health.events != nil {
-		go p.notify()
-	}
+	p.health.events.start()
 	go p.monitor()
 }
 
@@ -357,15 +355,14 @@ func (p *Provider) TokenInfo() TokenInfo {
 // returned nil, it always does.
 //
 // Close interrupts a re-initialization in progress. When the provider has
-// an OnStateChange callback, Close delivers the changes already queued and
-// waits for the callback to return, within the same bound, except when
+// an OnStateChange callback, Close delivers the changes already queued,
+// StateClosed last, and waits for the callback to return, within the same
+// bound (a callback still running then is left to finish), except when
 // Close is called from inside the callback: then it returns without
 // waiting for the callback (its caller), and no callback starts after that
 // one. Safe for concurrent use.
 func (p *Provider) Close() error {
 	start := time.Now()
-	h := &p.health
-	fromCallback := h.events != nil && h.notifier.Load() == goid()
 	p.stopBackground() // stops the monitor; interrupts a re-initialization's waits
 	p.life.Lock()
 	gen, st := p.gate.load()
@@ -378,7 +375,7 @@ func (p *Provider) Close() error {
 		go p.finish()
 	}
 	p.life.Unlock()
-	p.closeEvents(fromCallback)
+	p.health.events.close()
 
 	t := time.NewTimer(p.cfg.DrainTimeout - time.Since(start))
 	defer t.Stop()
@@ -392,15 +389,15 @@ func (p *Provider) Close() error {
 	case <-t.C:
 	}
 	err := p.closeResult(gen)
-	if h.events != nil && !fromCallback {
-		t.Reset(p.cfg.DrainTimeout + p.cfg.ProbeTimeout - time.Since(start))
-		select {
-		case <-h.notifyDone:
-		case <-t.C:
-		}
-	}
+	p.health.events.wait(start.Add(p.cfg.closeBound()))
 	return err
 }
+
+// closeBound bounds Close, whatever the HSM and OnStateChange do: up to
+// DrainTimeout for the calls in flight, then up to ProbeTimeout for
+// C_Logout and C_Finalize; the wait for the callback ends with them.
+// Group.Close is bounded by the largest of its members'.
+func (c *Config) closeBound() time.Duration { return c.DrainTimeout + c.ProbeTimeout }
 
 // closeResult is what Close returns once its waits have ended: nil when
 // its work is done, else what it left behind.

@@ -67,8 +67,8 @@ func TestOpenWrongPINIsCallerError(t *testing.T) {
 	if !errors.As(err, &p11) || p11 != pkcs11.CKR_PIN_INCORRECT {
 		t.Fatalf("errors.As pkcs11.Error: %v", err)
 	}
-	if c := classOf(err); c != classCaller {
-		t.Fatalf("Classify = %v, want caller", c)
+	if code, _ := codeOf(err); classify(code) != classCaller {
+		t.Fatalf("classify(%s) = %v, want caller", CodeName(code), classify(code))
 	}
 	if errors.Is(err, ErrDeviceLost) {
 		t.Fatal("a PIN error is classified as device loss")
@@ -236,7 +236,7 @@ func TestErrorModel(t *testing.T) {
 	if !errors.As(wrapped, &e) || e.Op != "sign" || e.Code != 0x30 || e.Generation != 3 {
 		t.Fatalf("errors.As: %+v", e)
 	}
-	if !errors.Is(wrapped, ErrDeviceLost) || classOf(wrapped) != classDeviceLost {
+	if code, _ := codeOf(wrapped); !errors.Is(wrapped, ErrDeviceLost) || classify(code) != classDeviceLost {
 		t.Error("device error does not match ErrDeviceLost")
 	}
 	var p pkcs11.Error
@@ -261,12 +261,15 @@ func TestErrorModel(t *testing.T) {
 		pkcs11.CKR_PIN_LOCKED:               classCaller,
 	}
 	for code, want := range classes {
-		if got := classOf(p11err("x", 1, pkcs11.Error(code))); got != want {
-			t.Errorf("classOf(%s) = %v, want %v", CodeName(code), got, want)
+		got, ok := codeOf(p11err("x", 1, pkcs11.Error(code)))
+		if !ok || got != code || classify(got) != want {
+			t.Errorf("classify(%s) = %v, want %v", CodeName(code), classify(got), want)
 		}
 	}
-	if classOf(nil) != classNone || classOf(ErrKeyNotFound) != classNone {
-		t.Error("non-PKCS#11 errors must classify as none")
+	_, okNil := codeOf(nil)
+	_, okOther := codeOf(ErrKeyNotFound)
+	if okNil || okOther || classify(pkcs11.CKR_OK) != classNone {
+		t.Error("non-PKCS#11 errors must have no code, and CKR_OK classify as none")
 	}
 	pin := p11err("login", 1, pkcs11.Error(pkcs11.CKR_PIN_LOCKED))
 	if !errors.Is(pin, ErrPIN) || errors.Is(pin, ErrDeviceLost) {

@@ -1,7 +1,10 @@
 package hsm
 
 import (
+	"context"
 	"fmt"
+	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -55,6 +58,53 @@ type StateChange struct {
 	At  time.Time
 }
 
+// health is the state machine's data beside the gate (which holds the
+// generation and the State): the lock that orders state changes, what they
+// leave behind (LastError, Since, the changed channel), the channels of the
+// monitor and of OnStateChange's notifier, and the counters Stats reads.
+type health struct {
+	// Counters, read by Stats.
+	ops, refused, failed  atomic.Uint64
+	reinitFailures        atomic.Uint64
+	probes, probeFailures atomic.Uint64
+	lastChange            atomic.Int64 // unix nanoseconds
+
+	probing    atomic.Bool  // a probe goroutine runs
+	probeSince atomic.Int64 // unix nanoseconds; 0 when no probe is inside the library
+
+	// The monitor's channels and OnStateChange's notifier, set by init
+	// (and Open) and not changed after.
+	kick        chan struct{} // wakes the monitor
+	stop        chan struct{} // closed by Close
+	stopOnce    sync.Once
+	monitorDone chan struct{}
+	events      *notifier[StateChange] // nil without OnStateChange
+
+	mu            sync.Mutex // protects following fields, and orders state changes (setState, markLost)
+	byCode        map[uint]uint64
+	lastErr       error
+	changed       chan struct{} // closed and replaced at every state change
+	logNext       time.Time     // rate limit of "re-initialization failed" lines
+	logSuppressed int
+}
+
+func (h *health) init() {
+	h.byCode = map[uint]uint64{}
+	h.changed = make(chan struct{})
+	h.kick = make(chan struct{}, 1)
+	h.stop = make(chan struct{})
+	h.monitorDone = make(chan struct{})
+	h.lastChange.Store(time.Now().UnixNano())
+}
+
+// poke wakes the monitor without blocking.
+func (h *health) poke() {
+	select {
+	case h.kick <- struct{}{}:
+	default:
+	}
+}
+
 // setState moves the gate to (gen, to) and does the bookkeeping of a state
 // change. Callers hold p.life.
 // The change and its bookkeeping happen under h.mu, as markLost's do, so
@@ -83,13 +133,7 @@ func (p *Provider) recordLocked(from, to State, gen uint64, cause error) {
 	}
 	close(h.changed)
 	h.changed = make(chan struct{})
-	if h.events != nil && !h.eventsClosed {
-		select {
-		case h.events <- StateChange{From: from, To: to, Generation: gen, Err: cause, At: now}:
-		default:
-			h.eventsDropped.Add(1)
-		}
-	}
+	h.events.send(StateChange{From: from, To: to, Generation: gen, Err: cause, At: now})
 }
 
 // announce wakes the monitor and logs a state change, outside h.mu.
@@ -179,4 +223,39 @@ func (p *Provider) changes() <-chan struct{} {
 	p.health.mu.Lock()
 	defer p.health.mu.Unlock()
 	return p.health.changed
+}
+
+// LastError returns the error that last made the provider unavailable or
+// failed, or nil when it is healthy. In StateFailed it says why automatic
+// recovery stopped (errors.Is(err, ErrPIN), ErrTokenChanged).
+func (p *Provider) LastError() error {
+	p.health.mu.Lock()
+	defer p.health.mu.Unlock()
+	return p.health.lastErr
+}
+
+// WaitHealthy blocks until the provider is healthy, or ctx ends, or the
+// provider is closed (ErrClosed) or failed (the error that latched it). Keys
+// of an earlier generation are stale after a recovery: look them up again.
+// Safe for concurrent use.
+func (p *Provider) WaitHealthy(ctx context.Context) error {
+	for {
+		p.health.mu.Lock()
+		ch := p.health.changed
+		p.health.mu.Unlock()
+		gen, st := p.gate.load()
+		switch st {
+		case StateHealthy:
+			return nil
+		case StateClosed:
+			return &Error{Op: "wait", Generation: gen, Err: ErrClosed}
+		case StateFailed:
+			return &Error{Op: "wait", Generation: gen, Err: causedBy(ErrUnavailable, p.LastError())}
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return &Error{Op: "wait", Generation: gen, Err: causedBy(ErrUnavailable, ctx.Err())}
+		}
+	}
 }

@@ -1,11 +1,9 @@
 package hsm
 
 import (
-	"context"
 	"fmt"
 	"math"
 	"net/http"
-	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -155,54 +153,6 @@ func (m *meter) waited(start time.Time, timedOut bool) {
 	}
 }
 
-// health holds the provider's health bookkeeping.
-type health struct {
-	// Counters, read by Stats.
-	ops, refused, failed  atomic.Uint64
-	reinitFailures        atomic.Uint64
-	probes, probeFailures atomic.Uint64
-	eventsDropped         atomic.Uint64
-	lastChange            atomic.Int64 // unix nanoseconds
-
-	probing    atomic.Bool  // a probe goroutine runs
-	probeSince atomic.Int64 // unix nanoseconds; 0 when no probe is inside the library
-	notifier   atomic.Uint64
-	muted      atomic.Bool // Close was called from inside OnStateChange: deliver no more
-
-	// The monitor's and the notifier's channels, set by init (and Open)
-	// and not changed after.
-	kick                    chan struct{} // wakes the monitor
-	stop                    chan struct{} // closed by Close
-	stopOnce                sync.Once
-	monitorDone, notifyDone chan struct{}
-	events                  chan StateChange // nil without OnStateChange
-
-	mu            sync.Mutex // protects following fields, and orders state changes (setState, markLost)
-	byCode        map[uint]uint64
-	lastErr       error
-	changed       chan struct{} // closed and replaced at every state change
-	logNext       time.Time     // rate limit of "re-initialization failed" lines
-	logSuppressed int
-	eventsClosed  bool
-}
-
-func (h *health) init() {
-	h.byCode = map[uint]uint64{}
-	h.changed = make(chan struct{})
-	h.kick = make(chan struct{}, 1)
-	h.stop = make(chan struct{})
-	h.monitorDone = make(chan struct{})
-	h.lastChange.Store(time.Now().UnixNano())
-}
-
-// poke wakes the monitor without blocking.
-func (h *health) poke() {
-	select {
-	case h.kick <- struct{}{}:
-	default:
-	}
-}
-
 // Stats returns a snapshot of the provider's health and activity. It makes
 // no PKCS#11 call and never blocks for long. Safe for concurrent use.
 func (p *Provider) Stats() Stats {
@@ -219,7 +169,7 @@ func (p *Provider) Stats() Stats {
 		ReinitializationFailures: h.reinitFailures.Load(),
 		Probes:                   h.probes.Load(),
 		ProbeFailures:            h.probeFailures.Load(),
-		EventsDropped:            h.eventsDropped.Load(),
+		EventsDropped:            h.events.droppedCount(),
 		ErrorsByCode:             map[string]uint64{},
 		Latency:                  make(map[string]Histogram, numClasses),
 	}
@@ -244,41 +194,6 @@ func (p *Provider) Stats() Stats {
 	}
 	h.mu.Unlock()
 	return s
-}
-
-// LastError returns the error that last made the provider unavailable or
-// failed, or nil when it is healthy. In StateFailed it says why automatic
-// recovery stopped (errors.Is(err, ErrPIN), ErrTokenChanged).
-func (p *Provider) LastError() error {
-	p.health.mu.Lock()
-	defer p.health.mu.Unlock()
-	return p.health.lastErr
-}
-
-// WaitHealthy blocks until the provider is healthy, or ctx ends, or the
-// provider is closed (ErrClosed) or failed (the error that latched it). Keys
-// of an earlier generation are stale after a recovery: look them up again.
-// Safe for concurrent use.
-func (p *Provider) WaitHealthy(ctx context.Context) error {
-	for {
-		p.health.mu.Lock()
-		ch := p.health.changed
-		p.health.mu.Unlock()
-		gen, st := p.gate.load()
-		switch st {
-		case StateHealthy:
-			return nil
-		case StateClosed:
-			return &Error{Op: "wait", Generation: gen, Err: ErrClosed}
-		case StateFailed:
-			return &Error{Op: "wait", Generation: gen, Err: causedBy(ErrUnavailable, p.LastError())}
-		}
-		select {
-		case <-ch:
-		case <-ctx.Done():
-			return &Error{Op: "wait", Generation: gen, Err: causedBy(ErrUnavailable, ctx.Err())}
-		}
-	}
 }
 
 // ReadyHandler returns an http.Handler for readiness probes: 200 and
