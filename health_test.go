@@ -431,7 +431,8 @@ func TestStatsAndReadiness(t *testing.T) {
 	}
 	_, _ = s.Sign(nil, digest[:], crypto.SHA256) // stale: refused
 	st := p.Stats()
-	if st.Operations != 6 || st.Refused != 1 || st.Reinitializations != 1 || st.Generation != 2 || st.State != StateHealthy {
+	// The lookup, its proof (a signature of a challenge), 5 signatures.
+	if st.Operations != 7 || st.Refused != 1 || st.Reinitializations != 1 || st.Generation != 2 || st.State != StateHealthy {
 		t.Fatalf("stats %+v", st)
 	}
 	if err := p.Close(); err != nil {
