@@ -13,45 +13,6 @@ import (
 	"github.com/miekg/pkcs11"
 )
 
-// Decrypter is an RSA private key on the token that implements
-// crypto.Decrypter with the semantics of crypto/rsa, and crypto.Signer. Like
-// Signer it belongs to one generation of the PKCS#11 library. Safe for
-// concurrent use.
-type Decrypter struct{ k *key }
-
-// Public returns the *rsa.PublicKey. It makes no PKCS#11 call.
-func (d *Decrypter) Public() crypto.PublicKey {
-	if d == nil || d.k == nil {
-		return nil
-	}
-	return d.k.pub
-}
-
-// Generation returns the generation of the PKCS#11 library the key was
-// found in.
-func (d *Decrypter) Generation() uint64 {
-	if d == nil || d.k == nil {
-		return 0
-	}
-	return d.k.gen
-}
-
-// KeyRef returns the key's own CKA_ID and CKA_LABEL as read from the token.
-func (d *Decrypter) KeyRef() KeyRef {
-	if d == nil || d.k == nil {
-		return KeyRef{}
-	}
-	return d.k.ref
-}
-
-// Sign signs as Signer.Sign does; the key must allow signing (CKA_SIGN).
-func (d *Decrypter) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
-	if d == nil || d.k == nil {
-		return nil, errNoKey("sign", "Decrypter")
-	}
-	return d.k.sign(digest, opts)
-}
-
 // Decrypter looks up the RSA private key ref in the current generation, as
 // Signer does, and requires that it allows decryption (CKA_DECRYPT). An EC or
 // Ed25519 key is refused with ErrUnsupportedKey.
@@ -67,49 +28,6 @@ func (p *Provider) Decrypter(ref KeyRef) (*Decrypter, error) {
 		return nil, opErr("find key", k.gen, ErrUnsupportedKey, "%s does not allow decryption (CKA_DECRYPT is false)", k.ref)
 	}
 	return &Decrypter{k}, nil
-}
-
-// String describes the key without secrets.
-func (d *Decrypter) String() string {
-	if d == nil || d.k == nil {
-		return "hsm.Decrypter{no key}"
-	}
-	return fmt.Sprintf("hsm.Decrypter{%s, %s, generation %d}", d.k.describe(), d.k.ref, d.k.gen)
-}
-
-// Decrypt decrypts ciphertext exactly as rsa.PrivateKey.Decrypt defines:
-//   - opts nil or *rsa.PKCS1v15DecryptOptions: RSAES-PKCS1-v1_5. The token
-//     does the raw RSA operation (CKM_RSA_X_509) and the padding is checked
-//     here in constant time, as crypto/rsa does: a ciphertext with bad
-//     padding takes the same two PKCS#11 calls and the same path as a good
-//     one (no session closed, no probe, no log line). With SessionKeyLen >
-//     0, a ciphertext that does not decrypt to a key of that length yields
-//     SessionKeyLen random bytes (read from rand, or crypto/rand when rand
-//     is nil) and no error, as rsa.DecryptPKCS1v15SessionKey does, so that
-//     the caller does not become a padding oracle. Only where the token
-//     refuses raw RSA for the key does it go through the token's
-//     CKM_RSA_PKCS, and then how the token handles a bad ciphertext (its
-//     time, its error, a session that must be closed) shows.
-//   - *rsa.OAEPOptions: RSAES-OAEP with Hash, MGFHash (zero means Hash) and
-//     Label; SHA-1, SHA-224, SHA-256, SHA-384 and SHA-512, and SHA-512/224
-//     and SHA-512/256 (for Hash or MGFHash), which PKCS#11 has no OAEP
-//     parameters for, through the token's raw RSA only. When the token's
-//     CKM_RSA_PKCS_OAEP refuses these parameters (SoftHSM 2.6 takes only
-//     SHA-1 without a label), the token does the raw RSA operation
-//     (CKM_RSA_X_509) and the OAEP padding is checked here in constant time.
-//     The choice is remembered for the generation.
-//
-// The ciphertext must be exactly as long as the modulus. A ciphertext the
-// token or the padding check rejects gives an error matching ErrDecryption;
-// when the token rejected it, the error keeps the token's code (Error.Code),
-// since modules report real failures with those codes too.
-// Refusals (ErrInvalidOptions, ErrStaleKey, ErrUnavailable, ErrClosed) make
-// no PKCS#11 call. Blocks like Sign. Safe for concurrent use.
-func (d *Decrypter) Decrypt(rand io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {
-	if d == nil || d.k == nil {
-		return nil, errNoKey("decrypt", "Decrypter")
-	}
-	return d.k.decryptWith(rand, ciphertext, opts)
 }
 
 // decryptWith is Decrypter.Decrypt; durable keys call it on the key bound

@@ -7,8 +7,6 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"errors"
-	"fmt"
-	"io"
 	"sync"
 	"sync/atomic"
 )
@@ -187,22 +185,6 @@ func (d *durable) do(ctx context.Context, wait bool, op string, f func(*key) ([]
 	}
 }
 
-// DurableSigner is a private key that an application can hold for as long
-// as the Provider lives: in every new generation it finds the key again
-// (same CKA_CLASS, CKA_ID and CKA_LABEL, exactly one match, the public key
-// pinned at first binding) before its first use, once per generation.
-// Between re-initializations the hot path is one atomic load. A different
-// key under the same reference is refused with ErrKeyChanged, never used.
-// Safe for concurrent use.
-type DurableSigner struct{ d *durable }
-
-func (s *DurableSigner) dur() *durable {
-	if s == nil {
-		return nil
-	}
-	return s.d
-}
-
 // DurableSigner looks up ref now, as Signer does, and pins its public key.
 func (p *Provider) DurableSigner(ref KeyRef) (*DurableSigner, error) {
 	d, err := p.durable(ref, false)
@@ -210,94 +192,6 @@ func (p *Provider) DurableSigner(ref KeyRef) (*DurableSigner, error) {
 		return nil, err
 	}
 	return &DurableSigner{d}, nil
-}
-
-// Public returns the pinned public key. It makes no PKCS#11 call.
-func (s *DurableSigner) Public() crypto.PublicKey {
-	if s == nil || s.d == nil {
-		return nil
-	}
-	return s.d.pub
-}
-
-// KeyRef returns the key's CKA_ID and CKA_LABEL used to find it again.
-func (s *DurableSigner) KeyRef() KeyRef {
-	if s.dur() == nil {
-		return KeyRef{}
-	}
-	return s.d.ref
-}
-
-// Generation returns the generation the key is currently bound in.
-func (s *DurableSigner) Generation() uint64 {
-	if s.dur() == nil {
-		return 0
-	}
-	return s.d.cur.Load().gen
-}
-
-// String describes the key without secrets.
-func (s *DurableSigner) String() string {
-	if s.dur() == nil {
-		return "hsm.DurableSigner{no key}"
-	}
-	k := s.d.cur.Load()
-	return fmt.Sprintf("hsm.DurableSigner{%s, %s, generation %d}", k.describe(), s.d.ref, k.gen)
-}
-
-// Sign signs as Signer.Sign does, with the key bound in the current
-// generation. It does not wait for an unavailable provider: it fails fast
-// with ErrUnavailable (use SignContext to wait).
-func (s *DurableSigner) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
-	return s.dur().do(context.Background(), false, "sign", func(k *key) ([]byte, error) { return k.sign(digest, opts) })
-}
-
-// SignContext is Sign, except that while the provider is unavailable or
-// re-initializing it waits for it to be healthy again, until ctx ends; then
-// it returns an error matching both ErrUnavailable and ctx's error.
-func (s *DurableSigner) SignContext(ctx context.Context, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
-	return s.dur().do(ctx, true, "sign", func(k *key) ([]byte, error) { return k.sign(digest, opts) })
-}
-
-// DurableDecrypter is the RSA counterpart of DurableSigner: a
-// crypto.Decrypter (and crypto.Signer) that finds its key again in every
-// generation. Safe for concurrent use.
-type DurableDecrypter struct{ d *durable }
-
-func (d *DurableDecrypter) dur() *durable {
-	if d == nil {
-		return nil
-	}
-	return d.d
-}
-
-// Public returns the pinned *rsa.PublicKey. It makes no PKCS#11 call.
-func (d *DurableDecrypter) Public() crypto.PublicKey {
-	if d == nil || d.d == nil {
-		return nil
-	}
-	return d.d.pub
-}
-
-// KeyRef returns the key's CKA_ID and CKA_LABEL used to find it again.
-func (d *DurableDecrypter) KeyRef() KeyRef {
-	if d.dur() == nil {
-		return KeyRef{}
-	}
-	return d.d.ref
-}
-
-// Generation returns the generation the key is currently bound in.
-func (d *DurableDecrypter) Generation() uint64 {
-	if d.dur() == nil {
-		return 0
-	}
-	return d.d.cur.Load().gen
-}
-
-// Sign signs as DurableSigner.Sign does; the key must allow signing.
-func (d *DurableDecrypter) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
-	return d.dur().do(context.Background(), false, "sign", func(k *key) ([]byte, error) { return k.sign(digest, opts) })
 }
 
 // DurableDecrypter looks up the RSA key ref now, as Decrypter does, and
@@ -308,25 +202,4 @@ func (p *Provider) DurableDecrypter(ref KeyRef) (*DurableDecrypter, error) {
 		return nil, err
 	}
 	return &DurableDecrypter{d}, nil
-}
-
-// String describes the key without secrets.
-func (d *DurableDecrypter) String() string {
-	if d.dur() == nil {
-		return "hsm.DurableDecrypter{no key}"
-	}
-	k := d.d.cur.Load()
-	return fmt.Sprintf("hsm.DurableDecrypter{%s, %s, generation %d}", k.describe(), d.d.ref, k.gen)
-}
-
-// Decrypt decrypts as Decrypter.Decrypt does, with the key bound in the
-// current generation, failing fast while the provider is unavailable.
-func (d *DurableDecrypter) Decrypt(rand io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {
-	return d.dur().do(context.Background(), false, "decrypt", func(k *key) ([]byte, error) { return k.decryptWith(rand, ciphertext, opts) })
-}
-
-// DecryptContext is Decrypt, waiting for an unavailable provider until ctx
-// ends, as SignContext does.
-func (d *DurableDecrypter) DecryptContext(ctx context.Context, rand io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {
-	return d.dur().do(ctx, true, "decrypt", func(k *key) ([]byte, error) { return k.decryptWith(rand, ciphertext, opts) })
 }

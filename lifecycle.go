@@ -327,17 +327,23 @@ func skiOf(o object) []byte {
 
 // generatePair runs C_GenerateKeyPair with the templates of spec: first
 // with every capability the spec does not ask for turned off in the
-// templates, then, where the module refuses such a template (tpm2-pkcs11
-// refuses CKA_DECRYPT or CKA_ENCRYPT false), without them (finishPair
-// turns them off after generation); for Ed25519, with each encoding of the
-// curve PKCS#11 3.0 allows.
+// templates; where the module refuses such a template, then without
+// CKA_DECRYPT and CKA_ENCRYPT false (tpm2-pkcs11 refuses those, with
+// CKR_GENERAL_ERROR), then without any (finishPair turns off after
+// generation what the module's defaults turn on); for Ed25519, with each
+// encoding of the curve PKCS#11 3.0 allows.
 func (in *instance) generatePair(s pkcs11.SessionHandle, spec KeySpec, tmpl keyTemplates) (ph, kh pkcs11.ObjectHandle, err error) {
 	mech := []*pkcs11.Mechanism{pkcs11.NewMechanism(tmpl.mech, nil)}
 	in.long(func() {
-		for _, strict := range []bool{true, false} {
+		for level := offAll; level <= offNone; level++ {
 			for _, params := range tmpl.params {
-				pub, priv := tmpl.build(strict, params)
-				if ph, kh, err = in.ctx.GenerateKeyPair(s, mech, pub, priv); err == nil || !refusesTemplate(err) {
+				pub, priv := tmpl.build(level, params)
+				ph, kh, err = in.ctx.GenerateKeyPair(s, mech, pub, priv)
+				if err == nil {
+					return
+				}
+				code, _ := codeOf(err)
+				if !refusesTemplate(err) && (level == offNone || code != pkcs11.CKR_GENERAL_ERROR) {
 					return
 				}
 			}
@@ -348,6 +354,13 @@ func (in *instance) generatePair(s pkcs11.SessionHandle, spec KeySpec, tmpl keyT
 	}
 	return ph, kh, nil
 }
+
+// How much of what the spec does not ask for a template turns off.
+const (
+	offAll      = iota // every capability
+	offNotCrypt        // all but CKA_DECRYPT and CKA_ENCRYPT
+	offNone            // none: finishPair turns them off after generation
+)
 
 // finishPair makes the pair GenerateKey generated (ph, kh) what spec asks
 // for, and the key: the capabilities the spec does not ask for off on both
@@ -528,14 +541,20 @@ type keyTemplates struct {
 }
 
 // build returns the templates of the public and the private half, with
-// the capabilities the spec does not ask for turned off when strict, and
-// the curve's parameters.
-func (t keyTemplates) build(strict bool, params []byte) (pub, priv []*pkcs11.Attribute) {
+// the capabilities the spec does not ask for turned off as level says,
+// and the curve's parameters.
+func (t keyTemplates) build(level int, params []byte) (pub, priv []*pkcs11.Attribute) {
 	pub = append([]*pkcs11.Attribute{}, t.pub...)
 	priv = append([]*pkcs11.Attribute{}, t.priv...)
-	if strict {
-		pub = append(pub, t.pubOff...)
-		priv = append(priv, t.privOff...)
+	for _, half := range []struct {
+		tmpl *[]*pkcs11.Attribute
+		off  []*pkcs11.Attribute
+	}{{&pub, t.pubOff}, {&priv, t.privOff}} {
+		for _, a := range half.off {
+			if level == offAll || level == offNotCrypt && a.Type != pkcs11.CKA_DECRYPT && a.Type != pkcs11.CKA_ENCRYPT {
+				*half.tmpl = append(*half.tmpl, a)
+			}
+		}
 	}
 	if params != nil {
 		pub = append(pub, pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, params))

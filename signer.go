@@ -6,18 +6,10 @@ import (
 	"crypto/ed25519"
 	"crypto/rsa"
 	"fmt"
-	"io"
 	"reflect"
 
 	"github.com/miekg/pkcs11"
 )
-
-// Signer is a private key on the token, found in one generation of the
-// PKCS#11 library. It implements crypto.Signer with the semantics of
-// crypto/rsa, crypto/ecdsa and crypto/ed25519. Once the provider has moved to
-// a later generation, Sign fails with ErrStaleKey and makes no PKCS#11 call.
-// Safe for concurrent use.
-type Signer struct{ k *key }
 
 // Signer looks up the private key ref in the current generation. Exactly one
 // private key must match (ErrKeyNotFound, ErrAmbiguousKey), it must allow
@@ -35,41 +27,6 @@ func (p *Provider) Signer(ref KeyRef) (*Signer, error) {
 	return &Signer{k}, nil
 }
 
-// Public returns the public key: *rsa.PublicKey, *ecdsa.PublicKey or
-// ed25519.PublicKey. It makes no PKCS#11 call.
-func (s *Signer) Public() crypto.PublicKey {
-	if s == nil || s.k == nil {
-		return nil
-	}
-	return s.k.pub
-}
-
-// Generation returns the generation of the PKCS#11 library the key was found
-// in.
-func (s *Signer) Generation() uint64 {
-	if s == nil || s.k == nil {
-		return 0
-	}
-	return s.k.gen
-}
-
-// KeyRef returns the key's own CKA_ID and CKA_LABEL as read from the token.
-func (s *Signer) KeyRef() KeyRef {
-	if s == nil || s.k == nil {
-		return KeyRef{}
-	}
-	return s.k.ref
-}
-
-// String describes the key without secrets, e.g.
-// `hsm.Signer{ECDSA P-256, label "tls" id 01, generation 2}`.
-func (s *Signer) String() string {
-	if s == nil || s.k == nil {
-		return "hsm.Signer{no key}"
-	}
-	return fmt.Sprintf("hsm.Signer{%s, %s, generation %d}", s.k.describe(), s.k.ref, s.k.gen)
-}
-
 func (k *key) describe() string {
 	switch pub := k.pub.(type) {
 	case *rsa.PublicKey:
@@ -82,29 +39,6 @@ func (k *key) describe() string {
 
 // pubOrderBits returns the bit length of an ECDSA key's group order.
 func (k *key) pubOrderBits() int { return k.pub.(*ecdsa.PublicKey).Curve.Params().N.BitLen() }
-
-// Sign signs digest with the key, exactly as crypto.Signer defines:
-//   - RSA: PKCS #1 v1.5 over the digest of opts.HashFunc() (crypto.Hash(0)
-//     signs the input as given, as rsa.SignPKCS1v15 does), or RSASSA-PSS when
-//     opts is *rsa.PSSOptions (rsa.PSSSaltLengthAuto, PSSSaltLengthEqualsHash
-//     or an explicit salt length).
-//   - ECDSA: the signature in ASN.1 DER, as ecdsa.SignASN1 produces. When
-//     opts.HashFunc() is not zero the digest must have its length.
-//   - Ed25519: digest is the whole message and opts.HashFunc() must be 0;
-//     Ed25519ph and Ed25519ctx are not supported.
-//
-// rand is ignored: the token uses its own generator. Sign fails without any
-// PKCS#11 call when opts is nil or does not fit the key or digest
-// (ErrInvalidOptions), when the key is stale (ErrStaleKey), the provider
-// unavailable (ErrUnavailable) or closed (ErrClosed). It blocks for the
-// duration of the PKCS#11 calls, and up to Config.SessionWaitTimeout for a
-// free session. Safe for concurrent use.
-func (s *Signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
-	if s == nil || s.k == nil {
-		return nil, errNoKey("sign", "Signer")
-	}
-	return s.k.sign(digest, opts)
-}
 
 func (k *key) sign(digest []byte, opts crypto.SignerOpts) ([]byte, error) {
 	const op = "sign"

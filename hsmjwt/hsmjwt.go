@@ -51,6 +51,7 @@ import (
 	"math/big"
 	"reflect"
 
+	"github.com/ce46d8f2/hsm"
 	"github.com/golang-jwt/jwt/v5"
 )
 
@@ -124,20 +125,14 @@ func (m *SigningMethod) Sign(signingString string, key any) ([]byte, error) {
 	return m.sign(context.Background(), false, signingString, key)
 }
 
-// SignContext is Sign with a context. If key has a method
-//
-//	SignContext(ctx context.Context, digest []byte, opts crypto.SignerOpts) ([]byte, error)
-//
-// as *hsm.DurableSigner has (it waits, until ctx ends, for an unavailable
-// HSM to come back), it is called instead of Sign; Sign never calls it.
+// SignContext is Sign with a context. If key is an hsm.ContextSigner, as
+// every key of package hsm is (a durable or group key waits, until ctx
+// ends, for an unavailable HSM to come back), its SignContext is called
+// instead of Sign; Sign never calls it.
 // Otherwise ctx is only checked before signing. An error of ctx is returned
 // wrapped.
 func (m *SigningMethod) SignContext(ctx context.Context, signingString string, key crypto.Signer) ([]byte, error) {
 	return m.sign(ctx, true, signingString, key)
-}
-
-type contextSigner interface {
-	SignContext(ctx context.Context, digest []byte, opts crypto.SignerOpts) ([]byte, error)
 }
 
 var errZeroMethod = errors.New("hsmjwt: a zero SigningMethod; use ES256, ..., EdDSA")
@@ -169,7 +164,7 @@ func (m *SigningMethod) sign(ctx context.Context, useCtx bool, signingString str
 	}
 
 	var sig []byte
-	if cs, ok := s.(contextSigner); ok && useCtx {
+	if cs, ok := s.(hsm.ContextSigner); ok && useCtx {
 		sig, err = cs.SignContext(ctx, digest, opts)
 	} else {
 		sig, err = s.Sign(rand.Reader, digest, opts)
