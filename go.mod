@@ -9,8 +9,6 @@ require (
 
 require github.com/go-jose/go-jose/v4 v4.1.9
 
-require go.uber.org/goleak v1.3.0
-
 require (
 	github.com/ThalesGroup/crypto11 v1.6.2 // indirect
 	github.com/pkg/errors v0.9.1 // indirect
