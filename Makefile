@@ -12,10 +12,11 @@ NESTED := $(patsubst %/go.mod,%,$(wildcard */go.mod))
 demo: deps
 	$(GO) run ./cmd/hsmdemo
 
-## test: the whole suite, race detector on (real SoftHSM2 and p11-kit, nothing skips), then each nested module's
+## test: the whole suite, race detector on (real SoftHSM2 and p11-kit, nothing skips), then each nested module's, then the core's again under GOEXPERIMENT=cgocheck2 (every Go pointer stored into C memory checked: the two-call path hands Go memory to C)
 test: deps
 	$(GO) test -race -count=1 -timeout 9m ./...
 	@set -e; for m in $(NESTED); do echo "== $$m"; (cd $$m && $(GO) test -race -count=1 -timeout 5m ./...); done
+	GOEXPERIMENT=cgocheck2 $(GO) test -count=1 -timeout 9m ./...
 
 ## deps: install softhsm2, p11-kit and opensc when missing
 deps:
