@@ -1,8 +1,9 @@
 # The two commands of the README: `make demo` and `make test`.
 GO ?= go
 STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
-# The adapters: nested modules with go.mods of their own (stepkms, hsmjwt,
-# hsmprom), so that users of the core never download their dependencies.
+# The adapters (stepkms, hsmjwt, hsmprom) and the comparisons with crypto11
+# (compare): nested modules with go.mods of their own, so that users of the
+# core never download their dependencies.
 NESTED := $(patsubst %/go.mod,%,$(wildcard */go.mod))
 
 .PHONY: demo test deps check fuzz bench soak soak-group conformance
@@ -11,21 +12,23 @@ NESTED := $(patsubst %/go.mod,%,$(wildcard */go.mod))
 demo: deps
 	$(GO) run ./cmd/hsmdemo
 
-## test: the whole suite, race detector on (real SoftHSM2 and p11-kit, nothing skips), then each nested module's
+## test: the whole suite, race detector on (real SoftHSM2 and p11-kit, nothing skips), then each nested module's, then the core's again under GOEXPERIMENT=cgocheck2 (every Go pointer stored into C memory checked: the two-call path hands Go memory to C)
 test: deps
 	$(GO) test -race -count=1 -timeout 9m ./...
 	@set -e; for m in $(NESTED); do echo "== $$m"; (cd $$m && $(GO) test -race -count=1 -timeout 5m ./...); done
+	GOEXPERIMENT=cgocheck2 $(GO) test -count=1 -timeout 9m ./...
 
 ## deps: install softhsm2, p11-kit and opensc when missing
 deps:
 	@sh scripts/install-deps.sh
 
-## check: go vet, gofmt, staticcheck (the core and each nested module)
+## check: go mod tidy -diff, go vet, gofmt, staticcheck (the core and each nested module)
 check:
+	$(GO) mod tidy -diff
 	$(GO) vet ./...
 	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) run $(STATICCHECK) ./...
-	@set -e; for m in $(NESTED); do echo "== $$m"; (cd $$m && $(GO) vet ./... && $(GO) run $(STATICCHECK) ./...); done
+	@set -e; for m in $(NESTED); do echo "== $$m"; (cd $$m && $(GO) mod tidy -diff && $(GO) vet ./... && $(GO) run $(STATICCHECK) ./...); done
 
 ## fuzz: run the fuzz targets for a while each
 fuzz:

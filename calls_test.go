@@ -3,19 +3,13 @@ package hsm
 import (
 	"bytes"
 	"crypto"
-	"crypto/rand"
 	"crypto/rsa"
-	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
-	"strings"
-	"sync"
 	"testing"
 
-	"github.com/ThalesGroup/crypto11"
 	"github.com/ce46d8f2/hsm/internal/softhsmtest"
-	"github.com/miekg/pkcs11"
 )
 
 const spyModule = "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so"
@@ -100,113 +94,38 @@ func callsByName(t *testing.T, f func()) map[string]int {
 	return calls
 }
 
-// TestCallsPerOperation counts, with pkcs11-spy between the caller and
-// SoftHSM, the PKCS#11 calls one ECDSA signature costs in raw
-// miekg/pkcs11, crypto11 and hsm, once sessions are open and the key found.
-// Every call is a network round trip on a network HSM.
+// TestCallsPerOperation counts, with pkcs11-spy between hsm and SoftHSM,
+// the PKCS#11 calls of one ECDSA signature and of one RSA-2048 decryption
+// of each kind, once the session is open and the key found: 2 each (every
+// call is a network round trip on a network HSM). The compare module's
+// TestCallsCompared counts the same for raw miekg/pkcs11 and crypto11.
 func TestCallsPerOperation(t *testing.T) {
-	useSpy(t)
-	tok := sharedToken(t)
-	const n = 20
-	digest := digest32[:]
-	per := map[string]float64{}
-
-	// Each engine is closed when done, and by t.Cleanup if the test stops
-	// early (so that SoftHSM is not left initialized for the next test).
-	closeOnce := func(f func()) func() {
-		var once sync.Once
-		g := func() { once.Do(f) }
-		t.Cleanup(g)
-		return g
-	}
-	p, err := Open(Config{Path: spyModule, TokenLabel: tok.Label, PIN: tok.PIN, ProbeInterval: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	closeP := closeOnce(func() { p.Close() })
+	p := openSpy(t)
 	if p.fast == nil {
 		t.Fatal("the two-call signing path is off for pkcs11-spy.so")
 	}
+	const n = 20
+	digest := digest32[:]
 	s := mustSigner(t, p, "p256")
 	_, _ = s.Sign(nil, digest, crypto.SHA256) // open the session
-	per["hsm"] = float64(countCalls(t, func() {
+	perSig := float64(countCalls(t, func() {
 		for range n {
 			if _, err := s.Sign(nil, digest, crypto.SHA256); err != nil {
 				t.Fatal(err)
 			}
 		}
 	})) / n
-	perDec, pub := countDecryptCalls(t, p, n)
-	closeP()
-
-	c, err := crypto11.Configure(&crypto11.Config{Path: spyModule, TokenLabel: tok.Label, Pin: tok.PIN})
-	if err != nil {
-		t.Fatal(err)
+	t.Logf("PKCS#11 calls per ECDSA signature: %.2f", perSig)
+	if perSig != 2 {
+		t.Errorf("hsm makes %.2f calls per signature, want the minimum, 2 (C_SignInit + C_Sign into a buffer of known size)", perSig)
 	}
-	closeC := closeOnce(func() { c.Close() }) // crypto11's Close must not run twice
-	cs, err := c.FindKeyPair([]byte{2}, []byte("p256"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, _ = cs.Sign(rand.Reader, digest, crypto.SHA256)
-	per["crypto11"] = float64(countCalls(t, func() {
-		for range n {
-			if _, err := cs.Sign(rand.Reader, digest, crypto.SHA256); err != nil {
-				t.Fatal(err)
-			}
-		}
-	})) / n
-	closeC()
-
-	raw := openRawT(t, spyModule, tok, "p256")
-	closeR := closeOnce(raw.close)
-	mech := benchMechs()[0].mech()
-	sess := raw.session()
-	per["raw miekg/pkcs11"] = float64(countCalls(t, func() {
-		for range n {
-			if err := raw.ctx.SignInit(sess, mech, raw.key); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := raw.ctx.Sign(sess, digest); err != nil {
-				t.Fatal(err)
-			}
-		}
-	})) / n
-	closeR()
-
-	rawD := openRawT(t, spyModule, tok, "rsa2048")
-	closeRD := closeOnce(rawD.close)
-	//lint:ignore SA1019 crypto.Decrypter still defines PKCS #1 v1.5 decryption; the test needs its ciphertexts.
-	ct, err := rsa.EncryptPKCS1v15(rand.Reader, pub, digest)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sess = rawD.session()
-	rawDec := float64(countCalls(t, func() {
-		for range n {
-			if err := rawD.ctx.DecryptInit(sess, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS, nil)}, rawD.key); err != nil {
-				t.Fatal(err)
-			}
-			if pt, err := rawD.ctx.Decrypt(sess, ct); err != nil || !bytes.Equal(pt, digest) {
-				t.Fatalf("raw decryption: %x, %v", pt, err)
-			}
-		}
-	})) / n
-	closeRD()
-
-	t.Logf("PKCS#11 calls per ECDSA signature: raw miekg/pkcs11 %.2f, crypto11 %.2f, hsm %.2f (minimum: 2, C_SignInit + C_Sign into a buffer of known size)",
-		per["raw miekg/pkcs11"], per["crypto11"], per["hsm"])
-	if per["hsm"] != 2 {
-		t.Errorf("hsm makes %.2f calls per signature, want the minimum, 2", per["hsm"])
-	}
-	hsmDec := ""
+	perDec := countDecryptCalls(t, p, n)
 	for _, name := range decryptions {
-		hsmDec += fmt.Sprintf(", %.2f (%s)", perDec[name], name)
+		t.Logf("PKCS#11 calls per RSA-2048 decryption, %s: %.2f", name, perDec[name])
 		if perDec[name] != 2 {
 			t.Errorf("hsm makes %.2f calls per %s decryption, want 2 (C_DecryptInit + C_Decrypt into a modulus-sized buffer)", perDec[name], name)
 		}
 	}
-	t.Logf("PKCS#11 calls per RSA-2048 decryption: raw miekg/pkcs11 %.2f (PKCS#1 v1.5); hsm%s", rawDec, strings.TrimPrefix(hsmDec, ","))
 	if log, _ := os.ReadFile(spyLog); !bytes.Contains(log, []byte("C_Sign")) || !bytes.Contains(log, []byte("C_Decrypt")) {
 		t.Fatal("the spy logged no C_Sign or no C_Decrypt: the count measured nothing")
 	}
@@ -217,9 +136,8 @@ var decryptions = []string{"PKCS#1 v1.5", "OAEP SHA-1: CKM_RSA_PKCS_OAEP", "OAEP
 
 // countDecryptCalls counts the PKCS#11 calls of n decryptions by p's
 // rsa2048 key, for PKCS#1 v1.5, OAEP the token does (SHA-1), and OAEP the
-// token refuses (SHA-256, done as CKM_RSA_X_509 and decoded here), and
-// returns the key's public half.
-func countDecryptCalls(t *testing.T, p *Provider, n float64) (map[string]float64, *rsa.PublicKey) {
+// token refuses (SHA-256, done as CKM_RSA_X_509 and decoded here).
+func countDecryptCalls(t *testing.T, p *Provider, n float64) map[string]float64 {
 	t.Helper()
 	d, err := p.Decrypter(KeyRef{Label: "rsa2048"})
 	if err != nil {
@@ -243,7 +161,7 @@ func countDecryptCalls(t *testing.T, p *Provider, n float64) (map[string]float64
 			}
 		})) / n
 	}
-	return per, pub
+	return per
 }
 
 // TestCallsPerLookup counts, with pkcs11-spy, the PKCS#11 calls of a key

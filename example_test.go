@@ -25,8 +25,6 @@ import (
 
 	"github.com/ce46d8f2/hsm"
 	"github.com/ce46d8f2/hsm/internal/softhsmtest"
-	jose "github.com/go-jose/go-jose/v4"
-	"github.com/go-jose/go-jose/v4/cryptosigner"
 )
 
 // exampleConfig returns the Config of a SoftHSM2 token with an EC P-256 key
@@ -164,37 +162,6 @@ func Example_certificateAuthority() {
 	_, err = leaf.Verify(x509.VerifyOptions{Roots: roots, DNSName: "service.example"})
 	fmt.Println("leaf verifies:", err == nil, leaf.SignatureAlgorithm)
 	// Output: leaf verifies: true ECDSA-SHA384
-}
-
-// An HSM key signs a JWS (JWT) through go-jose's opaque signer.
-func Example_jws() {
-	p, err := hsm.Open(exampleConfig())
-	if err != nil {
-		log.Fatal(err)
-	}
-	defer p.Close()
-	key, err := p.Signer(hsm.KeyRef{Label: "tls"})
-	if err != nil {
-		log.Fatal(err)
-	}
-
-	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: cryptosigner.Opaque(key)}, nil)
-	if err != nil {
-		log.Fatal(err)
-	}
-	obj, err := signer.Sign([]byte(`{"sub":"alice","iss":"hsm.example"}`))
-	if err != nil {
-		log.Fatal(err)
-	}
-	compact, _ := obj.CompactSerialize()
-
-	parsed, err := jose.ParseSignedCompact(compact, []jose.SignatureAlgorithm{jose.ES256})
-	if err != nil {
-		log.Fatal(err)
-	}
-	payload, err := parsed.Verify(key.Public())
-	fmt.Println(string(payload), err)
-	// Output: {"sub":"alice","iss":"hsm.example"} <nil>
 }
 
 // After a re-initialization, keys of the earlier generation fail fast with

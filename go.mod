@@ -6,13 +6,3 @@ require (
 	github.com/miekg/pkcs11 v1.1.2
 	golang.org/x/sync v0.25.0
 )
-
-require github.com/go-jose/go-jose/v4 v4.1.9
-
-require go.uber.org/goleak v1.3.0
-
-require (
-	github.com/ThalesGroup/crypto11 v1.6.2 // indirect
-	github.com/pkg/errors v0.9.1 // indirect
-	github.com/thales-e-security/pool v0.0.2 // indirect
-)

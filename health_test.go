@@ -19,7 +19,6 @@ import (
 	"time"
 
 	"github.com/miekg/pkcs11"
-	"go.uber.org/goleak"
 
 	"github.com/ce46d8f2/hsm/internal/softhsmtest"
 )
@@ -446,7 +445,7 @@ func TestStatsAndReadiness(t *testing.T) {
 // TestNoGoroutinesAfterClose: the monitor, the notifier and probes end with
 // Close, also after an outage and a recovery.
 func TestNoGoroutinesAfterClose(t *testing.T) {
-	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	checkGoroutines(t)
 	func() {
 		var calls atomic.Int64
 		tok := sharedToken(t)

@@ -3,7 +3,7 @@ module github.com/ce46d8f2/hsm/hsmjwt
 go 1.26.0
 
 require (
-	github.com/ce46d8f2/hsm v0.0.0-00010101000000-000000000000
+	github.com/ce46d8f2/hsm v0.1.0
 	github.com/golang-jwt/jwt/v5 v5.3.1
 )
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Runs the benchmarks (bench_test.go), the PKCS#11 call count
-# (TestCallsPerOperation) and the instruction count (instructions.sh), and
-# writes the results into README.md between the bench markers, with the
-# machine they ran on.
+# Runs the benchmarks (the compare module's bench_test.go and scale_test.go,
+# where raw miekg/pkcs11, crypto11 and hsm run side by side, and the core's
+# bench_test.go and scale_test.go, which measure hsm alone), the PKCS#11
+# call count (compare's TestCallsCompared) and the instruction count
+# (instructions.sh), and writes the results into README.md between the
+# bench markers, with the machine they ran on.
 #
 # The benchmarks run in BENCH_COUNT rounds (default 10), each round running
 # every benchmark once, so that every engine sees the same drift of a shared
@@ -13,24 +15,32 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 count="${BENCH_COUNT:-10}"
 out=bench.txt
-bin=$(mktemp -d)/hsm.test
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+bin=$tmp/hsm.test cmp=$tmp/compare.test
 go test -c -o "$bin" .
+(cd compare && go test -c -o "$cmp" .)
 : >"$out"
 for i in $(seq "$count"); do
 	echo "bench.sh: round $i of $count" >&2
-	"$bin" -test.run '^$' -test.bench 'Benchmark(Ops|Refused|SessionKey)$' -test.benchmem -test.timeout 60m | tee -a "$out"
+	"$cmp" -test.run '^$' -test.bench 'BenchmarkOps$' -test.benchmem -test.timeout 60m | tee -a "$out"
+	"$bin" -test.run '^$' -test.bench 'Benchmark(Refused|SessionKey)$' -test.benchmem -test.timeout 60m | tee -a "$out"
 done
 # The cost of lookups as keys are added (100, 1,000, 5,000 keys on one
 # token): BENCH_SCALE_COUNT runs (default 6) of a few iterations each, in
-# one process, since making 5,000 keys takes a minute and one listing of
+# one process per module (list and lookup in compare, the durable re-bind
+# in the core), since making 5,000 keys takes a minute and one listing of
 # them seconds.
 scale=bench-scale.txt
 scount="${BENCH_SCALE_COUNT:-6}"
+export HSM_SCALE="${HSM_SCALE:-100,1000,5000}"
 echo "bench.sh: scale, $scount runs" >&2
-HSM_SCALE="${HSM_SCALE:-100,1000,5000}" "$bin" -test.run '^$' -test.bench 'BenchmarkScale$' -test.benchtime 3x -test.count "$scount" -test.timeout 60m | tee "$scale"
-calls=$(go test -count=1 -run TestCallsPerOperation -v . | grep -o 'PKCS#11 calls per .*' || true)
+"$cmp" -test.run '^$' -test.bench 'BenchmarkScale$' -test.benchtime 3x -test.count "$scount" -test.timeout 60m | tee "$scale"
+"$bin" -test.run '^$' -test.bench 'BenchmarkScale$' -test.benchtime 3x -test.count "$scount" -test.timeout 60m | tee -a "$scale"
+calls=$(cd compare && go test -count=1 -run TestCallsCompared -v . | grep -o 'PKCS#11 calls per .*' || true)
 benchstat="go run golang.org/x/perf/cmd/benchstat@v0.0.0-20260908200009-22c9c6c9d4da"
-table=$($benchstat -col /eng "$out")
+# The comparison (compare's BenchmarkOps) first, then what hsm alone does.
+table=$($benchstat -col /eng -filter 'pkg:github.com/ce46d8f2/hsm/compare' "$out"; echo; $benchstat -col /eng -filter 'pkg:github.com/ce46d8f2/hsm' "$out")
 scaletable=$($benchstat -col /eng -filter '/op:(list OR lookup)' "$scale"; echo; $benchstat -filter '/op:rebind' "$scale")
 instructions=$(bash scripts/instructions.sh)
 machine="$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(go version | cut -d' ' -f3), SoftHSM $(dpkg-query -W -f='${Version}' softhsm2 2>/dev/null), p11-kit $(dpkg-query -W -f='${Version}' p11-kit 2>/dev/null), $(date -u +%Y-%m-%d)"

@@ -4,7 +4,8 @@
 # 2% of raw miekg/pkcs11" (time per operation on a shared 2-core machine
 # swings by more than that between runs).
 #
-# Each engine's serial benchmark of BenchmarkOps runs under valgrind
+# Each engine's serial benchmark of BenchmarkOps (in the compare module,
+# compare/bench_test.go) runs under valgrind
 # (cachegrind, without cache simulation, counts user-space instructions of
 # the process: Go, cgo, SoftHSM, Botan) with -benchtime N1x and N2x; the
 # difference divided by N2-N1 is the cost of one operation, with setup
@@ -21,14 +22,14 @@ reps="${REPS:-2}"
 command -v valgrind >/dev/null || { echo "instructions.sh: valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-go test -c -o "$tmp/hsm.test" .
+(cd compare && go test -c -o "$tmp/compare.test" .)
 
 # op N1 N2: fewer repetitions for the costly RSA operations.
 ops=("ECDSA-P256 100 1100" "Ed25519 50 550" "RSA2048-PKCS1v15 20 220" "RSA2048-PSS 20 220" "RSA2048-OAEP-decrypt 20 220")
 
 count() { # engine op n -> instructions
 	GOMAXPROCS=1 GOGC=off valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file=/dev/null \
-		"$tmp/hsm.test" -test.run '^$' -test.bench "^BenchmarkOps/where=direct/op=$2/par=serial/eng=$1\$" -test.benchtime "$3x" 2>&1 |
+		"$tmp/compare.test" -test.run '^$' -test.bench "^BenchmarkOps/where=direct/op=$2/par=serial/eng=$1\$" -test.benchtime "$3x" 2>&1 |
 		awk '/I +refs:/ { gsub(",", "", $NF); print $NF; found=1 } /FAIL|panic:/ { print "instructions.sh: " $0 > "/dev/stderr"; exit 1 } END { if (!found) exit 1 }'
 }
 

@@ -3,7 +3,7 @@ module github.com/ce46d8f2/hsm/stepkms
 go 1.26.0
 
 require (
-	github.com/ce46d8f2/hsm v0.0.0
+	github.com/ce46d8f2/hsm v0.1.0
 	go.step.sm/crypto v0.92.0
 )
 

@@ -1,7 +1,8 @@
 // Package softhsmtest adapts package softhsm to package testing: Main for
 // TestMain, Require and RequireRemote to skip (or, in CI, fail) where
 // SoftHSM2 or p11-kit is not installed, and NewToken and StartServer, which
-// fail the test instead of returning an error.
+// fail the test instead of returning an error; ScaleToken, a token with
+// thousands of keys, for the benchmarks of lookups.
 //
 // It re-exports what tests use of softhsm (Token, Server, KeyType and its
 // constants, the module paths, CreateToken, Serve), so that a test needs
