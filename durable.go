@@ -185,7 +185,10 @@ func (d *durable) do(ctx context.Context, wait bool, op string, f func(*key) ([]
 	}
 }
 
-// DurableSigner looks up ref now, as Signer does, and pins its public key.
+// DurableSigner looks up ref now, as Signer does, proves that the private
+// key is the public key's (one signature of a random challenge, for every
+// key type, unless the lookup proved it already), and pins the public key.
+// It returns the key an application should hold: see DurableSigner.
 func (p *Provider) DurableSigner(ref KeyRef) (*DurableSigner, error) {
 	d, err := p.durable(ref, false)
 	if err != nil {
@@ -194,8 +197,9 @@ func (p *Provider) DurableSigner(ref KeyRef) (*DurableSigner, error) {
 	return &DurableSigner{d}, nil
 }
 
-// DurableDecrypter looks up the RSA key ref now, as Decrypter does, and
-// pins its public key.
+// DurableDecrypter looks up the RSA key ref now, as Decrypter does, proves
+// it as DurableSigner does (by a decryption, for a key that does not
+// sign), and pins its public key.
 func (p *Provider) DurableDecrypter(ref KeyRef) (*DurableDecrypter, error) {
 	d, err := p.durable(ref, true)
 	if err != nil {

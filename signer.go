@@ -15,7 +15,12 @@ import (
 // private key must match (ErrKeyNotFound, ErrAmbiguousKey), it must allow
 // signing, and its public key must be readable from the private key object,
 // its public key object (same CKA_ID) or a certificate with the same CKA_ID.
-// It makes a few PKCS#11 calls and may block as long as they do.
+// A key whose public key does not come from its private key object (EC,
+// Ed25519) must prove it: one signature of a random challenge, on the
+// token, that verifies under that public key; a mismatched pair is refused
+// with ErrKeyMismatch. The key is bound to the current generation (see
+// Signer); DurableSigner gives one that lasts. It makes a few PKCS#11 calls
+// and may block as long as they do.
 func (p *Provider) Signer(ref KeyRef) (*Signer, error) {
 	k, err := p.lookup(ref)
 	if err != nil {
