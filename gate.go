@@ -120,6 +120,8 @@ func newRefusals(op string, gen uint64) *refusals {
 		lat = classSign
 	case "decrypt":
 		lat = classDecrypt
+	case "prove key":
+		lat = classCheck
 	}
 	return &refusals{
 		op:          op,

@@ -86,8 +86,10 @@ func TestKindsOneVocabulary(t *testing.T) {
 		if d, ok := k.(ContextDecrypter); ok {
 			ct := encryptTo(t, pub, []byte("secret"), &rsa.OAEPOptions{Hash: crypto.SHA256})
 			for how, dec := range map[string]func() ([]byte, error){
-				"Decrypt":        func() ([]byte, error) { return d.Decrypt(nil, ct, &rsa.OAEPOptions{Hash: crypto.SHA256}) },
-				"DecryptContext": func() ([]byte, error) { return d.DecryptContext(t.Context(), nil, ct, &rsa.OAEPOptions{Hash: crypto.SHA256}) },
+				"Decrypt": func() ([]byte, error) { return d.Decrypt(nil, ct, &rsa.OAEPOptions{Hash: crypto.SHA256}) },
+				"DecryptContext": func() ([]byte, error) {
+					return d.DecryptContext(t.Context(), nil, ct, &rsa.OAEPOptions{Hash: crypto.SHA256})
+				},
 			} {
 				if pt, err := dec(); err != nil || string(pt) != "secret" {
 					t.Fatalf("%s: %s: %q, %v", name, how, pt, err)

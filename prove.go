@@ -50,6 +50,7 @@ const (
 // key signs nothing with them either. Other errors are the operation's
 // (the HSM lost, unavailable, stale).
 func (k *key) prove(pub crypto.PublicKey) (proved, error) {
+	k = k.asCheck()
 	challenge := make([]byte, challengeLen)
 	if _, err := cryptorand.Read(challenge); err != nil {
 		return provedMismatch, err
@@ -78,6 +79,17 @@ func (k *key) prove(pub crypto.PublicKey) (proved, error) {
 		return k.proveDecrypt(pub, challenge)
 	}
 	return provedUncheckable, nil
+}
+
+// asCheck returns a copy of k whose operations count as the library's own
+// checks in Stats.Latency ("check"), not as the caller's signatures or
+// decryptions: a proof is made for a lookup or a binding. They count in
+// Stats.Operations, as every operation on a session does.
+func (k *key) asCheck() *key {
+	c := *k
+	c.signRefusals = newRefusals("prove key", k.gen)
+	c.decryptRefusals = c.signRefusals
+	return &c
 }
 
 // challengeOpts are the signatures a challenge tries, in order.

@@ -41,7 +41,8 @@ type Stats struct {
 	// admission (including the wait for a session) to the end of their
 	// PKCS#11 calls, by kind: "sign", "decrypt", "lookup" (key and
 	// certificate lookups, Keys, reads), "write" (GenerateKey, imports,
-	// deletions) and "check" (health probes, URI checks). Refused
+	// deletions) and "check" (health probes, URI checks, the proofs of
+	// possession of lookups and bindings). Refused
 	// operations are not timed. Kinds with no operation yet are present
 	// with Count 0.
 	Latency map[string]Histogram
