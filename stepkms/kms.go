@@ -285,13 +285,19 @@ func algName(alg apiv1.SignatureAlgorithm) string {
 	return alg.String()
 }
 
-// CreateSigner returns a durable signer (*hsm.DurableSigner) for the key
-// req.SigningKey names: it survives HSM outages, finding its key again (and
-// checking it is the same key) after each re-initialization. During an
-// outage its Sign fails fast with an error matching hsm.ErrUnavailable, and
-// signs again once the provider has recovered; its SignContext waits for
-// that. Sign with nil opts fails for RSA keys (no panic).
+// CreateSigner returns a durable signer (*hsm.DurableSigner, an
+// hsm.ContextSigner) for the key req.SigningKey names: it survives HSM
+// outages, finding its key again after each re-initialization and proving,
+// with a signature of a random challenge, that it is the same key (another
+// is refused with hsm.ErrKeyChanged). During an outage its Sign fails fast
+// with an error matching hsm.ErrUnavailable, and signs again once the
+// provider has recovered; its SignContext waits for that. Sign with nil opts fails for RSA keys (no panic).
 func (k *KMS) CreateSigner(req *apiv1.CreateSignerRequest) (crypto.Signer, error) {
+	return k.createSigner(req)
+}
+
+// createSigner is CreateSigner, typed as what it returns.
+func (k *KMS) createSigner(req *apiv1.CreateSignerRequest) (hsm.ContextSigner, error) {
 	const op = "create signer"
 	if req == nil {
 		return nil, invalid(op, "nil request")
@@ -314,6 +320,11 @@ func (k *KMS) CreateSigner(req *apiv1.CreateSignerRequest) (crypto.Signer, error
 // CreateSigner's signers do. An EC or Ed25519 key fails with an error
 // matching hsm.ErrUnsupportedKey.
 func (k *KMS) CreateDecrypter(req *apiv1.CreateDecrypterRequest) (crypto.Decrypter, error) {
+	return k.createDecrypter(req)
+}
+
+// createDecrypter is CreateDecrypter, typed as what it returns.
+func (k *KMS) createDecrypter(req *apiv1.CreateDecrypterRequest) (hsm.ContextDecrypter, error) {
 	const op = "create decrypter"
 	if req == nil {
 		return nil, invalid(op, "nil request")
@@ -488,8 +499,9 @@ func (k *KMS) SearchKeys(req *apiv1.SearchKeysRequest) (*apiv1.SearchKeysRespons
 			}
 		}
 		switch {
-		case errors.Is(err, hsm.ErrAmbiguousKey), errors.Is(err, hsm.ErrUnsupportedKey), errors.Is(err, hsm.ErrKeyNotFound):
-			continue // not usable by name, or deleted meanwhile
+		case errors.Is(err, hsm.ErrAmbiguousKey), errors.Is(err, hsm.ErrUnsupportedKey), errors.Is(err, hsm.ErrKeyNotFound),
+			errors.Is(err, hsm.ErrKeyMismatch):
+			continue // not usable by name (a mismatched pair neither), or deleted meanwhile
 		case err != nil:
 			return nil, fail(op, req.Query, err)
 		}
