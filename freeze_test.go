@@ -19,25 +19,6 @@ import (
 // as a stalled network or a hung HSM would: calls into p11-kit-client.so
 // then block until SIGCONT. Every wait of the provider must still end.
 
-// within runs f in a goroutine and fails the test if it has not returned
-// after limit: the test reports a hang instead of hanging.
-func within(t *testing.T, limit time.Duration, what string, f func()) time.Duration {
-	t.Helper()
-	done := make(chan struct{})
-	start := time.Now()
-	go func() {
-		defer close(done)
-		f()
-	}()
-	select {
-	case <-done:
-		return time.Since(start)
-	case <-time.After(limit):
-		t.Fatalf("%s has not returned after %v", what, limit)
-	}
-	return 0
-}
-
 // waitFinished waits until Close's work is done: the library finalized and
 // the module released.
 func waitFinished(t *testing.T, p *Provider) {
@@ -74,20 +55,6 @@ func wantModuleFree(t *testing.T, r *remote) {
 	if _, err := mustSigner(t, p, "ec").Sign(nil, d[:], crypto.SHA256); err != nil {
 		t.Fatal(err)
 	}
-}
-
-// signLater signs digest with s in a goroutine and sends the outcome: nil
-// for a signature that verifies.
-func signLater(s *Signer, digest []byte) <-chan error {
-	done := make(chan error, 1)
-	go func() {
-		sig, err := s.Sign(nil, digest, crypto.SHA256)
-		if err == nil && !ecdsa.VerifyASN1(s.Public().(*ecdsa.PublicKey), digest, sig) {
-			err = errors.New("the signature does not verify")
-		}
-		done <- err
-	}()
-	return done
 }
 
 // closeFrozen closes r's provider while the HSM is frozen: Close must

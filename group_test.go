@@ -4,8 +4,6 @@ import (
 	"context"
 	"crypto"
 	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
 	"errors"
@@ -43,24 +41,6 @@ func newGroupFixture(t testing.TB, n int, key crypto.Signer) *groupFixture {
 	return f
 }
 
-func rsaKey(t testing.TB) *rsa.PrivateKey {
-	t.Helper()
-	k, err := rsa.GenerateKey(rand.Reader, 2048)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
-}
-
-func ecKey(t testing.TB) *ecdsa.PrivateKey {
-	t.Helper()
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
-}
-
 // configs returns the members' configurations: quick probes and recovery,
 // so that the tests see outages and returns within a second, and one
 // session each: p11-kit 0.24's client can hang for ever when its server
@@ -93,18 +73,6 @@ func openGroup(t testing.TB, gc GroupConfig) *Group {
 		}
 	})
 	return g
-}
-
-// waitFor polls cond every 5 ms until it holds, failing t after 15 s.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("not within 15s: %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
 }
 
 // signLoad signs with s from workers goroutines until stop is closed, and

@@ -1,7 +1,6 @@
 package hsm
 
 import (
-	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/sha256"
@@ -23,65 +22,6 @@ import (
 
 	"github.com/ce46d8f2/hsm/internal/softhsmtest"
 )
-
-// openAuto is openRemote with automatic recovery on.
-func openAuto(t *testing.T, mod ...func(*Config)) (*remote, *eventLog) {
-	t.Helper()
-	ev := &eventLog{}
-	r := openRemote(t, append([]func(*Config){func(c *Config) {
-		c.DisableAutoRecovery = false
-		c.OnStateChange = ev.add
-	}}, mod...)...)
-	return r, ev
-}
-
-// eventLog records the StateChanges delivered to OnStateChange.
-type eventLog struct {
-	mu  sync.Mutex
-	evs []StateChange
-}
-
-func (l *eventLog) add(ev StateChange) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.evs = append(l.evs, ev)
-}
-
-func (l *eventLog) all() []StateChange {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return append([]StateChange(nil), l.evs...)
-}
-
-// first waits for the first change to state to at or after since (events
-// are delivered asynchronously) and returns it; it fails the test after 10s.
-func (l *eventLog) first(t *testing.T, to State, since time.Time) StateChange {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		for _, ev := range l.all() {
-			if ev.To == to && !ev.At.Before(since) {
-				return ev
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no change to %v since %v delivered to OnStateChange", to, since)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
-// waitState waits until p is in state want, failing after limit.
-func waitState(t *testing.T, p *Provider, want State, limit time.Duration) {
-	t.Helper()
-	deadline := time.Now().Add(limit)
-	for p.State() != want {
-		if time.Now().After(deadline) {
-			t.Fatalf("state %v after %v, want %v (last error: %v)", p.State(), limit, want, p.LastError())
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
 
 // TestAutomaticRecovery: 32 goroutines sign continuously through p11-kit;
 // the server's whole process session is killed. Every goroutine sees
@@ -233,12 +173,6 @@ func TestAutomaticRecovery(t *testing.T) {
 	}
 }
 
-func contextWithTimeout(t *testing.T, d time.Duration) context.Context {
-	ctx, cancel := context.WithTimeout(t.Context(), d)
-	t.Cleanup(cancel)
-	return ctx
-}
-
 // TestHungHSMRecovers: the HSM stops answering with a call in flight. A
 // probe finds it hung and makes the provider unavailable; re-initializations
 // time out draining and never finalize under the stuck call; when the HSM
@@ -351,14 +285,6 @@ func TestOtherTokenSameLabel(t *testing.T) {
 	t.Log(p.LastError())
 	_, err := p.Signer(KeyRef{Label: "ec"})
 	wantErr(t, err, ErrUnavailable)
-}
-
-// mustSignerOrLost makes one call after a kill so that the provider notices.
-func mustSignerOrLost(t *testing.T, p *Provider) {
-	t.Helper()
-	if _, err := p.Signer(KeyRef{Label: "ec"}); !errors.Is(err, ErrDeviceLost) {
-		t.Fatalf("lookup after kill: %v, want device lost", err)
-	}
 }
 
 // TestSuspectCodeProbes: an operation failing with a suspect code makes

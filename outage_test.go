@@ -16,54 +16,6 @@ import (
 	"github.com/ce46d8f2/hsm/internal/softhsmtest"
 )
 
-// remote is a token served by p11-kit server, and a provider that reaches
-// it through p11-kit-client.so: every PKCS#11 call is a socket round trip,
-// as with a network HSM.
-//
-// The provider uses one session (MaxSessions 1), so that at most one call is
-// inside p11-kit-client.so at a time: p11-kit 0.24.1's client hangs forever
-// when the server dies while several threads wait for replies on its one
-// socket (rpc_socket_read leaves read_code set when a body read fails, and
-// the threads waiting for it to change are never woken). See README,
-// "Known module problems".
-//
-// These tests drive re-initialization by hand (DisableAutoRecovery); the
-// automatic recovery has its own tests in health_test.go.
-type remote struct {
-	tok *softhsmtest.Token
-	srv *softhsmtest.Server
-	p   *Provider
-}
-
-func openRemote(t *testing.T, mod ...func(*Config)) *remote {
-	t.Helper()
-	tok := softhsmtest.NewToken(t, "remote")
-	tok.GenerateKey(t, softhsmtest.P256, []byte{1}, "ec")
-	tok.GenerateKey(t, softhsmtest.RSA2048, []byte{2}, "rsa")
-	srv := softhsmtest.StartServer(t, tok)
-	r := &remote{tok: tok, srv: srv}
-	r.p = openToken(t, tok, append([]func(*Config){func(c *Config) {
-		c.Path = srv.Module()
-		c.MaxSessions = 1
-		c.DisableAutoRecovery = true
-	}}, mod...)...)
-	return r
-}
-
-func (r *remote) kill(t *testing.T) {
-	t.Helper()
-	if err := r.srv.Kill(); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func (r *remote) restart(t *testing.T) {
-	t.Helper()
-	if err := r.srv.Restart(); err != nil {
-		t.Fatal(err)
-	}
-}
-
 func TestOutageThroughRemoting(t *testing.T) {
 	r := openRemote(t)
 	p := r.p

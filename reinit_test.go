@@ -289,15 +289,6 @@ func TestConcurrentSignAndReinitialize(t *testing.T) {
 	t.Logf("%d good signatures, %d stale, %d unavailable, %d re-initializations", good.Load(), stale.Load(), unavailable.Load(), p.Stats().Reinitializations)
 }
 
-// signInput returns the digest and options to sign msg with s.
-func signInput(s *Signer, msg []byte) ([]byte, crypto.SignerOpts) {
-	if s.k.kind == kindEd25519 {
-		return msg, crypto.Hash(0)
-	}
-	d := sha256.Sum256(msg)
-	return d[:], crypto.SHA256
-}
-
 // TestReinitializeCallerContext: a caller's context bounds its own wait,
 // not the shared re-initialization, which goes on for the other callers.
 func TestReinitializeCallerContext(t *testing.T) {
