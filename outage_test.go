@@ -98,8 +98,7 @@ func TestOutageStampede(t *testing.T) {
 	p := r.p
 	const workers = 32
 	var lost, recovered atomic.Int64
-	var ready sync.WaitGroup
-	ready.Add(workers)
+	var ready atomic.Int64 // workers that have signed once
 	back := make(chan struct{})
 	var wg sync.WaitGroup
 	fail := make(chan error, workers)
@@ -168,21 +167,22 @@ func TestOutageStampede(t *testing.T) {
 				}
 				if !isReady {
 					isReady = true
-					ready.Done()
+					ready.Add(1)
 				}
 			}
 		})
 	}
-	ready.Wait() // every worker has signed once
-	r.kill(t)
-	for lost.Load() < workers {
+	// failed fails the test with a worker's failure, if there is one.
+	failed := func() {
 		select {
 		case err := <-fail:
 			t.Fatal(err)
 		default:
-			time.Sleep(time.Millisecond)
 		}
 	}
+	waitFor(t, "every worker signed once", func() bool { failed(); return ready.Load() == workers })
+	r.kill(t)
+	waitFor(t, "every worker saw the loss", func() bool { failed(); return lost.Load() == workers })
 	r.restart(t)
 	close(back)
 	wg.Wait()
@@ -221,15 +221,13 @@ func TestHungHSMDrainTimeout(t *testing.T) {
 		sig, err := s.Sign(nil, digest[:], crypto.SHA256)
 		hung <- result{sig, err}
 	}()
-	for p.gate.inFlight() == 0 {
-		time.Sleep(time.Millisecond)
-	}
+	waitFor(t, "the signature in flight", func() bool { return p.gate.inFlight() > 0 })
 
 	start := time.Now()
 	err := p.Reinitialize(t.Context())
 	took := time.Since(start)
 	wantErr(t, err, ErrDrainTimeout)
-	if took < 300*time.Millisecond {
+	if took < 300*time.Millisecond { // a lower bound: load cannot break it
 		t.Fatalf("gave up after %v, before DrainTimeout", took)
 	}
 	if p.State() != StateUnavailable || p.Generation() != 1 {
@@ -248,7 +246,7 @@ func TestHungHSMDrainTimeout(t *testing.T) {
 	wantErr(t, err, ErrUnavailable)
 
 	r.srv.Resume()
-	res := <-hung
+	res := recv(t, "the hung call, after the HSM answered again", hung)
 	if res.err != nil {
 		t.Fatalf("hung call after resume: %v", res.err)
 	}

@@ -262,14 +262,15 @@ func TestConcurrentSignAndReinitialize(t *testing.T) {
 	}
 	for range reinits {
 		before := good.Load()
-		for good.Load() < before+50 { // let signing progress between re-initializations
+		// Let signing progress between re-initializations.
+		waitFor(t, "50 signatures between two re-initializations", func() bool {
 			select {
 			case err := <-fail:
 				t.Fatal(err)
 			default:
-				time.Sleep(time.Millisecond)
 			}
-		}
+			return good.Load() >= before+50
+		})
 		if err := p.Reinitialize(t.Context()); err != nil {
 			t.Fatal(err)
 		}
@@ -299,11 +300,7 @@ func TestReinitializeCallerContext(t *testing.T) {
 	if err != nil && !errors.Is(err, context.Canceled) {
 		t.Fatalf("err = %v, want nil or context.Canceled", err)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for p.Generation() != 2 || p.State() != StateHealthy {
-		if time.Now().After(deadline) {
-			t.Fatalf("the re-initialization did not complete: generation %d state %v", p.Generation(), p.State())
-		}
-		time.Sleep(time.Millisecond)
-	}
+	waitFor(t, "the re-initialization completed (healthy in generation 2)", func() bool {
+		return p.Generation() == 2 && p.State() == StateHealthy
+	}, p)
 }
