@@ -74,8 +74,7 @@ const pollEvery = 5 * time.Millisecond
 // what did not happen and the state of the providers in on, when it still
 // does not after waitLimit. cond is checked at once, then whenever one of
 // on changes, and every pollEvery for what no event announces (counters,
-// a Group's state, which the group updates from its members' callbacks
-// after their change). cond runs in the test's goroutine: it may call
+// workers' progress). cond runs in the test's goroutine: it may call
 // t.Fatal.
 func waitFor(t testing.TB, what string, cond func() bool, on ...notifier) {
 	t.Helper()
