@@ -6,6 +6,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -19,33 +20,14 @@ import (
 // as a stalled network or a hung HSM would: calls into p11-kit-client.so
 // then block until SIGCONT. Every wait of the provider must still end.
 
-// within runs f in a goroutine and fails the test if it has not returned
-// after limit: the test reports a hang instead of hanging.
-func within(t *testing.T, limit time.Duration, what string, f func()) time.Duration {
-	t.Helper()
-	done := make(chan struct{})
-	start := time.Now()
-	go func() {
-		defer close(done)
-		f()
-	}()
-	select {
-	case <-done:
-		return time.Since(start)
-	case <-time.After(limit):
-		t.Fatalf("%s has not returned after %v", what, limit)
-	}
-	return 0
-}
-
 // waitFinished waits until Close's work is done: the library finalized and
 // the module released.
 func waitFinished(t *testing.T, p *Provider) {
 	t.Helper()
 	select {
 	case <-p.finished:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the library was not finalized and the module not released 10s after the HSM answered again")
+	case <-time.After(waitLimit):
+		t.Fatalf("the library was not finalized and the module not released %v after the HSM answered again", waitLimit)
 	}
 }
 
@@ -76,26 +58,12 @@ func wantModuleFree(t *testing.T, r *remote) {
 	}
 }
 
-// signLater signs digest with s in a goroutine and sends the outcome: nil
-// for a signature that verifies.
-func signLater(s *Signer, digest []byte) <-chan error {
-	done := make(chan error, 1)
-	go func() {
-		sig, err := s.Sign(nil, digest, crypto.SHA256)
-		if err == nil && !ecdsa.VerifyASN1(s.Public().(*ecdsa.PublicKey), digest, sig) {
-			err = errors.New("the signature does not verify")
-		}
-		done <- err
-	}()
-	return done
-}
-
 // closeFrozen closes r's provider while the HSM is frozen: Close must
 // return within bound, with an error matching want that names says.
 func closeFrozen(t *testing.T, r *remote, what string, want error, says string, bound time.Duration) {
 	t.Helper()
 	var err error
-	took := within(t, 10*time.Second, "Close", func() { err = r.p.Close() })
+	took := within(t, waitLimit, "Close", func() { err = r.p.Close() })
 	t.Logf("Close, %s: %v in %v", what, err, took)
 	wantErr(t, err, want)
 	if !strings.Contains(err.Error(), says) || took > bound {
@@ -104,15 +72,20 @@ func closeFrozen(t *testing.T, r *remote, what string, want error, says string, 
 	wantModuleInUse(t, r)
 }
 
-// freezeConfig: short bounds, so that the test is quick; Close must return
-// within DrainTimeout + ProbeTimeout.
+// freezeConfig: bounds short enough for a quick test (ProbeTimeout is
+// remoteProbeTimeout: the provider opens through p11-kit), and no periodic
+// probe.
 func freezeConfig(c *Config) {
-	c.ProbeTimeout = 500 * time.Millisecond
+	c.ProbeTimeout = remoteProbeTimeout
 	c.DrainTimeout = time.Second
 	c.ProbeInterval = -1
 }
 
-const closeBound = time.Second + 500*time.Millisecond // DrainTimeout + ProbeTimeout of freezeConfig
+// closeBound is how long Close may take against a frozen HSM with
+// freezeConfig: DrainTimeout + ProbeTimeout, its documented bound, plus
+// fastBound for the timers and goroutines of a loaded machine. A Close that
+// waited for the HSM would not return before Resume, after the check.
+const closeBound = time.Second + remoteProbeTimeout + fastBound
 
 // TestCloseWhenFrozen times Close against a frozen HSM in each state the
 // provider can be in. Close returns within DrainTimeout + ProbeTimeout and
@@ -122,7 +95,7 @@ func TestCloseWhenFrozen(t *testing.T) {
 	t.Run("idle", func(t *testing.T) {
 		r := openRemote(t, freezeConfig)
 		r.srv.Pause()
-		closeFrozen(t, r, "idle provider", ErrHung, "C_Logout and C_Finalize", closeBound+200*time.Millisecond)
+		closeFrozen(t, r, "idle provider", ErrHung, "C_Logout and C_Finalize", closeBound)
 		r.srv.Resume()
 		waitFinished(t, r.p)
 		if err := r.p.Close(); err != nil {
@@ -137,13 +110,11 @@ func TestCloseWhenFrozen(t *testing.T) {
 		d := sha256.Sum256([]byte("in flight"))
 		r.srv.Pause()
 		signed := signLater(s, d[:])
-		for r.p.inst.Load().calls.Load() == 0 {
-			time.Sleep(time.Millisecond)
-		}
-		time.Sleep(10 * time.Millisecond) // into C_SignInit
-		closeFrozen(t, r, "a call in flight", ErrDrainTimeout, "1 calls still inside", closeBound+200*time.Millisecond)
+		in := r.p.inst.Load()
+		waitFor(t, "the signature inside the library", func() bool { return in.calls.Load() > 0 })
+		closeFrozen(t, r, "a call in flight", ErrDrainTimeout, "1 calls still inside", closeBound)
 		r.srv.Resume()
-		if err := <-signed; err != nil {
+		if err := recv(t, "the call in flight, after the HSM answered again", signed); err != nil {
 			t.Fatalf("the call in flight: %v", err)
 		}
 		waitFinished(t, r.p)
@@ -157,7 +128,7 @@ func TestCloseWhenFrozen(t *testing.T) {
 		r.restart(t)
 		r.srv.Pause() // the HSM is back, and frozen: it accepts, never answers
 		var err error
-		took := within(t, 10*time.Second, "Reinitialize", func() { err = p.Reinitialize(context.Background()) })
+		took := within(t, waitLimit, "Reinitialize", func() { err = p.Reinitialize(context.Background()) })
 		t.Logf("Reinitialize, HSM frozen: %v in %v", err, took)
 		wantErr(t, err, ErrHung)
 		st := p.Stats()
@@ -170,10 +141,11 @@ func TestCloseWhenFrozen(t *testing.T) {
 		}
 		// A second attempt fails at once and starts no second
 		// C_Finalize/C_Initialize: the stuck call is still the one in the
-		// module.
-		took = within(t, 10*time.Second, "Reinitialize", func() { err = p.Reinitialize(context.Background()) })
+		// module. One that waited for the stuck call, or started another
+		// that hangs, would take ProbeTimeout (2 s); fastBound is 1 s.
+		took = within(t, waitLimit, "Reinitialize", func() { err = p.Reinitialize(context.Background()) })
 		wantErr(t, err, ErrHung)
-		if !strings.Contains(err.Error(), "has not returned") || took > 100*time.Millisecond || p.modCall.Load() != stuck {
+		if !strings.Contains(err.Error(), "has not returned") || took > fastBound || p.modCall.Load() != stuck {
 			t.Fatalf("second attempt: %v after %v; want a fast ErrHung and the same call in the module", err, took)
 		}
 		if p.State() != StateUnavailable || p.Stats().ReinitializationFailures != 2 {
@@ -204,19 +176,13 @@ func TestCloseWhenFrozen(t *testing.T) {
 		// Automatic recovery gets stuck in C_Initialize: the attempt fails
 		// with ErrHung after ProbeTimeout, and the state is unavailable, not
 		// reinitializing without end.
-		deadline := time.Now().Add(10 * time.Second)
-		for p.Stats().ReinitializationFailures < 3 {
-			if time.Now().After(deadline) {
-				t.Fatalf("recovery: %d failed attempts after 10s, state %v", p.Stats().ReinitializationFailures, p.State())
-			}
-			time.Sleep(time.Millisecond)
-		}
+		waitFor(t, "three failed recovery attempts", func() bool { return p.Stats().ReinitializationFailures >= 3 }, p)
 		st := p.Stats()
 		t.Logf("recovery stuck: %d failed attempts %v after the loss, last error %v", st.ReinitializationFailures, time.Since(lostAt), st.LastError)
 		if !errors.Is(st.LastError, ErrHung) || st.Reinitializations != 0 {
 			t.Fatalf("last error %v, %d re-initializations", st.LastError, st.Reinitializations)
 		}
-		waitState(t, p, StateUnavailable, time.Second)
+		waitFor(t, "unavailable between attempts", func() bool { return p.State() == StateUnavailable }, p)
 		closeFrozen(t, r, "recovery stuck", ErrHung, "C_Initialize", closeBound)
 		r.srv.Resume()
 		waitFinished(t, p)
@@ -234,37 +200,43 @@ func TestOpenWhenFrozen(t *testing.T) {
 	srv.Pause()
 	var p *Provider
 	var err error
+	// The HSM never answers: any ProbeTimeout fails, a short one quickly.
 	cfg := Config{Path: srv.Module(), TokenLabel: tok.Label, PIN: tok.PIN, MaxSessions: 1, ProbeTimeout: 500 * time.Millisecond}
-	took := within(t, 10*time.Second, "Open", func() { p, err = Open(cfg) })
+	took := within(t, waitLimit, "Open", func() { p, err = Open(cfg) })
 	t.Logf("Open, HSM frozen: %v in %v", err, took)
 	if p != nil {
 		p.Close()
 	}
 	wantErr(t, err, ErrHung)
-	if took > time.Second {
-		t.Fatalf("Open took %v, want about ProbeTimeout (500ms)", took)
+	// Open returns at ProbeTimeout; fastBound is the margin for a loaded
+	// machine. One that waited for the HSM would not return before Resume.
+	if bound := cfg.ProbeTimeout + fastBound; took > bound {
+		t.Fatalf("Open took %v, want about ProbeTimeout (%v), at most %v", took, cfg.ProbeTimeout, bound)
 	}
 	r := &remote{tok: tok, srv: srv}
 	wantModuleInUse(t, r)
 	srv.Resume()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	// The HSM answers again: Open works once the stuck call has returned
+	// and the library is finalized, with a ProbeTimeout a healthy HSM
+	// always meets.
+	cfg.ProbeTimeout = remoteProbeTimeout
+	waitFor(t, "Open after the HSM answered again", func() bool {
 		p, err := Open(cfg)
 		if err == nil {
 			p.Close()
-			break
+			return true
 		}
-		if !errors.Is(err, ErrModuleInUse) || time.Now().After(deadline) {
+		if !errors.Is(err, ErrModuleInUse) {
 			t.Fatalf("Open after the HSM answered again: %v", err)
 		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return false
+	})
 }
 
 // TestFrozenUnderLoad: 64 goroutines sign through 32 sessions; the HSM
 // freezes. With the default ProbeTimeout (5s) the provider is unavailable
-// within ProbeTimeout + 1s, and the goroutines waiting for a session fail
-// at once then, with ErrUnavailable, instead of waiting for
+// within ProbeTimeout and a look of the watchdog, and the goroutines
+// waiting for a session fail at once then, with ErrUnavailable, instead of waiting for
 // SessionWaitTimeout. When the HSM answers again the provider recovers by
 // itself, and every signature returned verifies.
 func TestFrozenUnderLoad(t *testing.T) {
@@ -322,43 +294,55 @@ func TestFrozenUnderLoad(t *testing.T) {
 			}
 		})
 	}
-	for signed.Load() < 500 {
-		time.Sleep(time.Millisecond)
-	}
+	waitFor(t, "500 signatures before the freeze", func() bool { return signed.Load() >= 500 })
 	pausedAt := time.Now()
 	frozen.Store(true)
 	r.srv.Pause()
 	ev := events.first(t, StateUnavailable, pausedAt)
 	detect := ev.At.Sub(pausedAt)
 	// The workers that were waiting for a session fail at once; those
-	// inside the library stay there until the HSM answers.
-	time.Sleep(200 * time.Millisecond)
-	atOnce, slowest := 0, time.Duration(0)
+	// inside the library (32, one per session) stay there until the HSM
+	// answers.
+	failed := func() int {
+		n := 0
+		for w := range workers {
+			if failedAt[w].Load() != 0 {
+				n++
+			}
+		}
+		return n
+	}
+	waitFor(t, fmt.Sprintf("the %d workers waiting for a session failed", workers-32), func() bool { return failed() >= workers-32 })
+	slowest := time.Duration(0)
 	for w := range workers {
 		if at := failedAt[w].Load(); at != 0 {
-			atOnce++
 			slowest = max(slowest, time.Unix(0, at).Sub(ev.At))
 		}
 	}
-	t.Logf("freeze under load: unavailable %v after the freeze (%v); then %d workers failed with ErrUnavailable, the last %v after", detect, ev.Err, atOnce, slowest)
-	if detect > DefaultProbeTimeout+time.Second {
-		t.Errorf("the freeze was noticed after %v, want at most ProbeTimeout + 1s = %v", detect, DefaultProbeTimeout+time.Second)
+	t.Logf("freeze under load: unavailable %v after the freeze (%v); then %d workers failed with ErrUnavailable, the last %v after", detect, ev.Err, failed(), slowest)
+	// The watchdog decides after ProbeTimeout without progress, and looks
+	// every watchEvery (500 ms here); fastBound is the margin for a loaded
+	// machine.
+	if bound := DefaultProbeTimeout + p.watchEvery() + fastBound; detect > bound {
+		t.Errorf("the freeze was noticed after %v, want at most ProbeTimeout + watchEvery + %v = %v", detect, fastBound, bound)
 	}
 	if !errors.Is(ev.Err, ErrHung) {
 		t.Errorf("unavailable because of %v, want ErrHung", ev.Err)
 	}
-	if atOnce < workers-32 || slowest > 100*time.Millisecond {
-		t.Errorf("%d workers failed, the last %v after the detection; want the %d waiting for a session, at once", atOnce, slowest, workers-32)
+	// At once: without the wake-up they would wait SessionWaitTimeout
+	// (10 s); fastBound is far below.
+	if slowest > fastBound {
+		t.Errorf("the last of the workers waiting for a session failed %v after the detection; want at once (within %v)", slowest, fastBound)
 	}
 	frozen.Store(false)
 	r.srv.Resume()
-	if err := p.WaitHealthy(contextWithTimeout(t, 40*time.Second)); err != nil {
+	if err := p.WaitHealthy(contextWithTimeout(t, waitLimit)); err != nil {
 		t.Fatal(err)
 	}
-	healthyAt := time.Now()
-	for signed.Load() == 0 || time.Since(healthyAt) < 200*time.Millisecond {
-		time.Sleep(time.Millisecond)
-	}
+	// The calls of the old generation all returned before the recovery
+	// finalized the library: what is signed from here on is signed anew.
+	again := signed.Load()
+	waitFor(t, "100 signatures after the recovery", func() bool { return signed.Load() >= again+100 })
 	stop.Store(true)
 	wg.Wait()
 	if wrong.Load() != 0 {
@@ -416,20 +400,20 @@ func TestCloseFromCallback(t *testing.T) {
 		t.Fatal(err)
 	}
 	var rerr error
-	within(t, 10*time.Second, "Reinitialize", func() { rerr = p.Reinitialize(context.Background()) })
+	within(t, waitLimit, "Reinitialize", func() { rerr = p.Reinitialize(context.Background()) })
 	select {
 	case err := <-closed:
 		if err != nil {
 			t.Fatalf("Close from the callback: %v", err)
 		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("Close from inside OnStateChange has not returned after 10s")
+	case <-time.After(waitLimit):
+		t.Fatalf("Close from inside OnStateChange has not returned after %v", waitLimit)
 	}
 	if rerr != nil && !errors.Is(rerr, ErrClosed) {
 		t.Fatalf("Reinitialize: %v", rerr)
 	}
 	var cerr error
-	within(t, 10*time.Second, "Close", func() { cerr = p.Close() })
+	within(t, waitLimit, "Close", func() { cerr = p.Close() })
 	if cerr != nil || p.State() != StateClosed {
 		t.Fatalf("Close again: %v, state %v", cerr, p.State())
 	}
@@ -459,9 +443,10 @@ func TestReinitializeFromCallback(t *testing.T) {
 	if err := p.Reinitialize(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(20 * time.Millisecond) // the callback is re-initializing
+	// Close while the callback re-initializes (or is about to).
+	waitFor(t, "the callback called for the recovery", func() bool { return calls.Load() > 0 })
 	var cerr error
-	within(t, 10*time.Second, "Close", func() { cerr = p.Close() })
+	within(t, waitLimit, "Close", func() { cerr = p.Close() })
 	if cerr != nil {
 		t.Fatalf("Close: %v", cerr)
 	}
@@ -474,7 +459,7 @@ func TestReinitializeFromCallback(t *testing.T) {
 			if err != nil && !errors.Is(err, ErrClosed) {
 				t.Fatalf("Reinitialize from the callback: %v", err)
 			}
-		case <-time.After(10 * time.Second):
+		case <-time.After(waitLimit):
 			t.Fatal("Reinitialize from inside OnStateChange has not returned")
 		}
 	}

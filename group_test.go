@@ -4,8 +4,6 @@ import (
 	"context"
 	"crypto"
 	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
 	"errors"
@@ -43,34 +41,18 @@ func newGroupFixture(t testing.TB, n int, key crypto.Signer) *groupFixture {
 	return f
 }
 
-func rsaKey(t testing.TB) *rsa.PrivateKey {
-	t.Helper()
-	k, err := rsa.GenerateKey(rand.Reader, 2048)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
-}
-
-func ecKey(t testing.TB) *ecdsa.PrivateKey {
-	t.Helper()
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
-}
-
 // configs returns the members' configurations: quick probes and recovery,
-// so that the tests see outages and returns within a second, and one
-// session each: p11-kit 0.24's client can hang for ever when its server
-// dies under concurrent calls (README, Known module problems).
+// so that the tests see outages and returns within a second or two (a
+// frozen member after remoteProbeTimeout: a shorter one could take a
+// healthy member, opening through p11-kit on a loaded machine, for a hung
+// one), and one session each: p11-kit 0.24's client can hang for ever when
+// its server dies under concurrent calls (README, Known module problems).
 func (f *groupFixture) configs(mod ...func(i int, c *Config)) []Config {
 	var cfgs []Config
 	for i, tok := range f.toks {
 		c := Config{Path: f.srvs[i].Module(), TokenLabel: tok.Label, PIN: tok.PIN,
 			MaxSessions: 1, SessionWaitTimeout: 2 * time.Second,
-			ProbeInterval: 100 * time.Millisecond, ProbeTimeout: time.Second,
+			ProbeInterval: 100 * time.Millisecond, ProbeTimeout: remoteProbeTimeout,
 			RecoveryBackoffMin: 20 * time.Millisecond, RecoveryBackoffMax: 200 * time.Millisecond,
 			DrainTimeout: 2 * time.Second}
 		for _, m := range mod {
@@ -79,6 +61,15 @@ func (f *groupFixture) configs(mod ...func(i int, c *Config)) []Config {
 		cfgs = append(cfgs, c)
 	}
 	return cfgs
+}
+
+// members returns g's members, for waitFor to wake up at their changes.
+func members(g *Group) []notifier {
+	var on []notifier
+	for _, p := range g.Members() {
+		on = append(on, p)
+	}
+	return on
 }
 
 func openGroup(t testing.TB, gc GroupConfig) *Group {
@@ -93,18 +84,6 @@ func openGroup(t testing.TB, gc GroupConfig) *Group {
 		}
 	})
 	return g
-}
-
-// waitFor polls cond every 5 ms until it holds, failing t after 15 s.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("not within 15s: %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
 }
 
 // signLoad signs with s from workers goroutines until stop is closed, and
@@ -166,7 +145,7 @@ func TestGroupKillOneMember(t *testing.T) {
 	if err := f.srvs[1].Kill(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "member 1 seen lost", func() bool { return g.Members()[1].State() != StateHealthy })
+	waitFor(t, "member 1 seen lost", func() bool { return g.Members()[1].State() != StateHealthy }, g.Members()[1])
 	before := ops(0)
 	waitFor(t, "member 0 carries the load", func() bool { return ops(0) > before+200 })
 	if st := g.State(); st != GroupDegraded {
@@ -228,14 +207,16 @@ func TestGroupAllDown(t *testing.T) {
 	_, err = s.Sign(nil, digest[:], crypto.SHA256)
 	wantErr(t, err, ErrUnavailable)
 	t.Logf("first failure: %v", err)
-	waitFor(t, "group unavailable", func() bool { return g.State() == GroupUnavailable })
+	waitFor(t, "group unavailable", func() bool { return g.State() == GroupUnavailable }, members(g)...)
 	start := time.Now()
 	_, err = s.Sign(nil, digest[:], crypto.SHA256)
 	took := time.Since(start)
 	wantErr(t, err, ErrUnavailable)
 	t.Logf("all members down: %v in %v", err, took)
-	if took > time.Second {
-		t.Errorf("ErrUnavailable took %v with no member healthy", took)
+	// Fast: a failure that waited for a member would take its
+	// ProbeTimeout (30 s); fastBound is far below.
+	if took > fastBound {
+		t.Errorf("ErrUnavailable took %v with no member healthy, want at most %v", took, fastBound)
 	}
 	if _, err := g.Signer(groupRef); !errors.Is(err, ErrUnavailable) {
 		t.Errorf("Signer with no member healthy: %v, want ErrUnavailable", err)
@@ -246,7 +227,7 @@ func TestGroupAllDown(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	waitFor(t, "group healthy again", func() bool { return g.State() == GroupHealthy })
+	waitFor(t, "group healthy again", func() bool { return g.State() == GroupHealthy }, members(g)...)
 	sig, err := s.Sign(nil, digest[:], crypto.SHA256)
 	if err != nil {
 		t.Fatal(err)
@@ -296,7 +277,7 @@ func TestGroupForeignKey(t *testing.T) {
 	if err := f.srvs[0].Kill(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "member 0 seen lost", func() bool { return g.Members()[0].State() != StateHealthy })
+	waitFor(t, "member 0 seen lost", func() bool { return g.Members()[0].State() != StateHealthy }, g.Members()[0])
 	_, err = s.Sign(nil, digest[:], crypto.SHA256)
 	wantErr(t, err, ErrUnavailable)
 	if n := g.Stats().Members[1].Operations; n != 0 {
@@ -306,7 +287,7 @@ func TestGroupForeignKey(t *testing.T) {
 	if err := f.srvs[0].Restart(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "member 0 back", func() bool { return g.Members()[0].State() == StateHealthy })
+	waitFor(t, "member 0 back", func() bool { return g.Members()[0].State() == StateHealthy }, g.Members()[0])
 	if _, err := s.Sign(nil, digest[:], crypto.SHA256); err != nil {
 		t.Fatal(err)
 	}
@@ -384,7 +365,7 @@ func TestGroupMemberDownAtOpen(t *testing.T) {
 // s, which must never fail meanwhile.
 func joinsAndSigns(t *testing.T, g *Group, s *GroupSigner) {
 	t.Helper()
-	waitFor(t, "member 1 joins", func() bool { return g.State() == GroupHealthy })
+	waitFor(t, "member 1 joins", func() bool { return g.State() == GroupHealthy }, members(g)...)
 	digest := sha256.Sum256([]byte("joined"))
 	waitFor(t, "member 1 signs", func() bool {
 		if _, err := s.Sign(nil, digest[:], crypto.SHA256); err != nil {
@@ -406,7 +387,15 @@ func TestGroupMemberFrozenAtOpen(t *testing.T) {
 			f.srvs[1].Resume()
 		}
 	}()
-	g := openGroup(t, GroupConfig{Members: f.configs(func(_ int, c *Config) { c.ProbeTimeout = 300 * time.Millisecond })})
+	start := time.Now()
+	g := openGroup(t, GroupConfig{Members: f.configs()})
+	took := time.Since(start)
+	// OpenGroup returns at the frozen member's ProbeTimeout; fastBound is
+	// the margin for a loaded machine. One that waited for the member
+	// would not return before Resume, below.
+	if bound := remoteProbeTimeout + fastBound; took > bound {
+		t.Errorf("OpenGroup took %v with a frozen member, want at most its ProbeTimeout + %v = %v", took, fastBound, bound)
+	}
 	st := g.Stats()
 	if !errors.Is(st.Members[1].OpenError, ErrHung) || st.State != GroupDegraded {
 		t.Fatalf("group %v, member 1 open error %v", st.State, st.Members[1].OpenError)
@@ -425,7 +414,7 @@ func TestGroupMemberFrozenAtOpen(t *testing.T) {
 // other member.
 func TestGroupFrozenMember(t *testing.T) {
 	f := newGroupFixture(t, 2, ecKey(t))
-	g := openGroup(t, GroupConfig{Members: f.configs(func(_ int, c *Config) { c.ProbeTimeout = 500 * time.Millisecond })})
+	g := openGroup(t, GroupConfig{Members: f.configs()})
 	s, err := g.Signer(groupRef)
 	if err != nil {
 		t.Fatal(err)
@@ -435,11 +424,11 @@ func TestGroupFrozenMember(t *testing.T) {
 	ops := func(i int) uint64 { return g.Stats().Members[i].Operations }
 	waitFor(t, "both members sign", func() bool { return ops(0) > 50 && ops(1) > 50 })
 	f.srvs[1].Pause()
-	waitFor(t, "member 1 seen hung", func() bool { return g.Members()[1].State() != StateHealthy })
+	waitFor(t, "member 1 seen hung", func() bool { return g.Members()[1].State() != StateHealthy }, g.Members()[1])
 	before := ops(0)
 	waitFor(t, "member 0 carries the load", func() bool { return ops(0) > before+200 })
 	f.srvs[1].Resume()
-	waitFor(t, "member 1 back", func() bool { return g.Members()[1].State() == StateHealthy })
+	waitFor(t, "member 1 back", func() bool { return g.Members()[1].State() == StateHealthy }, g.Members()[1])
 	close(stop)
 	good := wait()
 	st := g.Stats()
@@ -645,45 +634,36 @@ func BenchmarkGroup(b *testing.B) {
 func TestGroupSignerFrozenMember(t *testing.T) {
 	f := newGroupFixture(t, 2, ecKey(t))
 	g := openGroup(t, GroupConfig{Members: f.configs(func(_ int, c *Config) {
-		c.ProbeInterval, c.ProbeTimeout = -1, 500*time.Millisecond
+		c.ProbeInterval = -1
 	})})
 	f.srvs[1].Pause()
 	defer f.srvs[1].Resume()
-	type got struct {
-		s   *GroupSigner
-		err error
+	// The lookup on the frozen member, and a call on it, are given up
+	// after its ProbeTimeout; fastBound is the margin for a loaded machine.
+	// Whatever waited for the member would not return before Resume, at
+	// the end.
+	bound := remoteProbeTimeout + fastBound
+	var s *GroupSigner
+	var err error
+	took := within(t, waitLimit, "Signer", func() { s, err = g.Signer(groupRef) })
+	if err != nil {
+		t.Fatal(err)
 	}
-	ch := make(chan got, 1)
-	go func() {
-		s, err := g.Signer(groupRef)
-		ch <- got{s, err}
-	}()
-	var r got
-	select {
-	case r = <-ch:
-	case <-time.After(10 * time.Second):
-		t.Fatal("Signer held for 10s by a frozen member")
-	}
-	if r.err != nil {
-		t.Fatal(r.err)
+	if took > bound {
+		t.Fatalf("Signer took %v with a frozen member, want at most %v", took, bound)
 	}
 	digest := sha256.Sum256([]byte("frozen at bind"))
 	for i := range 20 {
-		done := make(chan error, 1)
-		go func() {
-			sig, err := r.s.Sign(nil, digest[:], crypto.SHA256)
-			if err == nil && !ecdsa.VerifyASN1(f.key.Public().(*ecdsa.PublicKey), digest[:], sig) {
-				err = errors.New("wrong signature")
-			}
-			done <- err
-		}()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Fatalf("signature %d: %v", i, err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Fatalf("signature %d held for 10s by a frozen member", i)
+		var sig []byte
+		took := within(t, waitLimit, fmt.Sprintf("signature %d", i), func() { sig, err = s.Sign(nil, digest[:], crypto.SHA256) })
+		if err != nil {
+			t.Fatalf("signature %d: %v", i, err)
+		}
+		if !ecdsa.VerifyASN1(f.key.Public().(*ecdsa.PublicKey), digest[:], sig) {
+			t.Fatalf("signature %d is wrong", i)
+		}
+		if took > bound {
+			t.Fatalf("signature %d took %v with a frozen member, want at most %v", i, took, bound)
 		}
 	}
 }
@@ -832,7 +812,7 @@ func TestGroupCloseFromMemberCallback(t *testing.T) {
 		if err != nil {
 			t.Fatalf("Close from the callback: %v", err)
 		}
-	case <-time.After(10 * time.Second):
+	case <-time.After(waitLimit):
 		t.Fatal("Close from a member's callback waited for that callback")
 	}
 	if g.State() != GroupClosed {
@@ -847,7 +827,7 @@ func TestGroupCloseFromMemberCallback(t *testing.T) {
 func TestGroupCallOnFrozenMember(t *testing.T) {
 	f := newGroupFixture(t, 2, ecKey(t))
 	g := openGroup(t, GroupConfig{Members: f.configs(func(_ int, c *Config) {
-		c.ProbeInterval, c.ProbeTimeout = -1, 500*time.Millisecond
+		c.ProbeInterval = -1
 	})})
 	s, err := g.Signer(groupRef)
 	if err != nil {
@@ -864,19 +844,19 @@ func TestGroupCallOnFrozenMember(t *testing.T) {
 	}
 	f.srvs[1].Pause()
 	defer f.srvs[1].Resume()
+	// A call on the frozen member is given up when its watchdog sees the
+	// hang, or after its ProbeTimeout; fastBound is the margin for a loaded
+	// machine. A caller that waited for the HSM would not return before
+	// Resume, at the end.
+	bound := remoteProbeTimeout + fastBound
 	for i := range 6 {
-		done := make(chan error, 1)
-		go func() {
-			_, err := s.Sign(nil, digest[:], crypto.SHA256)
-			done <- err
-		}()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Fatalf("signature %d: %v", i, err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Fatalf("signature %d waited 10s for a frozen member", i)
+		var err error
+		took := within(t, waitLimit, fmt.Sprintf("signature %d", i), func() { _, err = s.Sign(nil, digest[:], crypto.SHA256) })
+		if err != nil {
+			t.Fatalf("signature %d: %v", i, err)
+		}
+		if took > bound {
+			t.Fatalf("signature %d took %v with a frozen member, want at most %v", i, took, bound)
 		}
 	}
 	if st := g.Stats(); st.Failovers == 0 || st.Members[1].InFlight == 0 {

@@ -89,24 +89,6 @@ func TestOddOptionsRefused(t *testing.T) {
 	}
 }
 
-// quiet waits until the probe that a state change starts has run, so that
-// its calls do not land in a count.
-func quiet(t *testing.T, p *Provider) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for calm := 0; calm < 3; {
-		if p.health.probing.Load() || len(p.health.kick) > 0 {
-			calm = 0
-		} else {
-			calm++
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the provider keeps probing")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 type oddOpts struct{ h crypto.Hash }
 
 func (o *oddOpts) HashFunc() crypto.Hash { return o.h }

@@ -16,54 +16,6 @@ import (
 	"github.com/ce46d8f2/hsm/internal/softhsmtest"
 )
 
-// remote is a token served by p11-kit server, and a provider that reaches
-// it through p11-kit-client.so: every PKCS#11 call is a socket round trip,
-// as with a network HSM.
-//
-// The provider uses one session (MaxSessions 1), so that at most one call is
-// inside p11-kit-client.so at a time: p11-kit 0.24.1's client hangs forever
-// when the server dies while several threads wait for replies on its one
-// socket (rpc_socket_read leaves read_code set when a body read fails, and
-// the threads waiting for it to change are never woken). See README,
-// "Known module problems".
-//
-// These tests drive re-initialization by hand (DisableAutoRecovery); the
-// automatic recovery has its own tests in health_test.go.
-type remote struct {
-	tok *softhsmtest.Token
-	srv *softhsmtest.Server
-	p   *Provider
-}
-
-func openRemote(t *testing.T, mod ...func(*Config)) *remote {
-	t.Helper()
-	tok := softhsmtest.NewToken(t, "remote")
-	tok.GenerateKey(t, softhsmtest.P256, []byte{1}, "ec")
-	tok.GenerateKey(t, softhsmtest.RSA2048, []byte{2}, "rsa")
-	srv := softhsmtest.StartServer(t, tok)
-	r := &remote{tok: tok, srv: srv}
-	r.p = openToken(t, tok, append([]func(*Config){func(c *Config) {
-		c.Path = srv.Module()
-		c.MaxSessions = 1
-		c.DisableAutoRecovery = true
-	}}, mod...)...)
-	return r
-}
-
-func (r *remote) kill(t *testing.T) {
-	t.Helper()
-	if err := r.srv.Kill(); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func (r *remote) restart(t *testing.T) {
-	t.Helper()
-	if err := r.srv.Restart(); err != nil {
-		t.Fatal(err)
-	}
-}
-
 func TestOutageThroughRemoting(t *testing.T) {
 	r := openRemote(t)
 	p := r.p
@@ -146,8 +98,7 @@ func TestOutageStampede(t *testing.T) {
 	p := r.p
 	const workers = 32
 	var lost, recovered atomic.Int64
-	var ready sync.WaitGroup
-	ready.Add(workers)
+	var ready atomic.Int64 // workers that have signed once
 	back := make(chan struct{})
 	var wg sync.WaitGroup
 	fail := make(chan error, workers)
@@ -216,21 +167,22 @@ func TestOutageStampede(t *testing.T) {
 				}
 				if !isReady {
 					isReady = true
-					ready.Done()
+					ready.Add(1)
 				}
 			}
 		})
 	}
-	ready.Wait() // every worker has signed once
-	r.kill(t)
-	for lost.Load() < workers {
+	// failed fails the test with a worker's failure, if there is one.
+	failed := func() {
 		select {
 		case err := <-fail:
 			t.Fatal(err)
 		default:
-			time.Sleep(time.Millisecond)
 		}
 	}
+	waitFor(t, "every worker signed once", func() bool { failed(); return ready.Load() == workers })
+	r.kill(t)
+	waitFor(t, "every worker saw the loss", func() bool { failed(); return lost.Load() == workers })
 	r.restart(t)
 	close(back)
 	wg.Wait()
@@ -269,15 +221,13 @@ func TestHungHSMDrainTimeout(t *testing.T) {
 		sig, err := s.Sign(nil, digest[:], crypto.SHA256)
 		hung <- result{sig, err}
 	}()
-	for p.gate.inFlight() == 0 {
-		time.Sleep(time.Millisecond)
-	}
+	waitFor(t, "the signature in flight", func() bool { return p.gate.inFlight() > 0 })
 
 	start := time.Now()
 	err := p.Reinitialize(t.Context())
 	took := time.Since(start)
 	wantErr(t, err, ErrDrainTimeout)
-	if took < 300*time.Millisecond {
+	if took < 300*time.Millisecond { // a lower bound: load cannot break it
 		t.Fatalf("gave up after %v, before DrainTimeout", took)
 	}
 	if p.State() != StateUnavailable || p.Generation() != 1 {
@@ -296,7 +246,7 @@ func TestHungHSMDrainTimeout(t *testing.T) {
 	wantErr(t, err, ErrUnavailable)
 
 	r.srv.Resume()
-	res := <-hung
+	res := recv(t, "the hung call, after the HSM answered again", hung)
 	if res.err != nil {
 		t.Fatalf("hung call after resume: %v", res.err)
 	}

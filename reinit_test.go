@@ -262,14 +262,15 @@ func TestConcurrentSignAndReinitialize(t *testing.T) {
 	}
 	for range reinits {
 		before := good.Load()
-		for good.Load() < before+50 { // let signing progress between re-initializations
+		// Let signing progress between re-initializations.
+		waitFor(t, "50 signatures between two re-initializations", func() bool {
 			select {
 			case err := <-fail:
 				t.Fatal(err)
 			default:
-				time.Sleep(time.Millisecond)
 			}
-		}
+			return good.Load() >= before+50
+		})
 		if err := p.Reinitialize(t.Context()); err != nil {
 			t.Fatal(err)
 		}
@@ -289,15 +290,6 @@ func TestConcurrentSignAndReinitialize(t *testing.T) {
 	t.Logf("%d good signatures, %d stale, %d unavailable, %d re-initializations", good.Load(), stale.Load(), unavailable.Load(), p.Stats().Reinitializations)
 }
 
-// signInput returns the digest and options to sign msg with s.
-func signInput(s *Signer, msg []byte) ([]byte, crypto.SignerOpts) {
-	if s.k.kind == kindEd25519 {
-		return msg, crypto.Hash(0)
-	}
-	d := sha256.Sum256(msg)
-	return d[:], crypto.SHA256
-}
-
 // TestReinitializeCallerContext: a caller's context bounds its own wait,
 // not the shared re-initialization, which goes on for the other callers.
 func TestReinitializeCallerContext(t *testing.T) {
@@ -308,11 +300,7 @@ func TestReinitializeCallerContext(t *testing.T) {
 	if err != nil && !errors.Is(err, context.Canceled) {
 		t.Fatalf("err = %v, want nil or context.Canceled", err)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for p.Generation() != 2 || p.State() != StateHealthy {
-		if time.Now().After(deadline) {
-			t.Fatalf("the re-initialization did not complete: generation %d state %v", p.Generation(), p.State())
-		}
-		time.Sleep(time.Millisecond)
-	}
+	waitFor(t, "the re-initialization completed (healthy in generation 2)", func() bool {
+		return p.Generation() == 2 && p.State() == StateHealthy
+	}, p)
 }
