@@ -64,8 +64,8 @@ func (f *groupFixture) configs(mod ...func(i int, c *Config)) []Config {
 }
 
 // members returns g's members, for waitFor to wake up at their changes.
-func members(g *Group) []notifier {
-	var on []notifier
+func members(g *Group) []changer {
+	var on []changer
 	for _, p := range g.Members() {
 		on = append(on, p)
 	}

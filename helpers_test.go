@@ -62,10 +62,10 @@ const remoteProbeTimeout = 2 * time.Second
 
 // ---- Waiting ----
 
-// notifier is something whose changes a wait can wake up on: a Provider
+// changer is something whose changes a wait can wake up on: a Provider
 // (changes: its state changed) or an eventLog (a StateChange was
 // delivered).
-type notifier interface{ changes() <-chan struct{} }
+type changer interface{ changes() <-chan struct{} }
 
 // pollEvery is how often waitFor looks at its condition between events.
 const pollEvery = 5 * time.Millisecond
@@ -76,7 +76,7 @@ const pollEvery = 5 * time.Millisecond
 // on changes, and every pollEvery for what no event announces (counters,
 // workers' progress). cond runs in the test's goroutine: it may call
 // t.Fatal.
-func waitFor(t testing.TB, what string, cond func() bool, on ...notifier) {
+func waitFor(t testing.TB, what string, cond func() bool, on ...changer) {
 	t.Helper()
 	waitWithin(t, waitLimit, what, cond, on...)
 }
@@ -87,7 +87,7 @@ func waitState(t testing.TB, p *Provider, want State, limit time.Duration) {
 	waitWithin(t, limit, "state "+want.String(), func() bool { return p.State() == want }, p)
 }
 
-func waitWithin(t testing.TB, limit time.Duration, what string, cond func() bool, on ...notifier) {
+func waitWithin(t testing.TB, limit time.Duration, what string, cond func() bool, on ...changer) {
 	t.Helper()
 	deadline := time.NewTimer(limit)
 	defer deadline.Stop()

@@ -383,7 +383,7 @@ func TestGenerateKeyDuringOutage(t *testing.T) {
 		_, err := p.GenerateKey(KeySpec{Type: RSA4096, Label: "mid-outage"})
 		done <- err
 	}()
-	time.Sleep(100 * time.Millisecond) // inside C_GenerateKeyPair
+	waitFor(t, "GenerateKey in flight", func() bool { return p.gate.inFlight() > 0 })
 	r.kill(t)
 	var first error
 	within(t, 20*time.Second, "GenerateKey", func() { first = <-done })
@@ -466,7 +466,9 @@ func TestLifecycleRemote(t *testing.T) {
 // ProbeTimeout, on the only session, is not a frozen HSM.
 func TestLongGenerationNotHung(t *testing.T) {
 	tok := softhsmtest.NewToken(t, "long")
-	p := openToken(t, tok, func(c *Config) { c.MaxSessions = 1; c.ProbeTimeout = 100 * time.Millisecond })
+	// 500 ms: Open directly on SoftHSM took up to 82 ms on 2 loaded cores;
+	// an RSA-4096 generation takes 1.5 to 6 s, far longer.
+	p := openToken(t, tok, func(c *Config) { c.MaxSessions = 1; c.ProbeTimeout = 500 * time.Millisecond })
 	start := time.Now()
 	if _, err := p.GenerateKey(KeySpec{Type: RSA4096, Label: "slow"}); err != nil {
 		t.Fatal(err)

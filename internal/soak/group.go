@@ -107,7 +107,9 @@ func RunGroup(opts Options, members int) (GroupResult, error) {
 		cfgs[i] = hsm.Config{
 			Path: srvs[i].Module(), TokenLabel: tok.Label, PIN: tok.PIN,
 			MaxSessions:        1, // p11-kit 0.24's client: one call at a time (README)
-			SessionWaitTimeout: 200 * time.Millisecond,
+			// With two members down, the one left serves every worker
+			// through its one session: a wait of 2 s, as the group tests give.
+			SessionWaitTimeout: 2 * time.Second,
 			ProbeInterval:      100 * time.Millisecond,
 			ProbeTimeout:       probeTimeout,
 			DrainTimeout:       time.Second,
