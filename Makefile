@@ -35,7 +35,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzUnpadOAEP -fuzztime 30s .
 	$(GO) test -run '^$$' -fuzz FuzzParseURI -fuzztime 30s .
 
-## bench: benchmarks, calls and instructions per operation (raw miekg/pkcs11, crypto11, hsm) into README.md; about 20 minutes
+## bench: benchmarks, calls and instructions per operation (raw miekg/pkcs11, crypto11, hsm) into docs/performance.md; about 20 minutes
 bench: deps
 	@sh scripts/install-deps.sh valgrind
 	bash scripts/bench.sh
