@@ -48,6 +48,6 @@ soak: deps
 soak-group: deps
 	$(GO) run ./cmd/hsmcheck soak -members 3 -duration 60s -outage-every 2s
 
-## conformance: hsmcheck conform on SoftHSM2, p11-kit remoting, NSS softokn, tpm2-pkcs11 (swtpm) and openCryptoki; matrix in /tmp/conf-matrix.txt
+## conformance: hsmcheck conform on SoftHSM2, p11-kit remoting, NSS softokn, tpm2-pkcs11 (swtpm) and openCryptoki; matrix in /tmp/conf-matrix.txt (HSM_CONF_DOC=docs/modules.md make conformance writes it into docs/modules.md too)
 conformance: deps
 	bash scripts/conformance.sh
