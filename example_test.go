@@ -86,16 +86,16 @@ func storeSelfSigned(p *hsm.Provider, label string) error {
 	return p.ImportCertificate(key.KeyRef(), cert)
 }
 
-// httpsGet gets url with a client that trusts root and makes a new TLS
+// httpsGet gets serverURL with a client that trusts root and makes a new TLS
 // handshake for every request.
-func httpsGet(url string, root *x509.Certificate) (string, error) {
+func httpsGet(serverURL string, root *x509.Certificate) (string, error) {
 	roots := x509.NewCertPool()
 	roots.AddCert(root)
 	client := &http.Client{Transport: &http.Transport{
 		TLSClientConfig:   &tls.Config{RootCAs: roots},
 		DisableKeepAlives: true,
 	}}
-	resp, err := client.Get(url)
+	resp, err := client.Get(serverURL)
 	if err != nil {
 		return "", err
 	}
@@ -197,16 +197,16 @@ func Example_tlsServer() {
 	}
 	go srv.ServeTLS(ln, "", "")
 	defer srv.Close()
-	url := "https://" + ln.Addr().String()
+	serverURL := "https://" + ln.Addr().String()
 
-	body, err := httpsGet(url, cert.Leaf)
+	body, err := httpsGet(serverURL, cert.Leaf)
 	fmt.Println(body, err)
 
 	if err := hsmServer.Kill(); err != nil { // the HSM is lost
 		log.Fatal(err)
 	}
 	for range 2 {
-		_, err = httpsGet(url, cert.Leaf)
+		_, err = httpsGet(serverURL, cert.Leaf)
 		fmt.Println("handshake failed:", err != nil)
 	}
 
@@ -218,7 +218,7 @@ func Example_tlsServer() {
 	if err := p.WaitHealthy(ctx); err != nil {
 		log.Fatal(err)
 	}
-	body, err = httpsGet(url, cert.Leaf)
+	body, err = httpsGet(serverURL, cert.Leaf)
 	fmt.Println(body, err, "in generation", p.Generation())
 	// Output:
 	// hello over TLS <nil>
