@@ -35,7 +35,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzUnpadOAEP -fuzztime 30s .
 	$(GO) test -run '^$$' -fuzz FuzzParseURI -fuzztime 30s .
 
-## bench: benchmarks, calls and instructions per operation (raw miekg/pkcs11, crypto11, hsm) into README.md; about 20 minutes
+## bench: benchmarks, calls and instructions per operation (raw miekg/pkcs11, crypto11, hsm) into docs/performance.md; about 20 minutes
 bench: deps
 	@sh scripts/install-deps.sh valgrind
 	bash scripts/bench.sh
@@ -48,6 +48,6 @@ soak: deps
 soak-group: deps
 	$(GO) run ./cmd/hsmcheck soak -members 3 -duration 60s -outage-every 2s
 
-## conformance: hsmcheck conform on SoftHSM2, p11-kit remoting, NSS softokn, tpm2-pkcs11 (swtpm) and openCryptoki; matrix in /tmp/conf-matrix.txt
+## conformance: hsmcheck conform on SoftHSM2, p11-kit remoting, NSS softokn, tpm2-pkcs11 (swtpm) and openCryptoki; matrix in /tmp/conf-matrix.txt (HSM_CONF_DOC=docs/modules.md make conformance writes it into docs/modules.md too)
 conformance: deps
 	bash scripts/conformance.sh

@@ -17,7 +17,6 @@ import (
 	"math/big"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"net/url"
 	"strings"
 	"sync"
@@ -28,8 +27,10 @@ import (
 )
 
 // exampleConfig returns the Config of a SoftHSM2 token with an EC P-256 key
-// labelled "tls" and a P-384 key labelled "ca", made once for all examples.
-// In an application the Config comes from its configuration.
+// labelled "tls", its self-signed certificate stored next to it, and a
+// P-384 key labelled "ca", made once for all examples. In an application
+// the Config comes from its configuration, and the certificate from a CA
+// (stored with ImportCertificate or `hsmcheck cert import`).
 var exampleConfig = sync.OnceValue(func() hsm.Config {
 	tok, err := softhsmtest.CreateToken("example")
 	if err != nil {
@@ -44,45 +45,30 @@ var exampleConfig = sync.OnceValue(func() hsm.Config {
 			log.Fatal(err)
 		}
 	}
-	return hsm.Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label, PIN: tok.PIN}
+	cfg := hsm.Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label, PIN: tok.PIN}
+	p, err := hsm.Open(cfg)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer p.Close()
+	if err := storeSelfSigned(p, "tls"); err != nil {
+		log.Fatal(err)
+	}
+	return cfg
 })
 
-func Example() {
-	p, err := hsm.Open(exampleConfig())
+// storeSelfSigned stores on p's token a certificate for the key labelled
+// label, for 127.0.0.1 and hsm.example, signed by the key itself: what a CA
+// would issue.
+func storeSelfSigned(p *hsm.Provider, label string) error {
+	key, err := p.DurableSigner(hsm.KeyRef{Label: label})
 	if err != nil {
-		log.Fatal(err)
+		return err
 	}
-	defer p.Close()
-
-	signer, err := p.Signer(hsm.KeyRef{Label: "tls"})
-	if err != nil {
-		log.Fatal(err)
-	}
-	digest := sha256.Sum256([]byte("hello"))
-	sig, err := signer.Sign(rand.Reader, digest[:], crypto.SHA256)
-	if err != nil {
-		log.Fatal(err)
-	}
-	fmt.Println("verified:", ecdsa.VerifyASN1(signer.Public().(*ecdsa.PublicKey), digest[:], sig))
-	// Output: verified: true
-}
-
-// A key in the HSM serves TLS: crypto/tls calls Sign for every handshake.
-func Example_tlsServer() {
-	p, err := hsm.Open(exampleConfig())
-	if err != nil {
-		log.Fatal(err)
-	}
-	defer p.Close()
-	key, err := p.Signer(hsm.KeyRef{Label: "tls"})
-	if err != nil {
-		log.Fatal(err)
-	}
-
-	// A self-signed certificate for the HSM key, signed by the HSM key.
 	tmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(1),
 		Subject:      pkix.Name{CommonName: "hsm.example"},
+		DNSNames:     []string{"hsm.example"},
 		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
 		NotBefore:    time.Now().Add(-time.Minute),
 		NotAfter:     time.Now().Add(time.Hour),
@@ -91,38 +77,165 @@ func Example_tlsServer() {
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
 	if err != nil {
-		log.Fatal(err)
+		return err
 	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return err
+	}
+	return p.ImportCertificate(key.KeyRef(), cert)
+}
 
-	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		fmt.Fprint(w, "hello over TLS")
-	}))
-	srv.TLS = &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}}
-	srv.StartTLS()
-	defer srv.Close()
-
-	cert, _ := x509.ParseCertificate(der)
+// httpsGet gets serverURL with a client that trusts root and makes a new TLS
+// handshake for every request.
+func httpsGet(serverURL string, root *x509.Certificate) (string, error) {
 	roots := x509.NewCertPool()
-	roots.AddCert(cert)
-	client := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}}
-	resp, err := client.Get(srv.URL)
+	roots.AddCert(root)
+	client := &http.Client{Transport: &http.Transport{
+		TLSClientConfig:   &tls.Config{RootCAs: roots},
+		DisableKeepAlives: true,
+	}}
+	resp, err := client.Get(serverURL)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	return string(body), err
+}
+
+// A TLS server whose key is in the HSM. TLSCertificate makes the
+// certificate's private key a durable key, which finds itself again after
+// every re-initialization of the PKCS#11 library, so the tls.Config is built
+// once; GetCertificate refuses a handshake at once while the HSM is away.
+func Example() {
+	p, err := hsm.Open(exampleConfig())
 	if err != nil {
 		log.Fatal(err)
 	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	fmt.Println(string(body), resp.TLS.Version == tls.VersionTLS13)
-	// Output: hello over TLS true
+	defer p.Close()
+
+	// The key labelled "tls" and the certificate stored next to it on the
+	// token (nil); or pass the chain as PEM, leaf first.
+	cert, err := p.TLSCertificate(hsm.KeyRef{Label: "tls"}, nil)
+	if err != nil {
+		log.Fatal(err)
+	}
+	srv := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprint(w, "hello over TLS")
+		}),
+		TLSConfig: &tls.Config{GetCertificate: p.GetCertificate(cert)},
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		log.Fatal(err)
+	}
+	go srv.ServeTLS(ln, "", "") // the certificate comes from TLSConfig
+	defer srv.Close()
+
+	for range 2 {
+		body, err := httpsGet("https://"+ln.Addr().String(), cert.Leaf)
+		if err != nil {
+			log.Fatal(err)
+		}
+		fmt.Println(body, "in generation", p.Generation())
+
+		// What recovery from an outage does: every handle of the old
+		// generation is dead. The tls.Config stays as it is.
+		if err := p.Reinitialize(context.Background()); err != nil {
+			log.Fatal(err)
+		}
+	}
+	// Output:
+	// hello over TLS in generation 1
+	// hello over TLS in generation 2
 }
 
-// An HSM key as a certificate authority: x509.CreateCertificate signs with it.
+// The HSM is lost and comes back. Here a SoftHSM2 token behind a p11-kit
+// server stands for a network HSM, and killing the server for the outage.
+// While the HSM is away handshakes fail at once; the provider re-initializes
+// by itself when it is back, and the same server, with the same tls.Config,
+// serves again.
+func Example_tlsServer() {
+	tok, err := softhsmtest.CreateToken("outage-example")
+	if err != nil {
+		log.Fatal(err)
+	}
+	if err := tok.Generate(softhsmtest.P256, []byte{1}, "tls"); err != nil {
+		log.Fatal(err)
+	}
+	hsmServer, err := softhsmtest.ServeOwn(tok)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer hsmServer.Stop()
+
+	// MaxSessions 1: p11-kit 0.24's client carries one call at a time.
+	p, err := hsm.Open(hsm.Config{Path: hsmServer.Module(), TokenLabel: tok.Label, PIN: tok.PIN, MaxSessions: 1})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer p.Close()
+	if err := storeSelfSigned(p, "tls"); err != nil { // the CA's certificate for the key
+		log.Fatal(err)
+	}
+	cert, err := p.TLSCertificate(hsm.KeyRef{Label: "tls"}, nil)
+	if err != nil {
+		log.Fatal(err)
+	}
+	srv := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprint(w, "hello over TLS")
+		}),
+		TLSConfig: &tls.Config{GetCertificate: p.GetCertificate(cert)},
+		ErrorLog:  log.New(io.Discard, "", 0), // the handshakes that fail below
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		log.Fatal(err)
+	}
+	go srv.ServeTLS(ln, "", "")
+	defer srv.Close()
+	serverURL := "https://" + ln.Addr().String()
+
+	body, err := httpsGet(serverURL, cert.Leaf)
+	fmt.Println(body, err)
+
+	if err := hsmServer.Kill(); err != nil { // the HSM is lost
+		log.Fatal(err)
+	}
+	for range 2 {
+		_, err = httpsGet(serverURL, cert.Leaf)
+		fmt.Println("handshake failed:", err != nil)
+	}
+
+	if err := hsmServer.Restart(); err != nil { // the HSM is back
+		log.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := p.WaitHealthy(ctx); err != nil {
+		log.Fatal(err)
+	}
+	body, err = httpsGet(serverURL, cert.Leaf)
+	fmt.Println(body, err, "in generation", p.Generation())
+	// Output:
+	// hello over TLS <nil>
+	// handshake failed: true
+	// handshake failed: true
+	// hello over TLS <nil> in generation 2
+}
+
+// An HSM key as a certificate authority: x509.CreateCertificate signs with
+// a durable key, which a CA can hold for as long as it runs.
 func Example_certificateAuthority() {
 	p, err := hsm.Open(exampleConfig())
 	if err != nil {
 		log.Fatal(err)
 	}
 	defer p.Close()
-	caKey, err := p.Signer(hsm.KeyRef{Label: "ca"})
+	caKey, err := p.DurableSigner(hsm.KeyRef{Label: "ca"})
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -164,8 +277,35 @@ func Example_certificateAuthority() {
 	// Output: leaf verifies: true ECDSA-SHA384
 }
 
-// After a re-initialization, keys of the earlier generation fail fast with
-// ErrStaleKey, without touching the HSM; look them up again.
+// The generation-bound kind, the low level: a Signer is the key as found in
+// one generation of the PKCS#11 library. It signs as crypto.Signer says
+// (here ECDSA: a digest in, ASN.1 DER out) until the library is
+// re-initialized; then it fails with ErrStaleKey (see
+// Provider.Reinitialize). Hold a DurableSigner instead where the key lives
+// longer than a task.
+func ExampleProvider_Signer() {
+	p, err := hsm.Open(exampleConfig())
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer p.Close()
+
+	signer, err := p.Signer(hsm.KeyRef{Label: "tls"})
+	if err != nil {
+		log.Fatal(err)
+	}
+	digest := sha256.Sum256([]byte("hello"))
+	sig, err := signer.Sign(rand.Reader, digest[:], crypto.SHA256)
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(signer, ecdsa.VerifyASN1(signer.Public().(*ecdsa.PublicKey), digest[:], sig))
+	// Output: hsm.Signer{ECDSA P-256, label "tls" id 01, generation 1} true
+}
+
+// After a re-initialization, generation-bound keys of the earlier
+// generation fail fast with ErrStaleKey, without touching the HSM; look
+// them up again. (Durable and group keys do that by themselves.)
 func ExampleProvider_Reinitialize() {
 	p, err := hsm.Open(exampleConfig())
 	if err != nil {
@@ -261,10 +401,16 @@ func ExampleProvider_GenerateKey() {
 	}
 	defer p.Close()
 
-	// The key is made in the HSM: private, sensitive, never extractable.
-	ca, err := p.GenerateKey(hsm.KeySpec{Type: hsm.ECDSAP384, Label: "root ca"})
+	// The key is made in the HSM: private, sensitive, never extractable,
+	// and it signs and does nothing else. GenerateKey returns it
+	// generation-bound; hold it as a durable key.
+	made, err := p.GenerateKey(hsm.KeySpec{Type: hsm.ECDSAP384, Label: "root ca"})
 	if err != nil {
 		log.Fatal(err) // hsm.ErrKeyExists if "root ca" is taken: look it up instead
+	}
+	ca, err := p.DurableSigner(made.KeyRef())
+	if err != nil {
+		log.Fatal(err)
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "Example Root CA"},

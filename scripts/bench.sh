@@ -3,8 +3,8 @@
 # where raw miekg/pkcs11, crypto11 and hsm run side by side, and the core's
 # bench_test.go and scale_test.go, which measure hsm alone), the PKCS#11
 # call count (compare's TestCallsCompared) and the instruction count
-# (instructions.sh), and writes the results into README.md between the
-# bench markers, with the machine they ran on.
+# (instructions.sh), and writes the results into docs/performance.md
+# between the bench and scale markers, with the machine they ran on.
 #
 # The benchmarks run in BENCH_COUNT rounds (default 10), each round running
 # every benchmark once, so that every engine sees the same drift of a shared
@@ -53,12 +53,15 @@ section = (f"<!-- bench:start -->\nMeasured by `make bench` on {machine}.\n\n"
            f"(`scripts/instructions.sh`, under valgrind; mean of two runs, ± half their spread):\n\n```\n{instructions}\n```\n\n"
            f"Time and memory ({count} interleaved rounds; `vs base` is the change from raw miekg/pkcs11, "
            f"`~` where the difference is not significant at p < 0.05):\n\n```\n{table}\n```\n<!-- bench:end -->")
-s = open("README.md").read()
+doc = "docs/performance.md"
+s = open(doc).read()
+if "<!-- bench:end -->" not in s or "<!-- scale:end -->" not in s:
+    sys.exit(f"bench.sh: {doc} has no bench or scale markers")
 s = re.sub(r"<!-- bench:start -->.*<!-- bench:end -->", lambda m: section, s, flags=re.S)
 scount = __import__("os").environ.get("BENCH_SCALE_COUNT", "6")
 scale = (f"<!-- scale:start -->\nMeasured by `make bench` on {machine} ({scount} runs of 3 iterations; "
          f"`vs base` is the change from raw miekg/pkcs11):\n\n```\n{scaletable}\n```\n<!-- scale:end -->")
 s = re.sub(r"<!-- scale:start -->.*<!-- scale:end -->", lambda m: scale, s, flags=re.S)
-open("README.md", "w").write(s)
+open(doc, "w").write(s)
 PY
-echo "README.md updated" >&2
+echo "docs/performance.md updated" >&2

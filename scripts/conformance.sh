@@ -2,7 +2,10 @@
 # Runs `hsmcheck conform` against five real PKCS#11 modules, each set up in
 # temporary directories of its own, prints each table under a heading with
 # the module's version, and writes a matrix (check x module: ok, refused,
-# FAIL) to $1 (default /tmp/conf-matrix.txt).
+# FAIL) to $1 (default /tmp/conf-matrix.txt). With HSM_CONF_DOC set to a
+# file (docs/modules.md), the matrix also replaces what that file holds
+# between its <!-- conformance:start --> and <!-- conformance:end -->
+# lines; without it the work tree is left as it is (CI).
 #
 #   softhsm2      SoftHSM2, loaded directly
 #   p11-kit       the same SoftHSM2 token through p11-kit remoting (p11-kit server, p11-kit-client.so)
@@ -20,7 +23,8 @@
 #
 # Environment: HSM_CONF_TIMEOUT bounds each module's conform run (seconds,
 # default 120), HSM_CONF_PORTS is the range swtpm's ports come from
-# (default 20000-49999).
+# (default 20000-49999), HSM_CONF_DOC is the document to write the matrix
+# into (default none).
 #
 # Debian/Ubuntu, as root (apt-get, pkcsslotd). Everything started is
 # stopped on exit, on failure and on INT/TERM/HUP.
@@ -402,6 +406,26 @@ awk -F '\t' -v mods="${modules[*]}" -v ran="$(for m in "${modules[@]}"; do [ "${
 say ""
 say "=== matrix (also in $out) ==="
 cat "$out"
+
+# The matrix into the document, when asked: a fenced block between the
+# markers, trailing blanks dropped.
+if [ -n "${HSM_CONF_DOC:-}" ]; then
+	doc=$HSM_CONF_DOC
+	case $doc in /*) ;; *) doc=$PWD/$doc ;; esac
+	if grep -qx '<!-- conformance:start -->' "$doc" 2>/dev/null && grep -qx '<!-- conformance:end -->' "$doc"; then
+		awk -v m="$out" '
+			$0 == "<!-- conformance:start -->" {
+				print; print "```"
+				while ((getline l < m) > 0) { sub(/ +$/, "", l); print l }
+				print "```"; skip = 1; next
+			}
+			$0 == "<!-- conformance:end -->" { skip = 0 }
+			!skip' "$doc" >"$work/doc" && cat "$work/doc" >"$doc" && say "conformance: matrix written into $doc"
+	else
+		say "conformance: $doc has no <!-- conformance:start/end --> lines: matrix not written into it" >&2
+		failed=1
+	fi
+fi
 
 worse=$(awk -F '\t' '$5 == "WORSE" { printf "  %s, %s: %s, expected %s%s\n", $1, $2, $3 ($7 == "" ? "" : " (" $7 ")"), $4, ($6 == "" ? "" : " (" $6 ")") }' "$work/verdicts")
 better=$(awk -F '\t' '$5 == "better" { printf "  %s, %s: %s, expected %s\n", $1, $2, $3, $4 }' "$work/verdicts")
