@@ -4,7 +4,7 @@ package hsm
 // decryption. The comparison with raw miekg/pkcs11 and crypto11 on the
 // same keys, directly and through p11-kit, is the compare module's
 // BenchmarkOps (compare/bench_test.go); make bench runs both and writes the
-// README's tables.
+// tables in docs/performance.md.
 
 import (
 	"crypto"

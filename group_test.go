@@ -46,7 +46,7 @@ func newGroupFixture(t testing.TB, n int, key crypto.Signer) *groupFixture {
 // frozen member after remoteProbeTimeout: a shorter one could take a
 // healthy member, opening through p11-kit on a loaded machine, for a hung
 // one), and one session each: p11-kit 0.24's client can hang for ever when
-// its server dies under concurrent calls (README, Known module problems).
+// its server dies under concurrent calls (docs/modules.md, known module problems).
 func (f *groupFixture) configs(mod ...func(i int, c *Config)) []Config {
 	var cfgs []Config
 	for i, tok := range f.toks {

@@ -323,7 +323,7 @@ func forEachPath(t *testing.T, f func(t *testing.T, p *Provider)) {
 // inside p11-kit-client.so at a time: p11-kit 0.24.1's client hangs forever
 // when the server dies while several threads wait for replies on its one
 // socket (rpc_socket_read leaves read_code set when a body read fails, and
-// the threads waiting for it to change are never woken). See README,
+// the threads waiting for it to change are never woken). See docs/modules.md,
 // "Known module problems".
 //
 // openRemote's provider re-initializes only when told (DisableAutoRecovery);

@@ -9,7 +9,7 @@ import (
 )
 
 // The six kinds of key, and the one vocabulary they share (the package
-// documentation, "Keys", says it for users). Each method below runs one
+// documentation, "Choosing a key", says it for users). Each method below runs one
 // capability, written once (sign, decrypt), through its kind's binding
 // (binding.go).
 

@@ -3,7 +3,7 @@ package compare_test
 // Benchmarks side by side, on the same SoftHSM2 keys: raw miekg/pkcs11 (one
 // session per goroutine, C_SignInit + C_Sign), crypto11 v1.6.2, and hsm;
 // directly on SoftHSM and through p11-kit remoting (every call a socket
-// round trip). make bench runs them and writes the README's table.
+// round trip). make bench runs them and writes the table in docs/performance.md.
 
 import (
 	"crypto"

@@ -61,7 +61,7 @@ func countCalls(t *testing.T, f func()) int {
 // miekg/pkcs11, crypto11 and hsm, and one RSA-2048 decryption in raw
 // miekg/pkcs11 and hsm, once sessions are open and the key found (every
 // call is a network round trip on a network HSM); make bench writes its
-// log into the README. The core's TestCallsPerOperation holds hsm to 2.
+// log into docs/performance.md. The core's TestCallsPerOperation holds hsm to 2.
 func TestCallsCompared(t *testing.T) {
 	useSpy(t)
 	tok := benchToken(t)

@@ -132,7 +132,7 @@ func remoteConfig(srv *softhsm.Server, tok *softhsm.Token) hsm.Config {
 	return hsm.Config{
 		Path: srv.Module(), TokenLabel: tok.Label, PIN: tok.PIN,
 		// p11-kit 0.24's client can hang when the server dies with several
-		// calls in flight: one call at a time (see README).
+		// calls in flight: one call at a time (see docs/modules.md).
 		MaxSessions: 1,
 	}
 }

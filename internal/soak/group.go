@@ -106,7 +106,7 @@ func RunGroup(opts Options, members int) (GroupResult, error) {
 		defer srvs[i].Stop()
 		cfgs[i] = hsm.Config{
 			Path: srvs[i].Module(), TokenLabel: tok.Label, PIN: tok.PIN,
-			MaxSessions: 1, // p11-kit 0.24's client: one call at a time (README)
+			MaxSessions: 1, // p11-kit 0.24's client: one call at a time (docs/modules.md)
 			// With two members down, the one left serves every worker
 			// through its one session: a wait of 2 s, as the group tests give.
 			SessionWaitTimeout: 2 * time.Second,

@@ -120,7 +120,7 @@ func Run(opts Options) (Result, error) {
 	var outages atomic.Uint64
 	p, err := hsm.Open(hsm.Config{
 		Path: srv.Module(), TokenLabel: tok.Label, PIN: tok.PIN,
-		MaxSessions:        1, // p11-kit 0.24's client: one call at a time (README)
+		MaxSessions:        1, // p11-kit 0.24's client: one call at a time (docs/modules.md)
 		SessionWaitTimeout: 200 * time.Millisecond,
 		ProbeInterval:      100 * time.Millisecond,
 		ProbeTimeout:       probeTimeout,
