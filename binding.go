@@ -1,9 +1,11 @@
 package hsm
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"fmt"
+	"io"
 )
 
 // A key of this package is a capability (it signs; it decrypts, and signs)
@@ -27,7 +29,7 @@ type binding interface {
 	// already done makes no call. With wait, while the key's HSM is
 	// unavailable, it waits for it until ctx ends; without, it fails fast
 	// with ErrUnavailable.
-	run(ctx context.Context, wait bool, op string, f func(*key) ([]byte, error)) ([]byte, error)
+	run(ctx context.Context, wait bool, o operation) ([]byte, error)
 	// public is the key's public key (pinned, for durable and group keys).
 	public() crypto.PublicKey
 	// ownRef is the key's own CKA_ID and CKA_LABEL, as read from the token.
@@ -44,7 +46,8 @@ type binding interface {
 // fixed binds a key to the generation it was found in.
 type fixed struct{ k *key }
 
-func (b fixed) run(ctx context.Context, wait bool, op string, f func(*key) ([]byte, error)) ([]byte, error) {
+func (b fixed) run(ctx context.Context, wait bool, o operation) ([]byte, error) {
+	op := o.name()
 	if err := ctx.Err(); err != nil {
 		return nil, &Error{Op: op, Generation: b.k.gen, Err: causedBy(ErrUnavailable, err)}
 	}
@@ -59,7 +62,7 @@ func (b fixed) run(ctx context.Context, wait bool, op string, f func(*key) ([]by
 			// and then f fails with ErrStaleKey, without a call.
 		}
 	}
-	return f(b.k)
+	return o.on(b.k)
 }
 
 func (b fixed) public() crypto.PublicKey { return b.k.pub }
@@ -70,11 +73,44 @@ func (b fixed) describe() string {
 }
 
 // run is do, with the key's own checks of ctx.
-func (d *durable) run(ctx context.Context, wait bool, op string, f func(*key) ([]byte, error)) ([]byte, error) {
+func (d *durable) run(ctx context.Context, wait bool, o operation) ([]byte, error) {
 	if err := ctx.Err(); err != nil {
-		return nil, &Error{Op: op, Generation: d.p.Generation(), Err: causedBy(ErrUnavailable, err)}
+		return nil, &Error{Op: o.name(), Generation: d.p.Generation(), Err: causedBy(ErrUnavailable, err)}
 	}
-	return d.do(ctx, wait, op, f)
+	return d.do(ctx, wait, o.name(), o.on)
+}
+
+// operation is one capability's use with its inputs: what a binding runs
+// on the key it binds. A value, not a closure, so that handing it through
+// the binding interface allocates nothing.
+type operation struct {
+	decrypt bool // else sign
+	input   []byte
+	sign    crypto.SignerOpts
+	dec     crypto.DecrypterOpts
+	rand    io.Reader
+	// random, when set, is what rand reads, whole, at each attempt (a
+	// group's, whose attempts may run after the call returned).
+	random []byte
+}
+
+func (o operation) name() string {
+	if o.decrypt {
+		return "decrypt"
+	}
+	return "sign"
+}
+
+// on runs o with k.
+func (o operation) on(k *key) ([]byte, error) {
+	if !o.decrypt {
+		return k.sign(o.input, o.sign)
+	}
+	r := o.rand
+	if o.random != nil {
+		r = bytes.NewReader(o.random)
+	}
+	return k.decryptWith(r, o.input, o.dec)
 }
 
 func (d *durable) public() crypto.PublicKey { return d.pub }

@@ -389,7 +389,8 @@ func (k *groupKey) wait(ctx context.Context, m *member, op string, done <-chan r
 
 // run is do, under ctx, and with wait, again after each change of a
 // member's state while no member could do it, until ctx ends.
-func (k *groupKey) run(ctx context.Context, wait bool, op string, f func(*key) ([]byte, error)) ([]byte, error) {
+func (k *groupKey) run(ctx context.Context, wait bool, o operation) ([]byte, error) {
+	op, f := o.name(), o.on
 	for {
 		changed := k.g.changes()
 		out, err := k.do(ctx, op, f)

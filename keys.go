@@ -61,7 +61,7 @@ func signWith(b binding, kind string, ctx context.Context, wait bool, digest []b
 		}
 		opts, digest = own, bytes.Clone(digest)
 	}
-	return b.run(ctx, wait, "sign", func(k *key) ([]byte, error) { return k.sign(digest, opts) })
+	return b.run(ctx, wait, operation{input: digest, sign: opts})
 }
 
 // decryptWith is the decrypting capability on binding b: Decrypt and
@@ -73,6 +73,7 @@ func decryptWith(b binding, kind string, ctx context.Context, wait bool, rand io
 	if ctx == nil {
 		ctx = context.Background()
 	}
+	o := operation{decrypt: true, input: ciphertext, dec: opts, rand: rand}
 	if b.detached() {
 		maxLen := 0
 		if pub, ok := b.public().(*rsa.PublicKey); ok {
@@ -82,16 +83,9 @@ func decryptWith(b binding, kind string, ctx context.Context, wait bool, rand io
 		if err != nil {
 			return nil, err
 		}
-		opts, ciphertext = own, bytes.Clone(ciphertext)
-		return b.run(ctx, wait, "decrypt", func(k *key) ([]byte, error) {
-			var r io.Reader
-			if random != nil {
-				r = bytes.NewReader(random) // each attempt reads it whole
-			}
-			return k.decryptWith(r, ciphertext, opts)
-		})
+		o = operation{decrypt: true, input: bytes.Clone(ciphertext), dec: own, random: random}
 	}
-	return b.run(ctx, wait, "decrypt", func(k *key) ([]byte, error) { return k.decryptWith(rand, ciphertext, opts) })
+	return b.run(ctx, wait, o)
 }
 
 // describe is what String says of a key of kind on b.
