@@ -98,7 +98,10 @@ func TestStatsSessionsAndLatency(t *testing.T) {
 	wantErr(t, err, ErrBusy)
 	close(release)
 	ss = p.Stats().Sessions
-	if ss.WaitCount != 1 || ss.WaitTimeouts != 1 || ss.WaitDuration < 50*time.Millisecond {
+	// The refused signature's wait, and perhaps the probe that its
+	// ErrBusy starts at once (a full pool may be a frozen HSM), which waits
+	// for a slot too.
+	if ss.WaitCount < 1 || ss.WaitCount > 2 || ss.WaitTimeouts < 1 || ss.WaitDuration < 50*time.Millisecond {
 		t.Fatalf("after one wait that timed out: %+v", ss)
 	}
 }
