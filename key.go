@@ -99,6 +99,22 @@ func (p *Provider) lookup(ref KeyRef) (*key, error) {
 	if len(ref.ID) == 0 && ref.Label == "" {
 		return nil, opErr(op, p.Generation(), ErrKeyNotFound, "empty KeyRef: set ID, Label or both")
 	}
+	for tries := 0; ; tries++ {
+		k, err := p.lookupOnce(ref)
+		if !errors.Is(err, ErrStaleKey) {
+			return k, err
+		}
+		// Re-initialized between the find and the proof: a lookup never
+		// reports ErrStaleKey; it looks again in the new generation.
+		if tries == maxRebinds {
+			return nil, &Error{Op: op, Generation: p.Generation(), Err: wrapf(ErrUnavailable, "re-initialized %d times in a row during the lookup", tries+1)}
+		}
+	}
+}
+
+// lookupOnce is lookup in the generation current when it starts.
+func (p *Provider) lookupOnce(ref KeyRef) (*key, error) {
+	const op = "find key"
 	var k *key
 	err := p.withSession(op, func(in *instance, s pkcs11.SessionHandle) (err error) {
 		k, err = in.find(s, ref)
@@ -132,15 +148,31 @@ func (p *Provider) adopt(k *key) *key {
 // withSession runs f through run, on a read-only session of the current
 // generation.
 func (p *Provider) withSession(op string, f task) error {
-	gen, _ := p.gate.load()
-	return p.run(gen, newRefusals(op, gen), p.cfg.SessionWaitTimeout, runOp, f)
+	return p.current(op, runOp, f)
+}
+
+// current runs f through run as an operation of the current generation.
+// Refused as stale, which happens only when a re-initialization came
+// between reading the generation and entering it (f did not run), it is
+// tried again in the new one, at most maxRebinds times: an operation of the
+// current generation never reports ErrStaleKey.
+func (p *Provider) current(op string, kind runKind, f task) error {
+	for tries := 0; ; tries++ {
+		gen, _ := p.gate.load()
+		err := p.run(gen, newRefusals(op, gen), p.cfg.SessionWaitTimeout, kind, f)
+		if !errors.Is(err, ErrStaleKey) {
+			return err
+		}
+		if tries == maxRebinds {
+			return &Error{Op: op, Generation: p.Generation(), Err: wrapf(ErrUnavailable, "re-initialized %d times in a row before the operation could start", tries+1)}
+		}
+	}
 }
 
 // withWriteSession runs f through run, on a read-write session of the
 // current generation.
 func (p *Provider) withWriteSession(op string, f task) error {
-	gen, _ := p.gate.load()
-	return p.run(gen, newRefusals(op, gen), p.cfg.SessionWaitTimeout, runWrite, f)
+	return p.current(op, runWrite, f)
 }
 
 // findObjects returns up to max+1 handles matching tmpl, so that callers can
