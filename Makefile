@@ -1,9 +1,10 @@
 # The two commands of the README: `make demo` and `make test`.
 GO ?= go
 STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
-# The adapters (stepkms, hsmjwt, hsmprom) and the comparisons with crypto11
-# (compare): nested modules with go.mods of their own, so that users of the
-# core never download their dependencies.
+# The adapters (stepkms, hsmjwt, hsmprom), the comparisons with crypto11
+# (compare) and the program of make interop (interop): nested modules with
+# go.mods of their own, so that users of the core never download their
+# dependencies.
 NESTED := $(patsubst %/go.mod,%,$(wildcard */go.mod))
 
 .PHONY: demo test deps check fuzz bench soak soak-group conformance interop
