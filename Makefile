@@ -1,12 +1,13 @@
 # The two commands of the README: `make demo` and `make test`.
 GO ?= go
 STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
-# The adapters (stepkms, hsmjwt, hsmprom) and the comparisons with crypto11
-# (compare): nested modules with go.mods of their own, so that users of the
-# core never download their dependencies.
+# The adapters (stepkms, hsmjwt, hsmprom), the comparisons with crypto11
+# (compare) and the program of make interop (interop): nested modules with
+# go.mods of their own, so that users of the core never download their
+# dependencies.
 NESTED := $(patsubst %/go.mod,%,$(wildcard */go.mod))
 
-.PHONY: demo test deps check fuzz bench soak soak-group conformance
+.PHONY: demo test deps check fuzz bench soak soak-group conformance interop
 
 ## demo: create a SoftHSM2 token, sign, re-initialize, kill and restart a "network HSM", recover
 demo: deps
@@ -51,3 +52,8 @@ soak-group: deps
 ## conformance: hsmcheck conform on SoftHSM2, p11-kit remoting, NSS softokn, tpm2-pkcs11 (swtpm) and openCryptoki; matrix in /tmp/conf-matrix.txt (HSM_CONF_DOC=docs/modules.md make conformance writes it into docs/modules.md too)
 conformance: deps
 	bash scripts/conformance.sh
+
+## interop: real clients on the library's keys (docs/interop.md): openssl s_client and curl (TLS 1.3, TLS 1.2, RSA key exchange), openssl verify and req -verify, npm's jose on hsmjwt's JWTs; each must accept good input and refuse it broken; installs openssl, curl, nodejs and npm when missing
+interop: deps
+	@sh scripts/install-deps.sh openssl curl node npm
+	bash scripts/interop.sh

@@ -4,7 +4,8 @@
 # (pkcs11-tool, to make tokens and keys), libnss3 and libnss3-tools (NSS
 # softokn and certutil). Debian/Ubuntu; apt-get as root,
 # through sudo otherwise. Arguments name more commands to install, each from
-# the package of the same name (make bench: valgrind).
+# the package of the same name (make bench: valgrind), node from nodejs
+# (make interop: openssl curl node npm).
 #
 # With --conformance first, also what scripts/conformance.sh needs for its
 # other modules: swtpm and tpm2-pkcs11 behind a resource manager
@@ -29,7 +30,11 @@ command -v pkcs11-tool >/dev/null 2>&1 || need="$need opensc"
 # NSS softokn, a second real module (Config.InitArgs), and certutil for its database.
 [ -e /usr/lib/x86_64-linux-gnu/libsoftokn3.so ] && command -v certutil >/dev/null 2>&1 || need="$need libnss3 libnss3-tools"
 for cmd in "$@"; do
-	command -v "$cmd" >/dev/null 2>&1 || need="$need $cmd"
+	case $cmd in
+	node) pkg=nodejs ;;
+	*) pkg=$cmd ;;
+	esac
+	command -v "$cmd" >/dev/null 2>&1 || need="$need $pkg"
 done
 [ -z "$need" ] && exit 0
 
