@@ -58,6 +58,12 @@
 //     the HSM is unavailable it waits for it until ctx ends. A
 //     generation-bound key that waited through a re-initialization gets
 //     ErrStaleKey.
+//   - SignMessage ([crypto.MessageSigner], which crypto/tls and
+//     crypto/x509 use through [crypto.SignMessage]): signs a whole
+//     message, hashed with opts.HashFunc() (Ed25519: not hashed, as by
+//     Sign); the signature verifies as Sign's of the message's digest. A
+//     zero hash is refused for RSA and ECDSA keys ([ErrInvalidOptions]).
+//     SignMessageContext is SignMessage under ctx, as SignContext is Sign.
 //   - Decrypt and DecryptContext, on the decrypter kinds, which all sign
 //     too: as [rsa.PrivateKey.Decrypt] (PKCS #1 v1.5, with SessionKeyLen,
 //     and OAEP), and under ctx as SignContext.
