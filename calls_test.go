@@ -119,7 +119,8 @@ func TestCallsPerOperation(t *testing.T) {
 	if perSig != 2 {
 		t.Errorf("hsm makes %.2f calls per signature, want the minimum, 2 (C_SignInit + C_Sign into a buffer of known size)", perSig)
 	}
-	// SignMessage hashes here and signs as Sign does.
+	// SignMessage hashes here and signs as Sign does (a key restricted to
+	// the token's hash-and-sign mechanisms: TestSignMessageMechanism).
 	msg := []byte("benchmark")
 	perMsg := float64(countCalls(t, func() {
 		for range n {

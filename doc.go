@@ -73,6 +73,19 @@
 // Every signing kind implements [ContextSigner], every decrypting kind
 // [ContextDecrypter]: accept those to take any of them.
 //
+// Which mechanism signs a message: the message is hashed here and the
+// digest signed as Sign signs it (CKM_RSA_PKCS, CKM_RSA_PKCS_PSS,
+// CKM_ECDSA; two PKCS#11 calls, only the digest on the wire), unless the
+// key may not use that mechanism. A key restricted by its
+// CKA_ALLOWED_MECHANISMS (read at lookup) to the token's hash-and-sign
+// mechanisms, or one for which the token refused the raw mechanism
+// (remembered for the key in its generation), signs the whole message
+// with the combined mechanism of its hash: CKM_SHA256_RSA_PKCS,
+// CKM_SHA256_RSA_PKCS_PSS with its parameters, CKM_ECDSA_SHA256, and the
+// same for SHA-1, SHA-224, SHA-384 and SHA-512, also in two calls. Such a
+// key cannot sign a digest: its Sign fails with [ErrUnsupportedKey], which
+// says to use SignMessage. [KeySpec].AllowedMechanisms makes such keys.
+//
 // # Outages
 //
 // Each initialization of the library is a generation: 1 after [Open], one

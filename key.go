@@ -89,6 +89,10 @@ type key struct {
 	// when the key was looked up, or the token refused every challenge
 	// mechanism for it (prove.go). Written before the key is shared.
 	proven bool
+	// mechs is what is known of the signing mechanisms the key may use
+	// (CKA_ALLOWED_MECHANISMS, refusals; message.go). Shared with the
+	// key's copies.
+	mechs *signMechs
 
 	signRefusals, decryptRefusals *refusals
 }

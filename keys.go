@@ -178,7 +178,9 @@ func (s *Signer) String() string { return describe(s.binding(), "Signer") }
 //
 // rand is ignored: the token uses its own generator. Sign fails without any
 // PKCS#11 call when opts is nil or does not fit the key or digest
-// (ErrInvalidOptions), when the key is stale (ErrStaleKey), the provider
+// (ErrInvalidOptions), when the key may sign only with the token's
+// hash-and-sign mechanisms (CKA_ALLOWED_MECHANISMS), which take the whole
+// message: ErrUnsupportedKey, and SignMessage signs it, when the key is stale (ErrStaleKey), the provider
 // unavailable (ErrUnavailable) or closed (ErrClosed). It blocks for the
 // duration of the PKCS#11 calls (two, C_SignInit and C_Sign), and up to
 // Config.SessionWaitTimeout for a free session. Every kind's Sign signs so.
@@ -204,13 +206,19 @@ func (s *Signer) SignContext(ctx context.Context, digest []byte, opts crypto.Sig
 // *rsa.PSSOptions.Hash), which verifies the same. crypto/x509 and
 // crypto/tls sign so (through crypto.SignMessage). Ed25519 signs msg as
 // Sign does (opts.HashFunc() 0). An RSA or ECDSA key hashes msg: a zero
-// opts.HashFunc() is refused (ErrInvalidOptions), as is a hash this
-// program cannot compute.
+// opts.HashFunc() is refused (ErrInvalidOptions), as is a hash PKCS#11 or
+// this program cannot sign with.
 //
 // The message is hashed here and the digest signed as Sign signs it
 // (CKM_RSA_PKCS, CKM_RSA_PKCS_PSS, CKM_ECDSA: only the digest goes to the
-// token): two PKCS#11 calls, and refusals, blocking and concurrency are
-// Sign's.
+// token), unless the key may not use that mechanism: its
+// CKA_ALLOWED_MECHANISMS leaves it out (read at lookup), or the token
+// refused it for the key once in this generation. Then the token's
+// hash-and-sign mechanism for the hash signs the whole message
+// (CKM_SHA256_RSA_PKCS, CKM_SHA256_RSA_PKCS_PSS, CKM_ECDSA_SHA256, and
+// the same for SHA-1, SHA-224, SHA-384 and SHA-512), if the key may use
+// it; else ErrInvalidOptions says what the key allows. Either way two
+// PKCS#11 calls, and refusals, blocking and concurrency are Sign's.
 func (s *Signer) SignMessage(_ io.Reader, msg []byte, opts crypto.SignerOpts) ([]byte, error) {
 	if s == nil || s.k == nil {
 		return nil, errNoKey("sign", "Signer")
