@@ -11,6 +11,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"errors"
+	"log/slog"
 	"regexp"
 	"strings"
 	"sync"
@@ -509,6 +510,47 @@ func TestRestrictedTLS(t *testing.T) {
 	}
 }
 
+// TestRestrictedProof: a durable key restricted to hash-and-sign
+// mechanisms proves its private key with them, at first binding and again
+// after a re-initialization (not let through as a key that cannot be
+// challenged), and a proof against another public key fails.
+func TestRestrictedProof(t *testing.T) {
+	var logs lockedBuffer
+	p := openRestricted(t, func(c *Config) { c.Logger = slog.New(slog.NewTextHandler(&logs, nil)) })
+	for _, key := range []string{"pss", "pkcs1"} {
+		s := mustSigner(t, p, key)
+		if res, err := s.k.prove(s.Public()); err != nil || res != provedMatch {
+			t.Fatalf("%s: prove: %v, %v; want a match", key, res, err)
+		}
+		other := &rsaKey(t).PublicKey
+		if res, err := s.k.prove(other); err != nil || res != provedMismatch {
+			t.Fatalf("%s: prove against another key: %v, %v; want a mismatch", key, res, err)
+		}
+		ds, err := p.DurableSigner(KeyRef{Label: key})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := p.Reinitialize(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		opts := crypto.SignerOpts(pss256)
+		if key == "pkcs1" {
+			opts = crypto.SHA256
+		}
+		msg := []byte("after the re-initialization")
+		sig, err := ds.SignMessage(nil, msg, opts)
+		if err != nil || verify(ds.Public(), hashOf(crypto.SHA256, msg), sig, opts) != nil {
+			t.Fatalf("%s: durable SignMessage: %v", key, err)
+		}
+		if ds.Generation() != p.Generation() {
+			t.Fatalf("%s: bound in generation %d, the provider is in %d", key, ds.Generation(), p.Generation())
+		}
+	}
+	if strings.Contains(logs.String(), "cannot be challenged") {
+		t.Fatalf("a restricted key went unproved:\n%s", logs.String())
+	}
+}
+
 // TestRestrictedKinds: every kind of key signs messages with a restricted
 // key (SignMessage, SignMessageContext), and refuses its digests.
 func TestRestrictedKinds(t *testing.T) {
@@ -579,6 +621,25 @@ func TestKeySpecAllowedMechanisms(t *testing.T) {
 	if u := mustSigner(t, p, "free"); u.k.mechs.allowed != nil {
 		t.Fatalf("an unrestricted key reads %s", mechList(u.k.mechs.allowed))
 	}
+}
+
+// lockedBuffer is a bytes.Buffer for a logger that other goroutines may
+// write to while the test reads it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 // BenchmarkSignMessage: Sign of a digest, SignMessage hashing here, and
