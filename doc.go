@@ -70,8 +70,10 @@
 //   - Generation, on the generation-bound and durable kinds: the generation
 //     the key is bound in.
 //
-// Every signing kind implements [ContextSigner], every decrypting kind
-// [ContextDecrypter]: accept those to take any of them.
+// Every signing kind implements [ContextSigner] and [crypto.MessageSigner],
+// every decrypting kind [ContextDecrypter]: accept those to take any of
+// them (ContextSigner leaves SignMessage and SignMessageContext out, so
+// that signers of other packages with SignContext alone still fit it).
 //
 // Which mechanism signs a message: the message is hashed here and the
 // digest signed as Sign signs it (CKM_RSA_PKCS, CKM_RSA_PKCS_PSS,

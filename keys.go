@@ -13,16 +13,26 @@ import (
 // capability, written once (sign, decrypt), through its kind's binding
 // (binding.go).
 
-// ContextSigner is a crypto.Signer and crypto.MessageSigner that can also
-// sign under a context: every signing key of this package implements it
-// (Signer, Decrypter, DurableSigner, DurableDecrypter, GroupSigner,
-// GroupDecrypter). SignContext is Sign, except that a ctx already done
-// makes no call, and that while the key's HSM is unavailable it waits for
-// it until ctx ends instead of failing fast; SignMessageContext is to
-// SignMessage what SignContext is to Sign.
+// ContextSigner is a crypto.Signer that can also sign under a context:
+// every signing key of this package implements it (Signer, Decrypter,
+// DurableSigner, DurableDecrypter, GroupSigner, GroupDecrypter). SignContext
+// is Sign, except that a ctx already done makes no call, and that while the
+// key's HSM is unavailable it waits for it until ctx ends instead of
+// failing fast.
+//
+// Every signing key also has SignMessage (crypto.MessageSigner) and
+// SignMessageContext, which ContextSigner leaves out on purpose: code
+// that upgrades any crypto.Signer to a ContextSigner to pass a context
+// (hsmjwt does) keeps working with signers of its own that have
+// SignContext only.
 type ContextSigner interface {
-	crypto.MessageSigner
+	crypto.Signer
 	SignContext(ctx context.Context, digest []byte, opts crypto.SignerOpts) ([]byte, error)
+}
+
+// messageSigner is the rest of a signing key's vocabulary.
+type messageSigner interface {
+	crypto.MessageSigner
 	SignMessageContext(ctx context.Context, msg []byte, opts crypto.SignerOpts) ([]byte, error)
 }
 
@@ -38,12 +48,12 @@ type ContextDecrypter interface {
 
 // Compile-time checks: every kind speaks the vocabulary.
 var (
-	_ crypto.MessageSigner = (*Signer)(nil)
-	_ crypto.MessageSigner = (*Decrypter)(nil)
-	_ crypto.MessageSigner = (*DurableSigner)(nil)
-	_ crypto.MessageSigner = (*DurableDecrypter)(nil)
-	_ crypto.MessageSigner = (*GroupSigner)(nil)
-	_ crypto.MessageSigner = (*GroupDecrypter)(nil)
+	_ messageSigner = (*Signer)(nil) // crypto.MessageSigner, and SignMessageContext
+	_ messageSigner = (*Decrypter)(nil)
+	_ messageSigner = (*DurableSigner)(nil)
+	_ messageSigner = (*DurableDecrypter)(nil)
+	_ messageSigner = (*GroupSigner)(nil)
+	_ messageSigner = (*GroupDecrypter)(nil)
 
 	_ ContextSigner    = (*Signer)(nil)
 	_ ContextSigner    = (*DurableSigner)(nil)

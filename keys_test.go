@@ -79,10 +79,14 @@ func TestKindsOneVocabulary(t *testing.T) {
 		if err := rsa.VerifyPKCS1v15(pub, crypto.SHA256, digest[:], sig); err != nil {
 			t.Fatalf("%s: SignContext: %v", name, err)
 		}
+		m, ok := k.(messageSigner)
+		if !ok {
+			t.Fatalf("%s has no SignMessage and SignMessageContext", name)
+		}
 		for how, sign := range map[string]func() ([]byte, error){
-			"SignMessage": func() ([]byte, error) { return k.SignMessage(nil, []byte("one vocabulary"), crypto.SHA256) },
+			"SignMessage": func() ([]byte, error) { return m.SignMessage(nil, []byte("one vocabulary"), crypto.SHA256) },
 			"SignMessageContext": func() ([]byte, error) {
-				return k.SignMessageContext(t.Context(), []byte("one vocabulary"), crypto.SHA256)
+				return m.SignMessageContext(t.Context(), []byte("one vocabulary"), crypto.SHA256)
 			},
 		} {
 			sig, err := sign()
@@ -98,7 +102,7 @@ func TestKindsOneVocabulary(t *testing.T) {
 		if !errors.Is(err, ErrUnavailable) || !errors.Is(err, context.Canceled) {
 			t.Errorf("%s: SignContext with a done context: %v, want ErrUnavailable and context.Canceled", name, err)
 		}
-		_, err = k.SignMessageContext(done, []byte("one vocabulary"), crypto.SHA256)
+		_, err = m.SignMessageContext(done, []byte("one vocabulary"), crypto.SHA256)
 		if !errors.Is(err, ErrUnavailable) || !errors.Is(err, context.Canceled) {
 			t.Errorf("%s: SignMessageContext with a done context: %v, want ErrUnavailable and context.Canceled", name, err)
 		}

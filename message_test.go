@@ -572,9 +572,10 @@ func TestRestrictedKinds(t *testing.T) {
 	msg := []byte("every kind")
 	d := sha256.Sum256(msg)
 	for name, k := range ks {
+		m := k.(messageSigner)
 		for how, sign := range map[string]func() ([]byte, error){
-			"SignMessage":        func() ([]byte, error) { return k.SignMessage(nil, msg, pss256) },
-			"SignMessageContext": func() ([]byte, error) { return k.SignMessageContext(t.Context(), msg, pss256) },
+			"SignMessage":        func() ([]byte, error) { return m.SignMessage(nil, msg, pss256) },
+			"SignMessageContext": func() ([]byte, error) { return m.SignMessageContext(t.Context(), msg, pss256) },
 			"crypto.SignMessage": func() ([]byte, error) { return crypto.SignMessage(k, nil, msg, pss256) },
 		} {
 			sig, err := sign()
@@ -586,7 +587,7 @@ func TestRestrictedKinds(t *testing.T) {
 		if !errors.Is(err, ErrUnsupportedKey) || !strings.Contains(err.Error(), "SignMessage") {
 			t.Errorf("%s: Sign: %v", name, err)
 		}
-		_, err = k.SignMessage(nil, msg, crypto.SHA256)
+		_, err = m.SignMessage(nil, msg, crypto.SHA256)
 		if !errors.Is(err, ErrInvalidOptions) {
 			t.Errorf("%s: SignMessage with PKCS #1 v1.5: %v", name, err)
 		}
