@@ -85,6 +85,7 @@ func (d *durable) run(ctx context.Context, wait bool, o operation) ([]byte, erro
 // the binding interface allocates nothing.
 type operation struct {
 	decrypt bool // else sign
+	message bool // sign input, a message, whole (SignMessage); else a digest
 	input   []byte
 	sign    crypto.SignerOpts
 	dec     crypto.DecrypterOpts
@@ -104,6 +105,9 @@ func (o operation) name() string {
 // on runs o with k.
 func (o operation) on(k *key) ([]byte, error) {
 	if !o.decrypt {
+		if o.message {
+			return k.signMessage(o.input, o.sign)
+		}
 		return k.sign(o.input, o.sign)
 	}
 	r := o.rand

@@ -95,7 +95,7 @@ func callsByName(t *testing.T, f func()) map[string]int {
 }
 
 // TestCallsPerOperation counts, with pkcs11-spy between hsm and SoftHSM,
-// the PKCS#11 calls of one ECDSA signature and of one RSA-2048 decryption
+// the PKCS#11 calls of one ECDSA signature (Sign, SignMessage) and of one RSA-2048 decryption
 // of each kind, once the session is open and the key found: 2 each (every
 // call is a network round trip on a network HSM). The compare module's
 // TestCallsCompared counts the same for raw miekg/pkcs11 and crypto11.
@@ -118,6 +118,20 @@ func TestCallsPerOperation(t *testing.T) {
 	t.Logf("PKCS#11 calls per ECDSA signature: %.2f", perSig)
 	if perSig != 2 {
 		t.Errorf("hsm makes %.2f calls per signature, want the minimum, 2 (C_SignInit + C_Sign into a buffer of known size)", perSig)
+	}
+	// SignMessage hashes here and signs as Sign does (a key restricted to
+	// the token's hash-and-sign mechanisms: TestSignMessageMechanism).
+	msg := []byte("benchmark")
+	perMsg := float64(countCalls(t, func() {
+		for range n {
+			if _, err := s.SignMessage(nil, msg, crypto.SHA256); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})) / n
+	t.Logf("PKCS#11 calls per ECDSA SignMessage: %.2f", perMsg)
+	if perMsg != 2 {
+		t.Errorf("hsm makes %.2f calls per SignMessage, want 2", perMsg)
 	}
 	perDec := countDecryptCalls(t, p, n)
 	for _, name := range decryptions {

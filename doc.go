@@ -58,14 +58,35 @@
 //     the HSM is unavailable it waits for it until ctx ends. A
 //     generation-bound key that waited through a re-initialization gets
 //     ErrStaleKey.
+//   - SignMessage ([crypto.MessageSigner], which crypto/tls and
+//     crypto/x509 use through [crypto.SignMessage]): signs a whole
+//     message, hashed with opts.HashFunc() (Ed25519: not hashed, as by
+//     Sign); the signature verifies as Sign's of the message's digest. A
+//     zero hash is refused for RSA and ECDSA keys ([ErrInvalidOptions]).
+//     SignMessageContext is SignMessage under ctx, as SignContext is Sign.
 //   - Decrypt and DecryptContext, on the decrypter kinds, which all sign
 //     too: as [rsa.PrivateKey.Decrypt] (PKCS #1 v1.5, with SessionKeyLen,
 //     and OAEP), and under ctx as SignContext.
 //   - Generation, on the generation-bound and durable kinds: the generation
 //     the key is bound in.
 //
-// Every signing kind implements [ContextSigner], every decrypting kind
-// [ContextDecrypter]: accept those to take any of them.
+// Every signing kind implements [ContextSigner] and [crypto.MessageSigner],
+// every decrypting kind [ContextDecrypter]: accept those to take any of
+// them (ContextSigner leaves SignMessage and SignMessageContext out, so
+// that signers of other packages with SignContext alone still fit it).
+//
+// Which mechanism signs a message: the message is hashed here and the
+// digest signed as Sign signs it (CKM_RSA_PKCS, CKM_RSA_PKCS_PSS,
+// CKM_ECDSA; two PKCS#11 calls, only the digest on the wire), unless the
+// key may not use that mechanism. A key restricted by its
+// CKA_ALLOWED_MECHANISMS (read at lookup) to the token's hash-and-sign
+// mechanisms, or one for which the token refused the raw mechanism
+// (remembered for the key in its generation), signs the whole message
+// with the combined mechanism of its hash: CKM_SHA256_RSA_PKCS,
+// CKM_SHA256_RSA_PKCS_PSS with its parameters, CKM_ECDSA_SHA256, and the
+// same for SHA-1, SHA-224, SHA-384 and SHA-512, also in two calls. Such a
+// key cannot sign a digest: its Sign fails with [ErrUnsupportedKey], which
+// says to use SignMessage. [KeySpec].AllowedMechanisms makes such keys.
 //
 // # Outages
 //

@@ -259,15 +259,15 @@ func dataPtr(b []byte) *C.uchar {
 }
 
 // fastSign signs on session s with key h: two PKCS#11 calls when size is
-// the signature's size.
-func fastSign(fl unsafe.Pointer, s pkcs11.SessionHandle, mech *pkcs11.Mechanism, h pkcs11.ObjectHandle, data []byte, size int) ([]byte, error) {
+// the signature's size. atInit says whether a failure came from
+// C_SignInit.
+func fastSign(fl unsafe.Pointer, s pkcs11.SessionHandle, mech *pkcs11.Mechanism, h pkcs11.ObjectHandle, data []byte, size int) ([]byte, bool, error) {
 	out := make([]byte, size)
 	n := C.hsm_ul(size)
 	var stage C.int
 	rv := C.hsm_sign(fl, C.hsm_ul(s), C.hsm_ul(mech.Mechanism), unsafe.Pointer(bytesPtr(mech.Parameter)), C.hsm_ul(len(mech.Parameter)), C.hsm_ul(h),
 		dataPtr(data), C.hsm_ul(len(data)), bytesPtr(out), &n, &stage)
-	out, _, err := fastFinish(fl, C.IDX_SIGN, s, data, out, size, n, rv, stage)
-	return out, err
+	return fastFinish(fl, C.IDX_SIGN, s, data, out, size, n, rv, stage)
 }
 
 // fastDecrypt decrypts ct on session s with key h and mechanism mech

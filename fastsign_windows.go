@@ -18,8 +18,8 @@ func fastAttrs(unsafe.Pointer, pkcs11.SessionHandle, pkcs11.ObjectHandle, []uint
 	return nil, false, pkcs11.Error(pkcs11.CKR_FUNCTION_NOT_SUPPORTED)
 }
 
-func fastSign(unsafe.Pointer, pkcs11.SessionHandle, *pkcs11.Mechanism, pkcs11.ObjectHandle, []byte, int) ([]byte, error) {
-	return nil, pkcs11.Error(pkcs11.CKR_FUNCTION_NOT_SUPPORTED)
+func fastSign(unsafe.Pointer, pkcs11.SessionHandle, *pkcs11.Mechanism, pkcs11.ObjectHandle, []byte, int) ([]byte, bool, error) {
+	return nil, true, pkcs11.Error(pkcs11.CKR_FUNCTION_NOT_SUPPORTED)
 }
 
 func fastDecrypt(unsafe.Pointer, pkcs11.SessionHandle, uint, *pkcs11.OAEPParams, pkcs11.ObjectHandle, []byte, int) ([]byte, bool, error) {

@@ -153,7 +153,7 @@ func TestActiveOperationNotPooled(t *testing.T) {
 		// C_Sign fails after C_SignInit succeeded (SoftHSM: 246 bytes do
 		// not fit PKCS #1 v1.5 with a 2048-bit key), on both paths.
 		{"C_Sign fails, two-call", func(in *instance, s pkcs11.SessionHandle) error {
-			_, err := fastSign(p.fast, s, rsaMech[0], rs.k.handle, make([]byte, 246), 256)
+			_, _, err := fastSign(p.fast, s, rsaMech[0], rs.k.handle, make([]byte, 246), 256)
 			return err
 		}},
 		{"C_Sign fails, miekg", func(in *instance, s pkcs11.SessionHandle) error {

@@ -50,6 +50,9 @@ type instance struct {
 	// read cannot be trusted: lookups then ask only for attributes each
 	// object has (lookup.go).
 	strictAttrs atomic.Bool
+	// noAllowed is set when a private key read that way had no
+	// CKA_ALLOWED_MECHANISMS: such lookups stop asking for it.
+	noAllowed atomic.Bool
 
 	// rawRefused is set when the token refused CKM_RSA_X_509 for a key of
 	// this generation: PKCS #1 v1.5 decryption then goes through the token's

@@ -6,6 +6,7 @@ import (
 	"crypto/ed25519"
 	"crypto/elliptic"
 	cryptorand "crypto/rand"
+	"crypto/sha256"
 	"crypto/x509"
 	"encoding/asn1"
 	"encoding/binary"
@@ -89,6 +90,10 @@ type key struct {
 	// when the key was looked up, or the token refused every challenge
 	// mechanism for it (prove.go). Written before the key is shared.
 	proven bool
+	// mechs is what is known of the signing mechanisms the key may use
+	// (CKA_ALLOWED_MECHANISMS, refusals; message.go). Shared with the
+	// key's copies.
+	mechs *signMechs
 
 	signRefusals, decryptRefusals *refusals
 }
@@ -305,9 +310,16 @@ func (in *instance) proves(s pkcs11.SessionHandle, k *key, pub crypto.PublicKey)
 	if _, err := cryptorand.Read(challenge); err != nil {
 		return err
 	}
-	mech := mechECDSA
-	if k.kind == kindEd25519 {
+	mech, digest := mechECDSA, challenge
+	switch {
+	case k.kind == kindEd25519:
 		mech = mechEdDSA
+	case !k.mechs.rawAllowed(schemeECDSA) && k.mechs.allows(pkcs11.CKM_ECDSA_SHA256):
+		// Restricted to hash-and-sign (message.go): the challenge is the
+		// message.
+		mech = []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_ECDSA_SHA256, nil)}
+		sum := sha256.Sum256(challenge)
+		digest = sum[:]
 	}
 	if err := in.ctx.SignInit(s, mech, k.handle); err != nil {
 		return err
@@ -321,7 +333,7 @@ func (in *instance) proves(s pkcs11.SessionHandle, k *key, pub crypto.PublicKey)
 	case *ecdsa.PublicKey:
 		if k.kind == kindECDSA && len(sig)%2 == 0 {
 			r, sv := new(big.Int).SetBytes(sig[:len(sig)/2]), new(big.Int).SetBytes(sig[len(sig)/2:])
-			ok = ecdsa.Verify(pub, challenge, r, sv)
+			ok = ecdsa.Verify(pub, digest, r, sv)
 		}
 	case ed25519.PublicKey:
 		ok = k.kind == kindEd25519 && ed25519.Verify(pub, challenge, sig)

@@ -19,9 +19,21 @@ import (
 // is Sign, except that a ctx already done makes no call, and that while the
 // key's HSM is unavailable it waits for it until ctx ends instead of
 // failing fast.
+//
+// Every signing key also has SignMessage (crypto.MessageSigner) and
+// SignMessageContext, which ContextSigner leaves out on purpose: code
+// that upgrades any crypto.Signer to a ContextSigner to pass a context
+// (hsmjwt does) keeps working with signers of its own that have
+// SignContext only.
 type ContextSigner interface {
 	crypto.Signer
 	SignContext(ctx context.Context, digest []byte, opts crypto.SignerOpts) ([]byte, error)
+}
+
+// messageSigner is the rest of a signing key's vocabulary.
+type messageSigner interface {
+	crypto.MessageSigner
+	SignMessageContext(ctx context.Context, msg []byte, opts crypto.SignerOpts) ([]byte, error)
 }
 
 // ContextDecrypter is a crypto.Decrypter that can also decrypt under a
@@ -36,6 +48,13 @@ type ContextDecrypter interface {
 
 // Compile-time checks: every kind speaks the vocabulary.
 var (
+	_ messageSigner = (*Signer)(nil) // crypto.MessageSigner, and SignMessageContext
+	_ messageSigner = (*Decrypter)(nil)
+	_ messageSigner = (*DurableSigner)(nil)
+	_ messageSigner = (*DurableDecrypter)(nil)
+	_ messageSigner = (*GroupSigner)(nil)
+	_ messageSigner = (*GroupDecrypter)(nil)
+
 	_ ContextSigner    = (*Signer)(nil)
 	_ ContextSigner    = (*DurableSigner)(nil)
 	_ ContextSigner    = (*GroupSigner)(nil)
@@ -44,10 +63,21 @@ var (
 	_ ContextDecrypter = (*GroupDecrypter)(nil)
 )
 
-// signWith is the signing capability on binding b: Sign (ctx background,
-// no wait) and SignContext of every kind. kind names the kind in the
-// error for a nil or zero key.
+// signWith is the signing capability on binding b, over a digest: Sign
+// (ctx background, no wait) and SignContext of every kind. kind names the
+// kind in the error for a nil or zero key.
 func signWith(b binding, kind string, ctx context.Context, wait bool, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return signOn(b, kind, ctx, wait, operation{input: digest, sign: opts})
+}
+
+// signMessageWith is the signing capability on binding b, over a whole
+// message: SignMessage and SignMessageContext of every kind.
+func signMessageWith(b binding, kind string, ctx context.Context, wait bool, msg []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return signOn(b, kind, ctx, wait, operation{message: true, input: msg, sign: opts})
+}
+
+// signOn runs o, a signature, on binding b.
+func signOn(b binding, kind string, ctx context.Context, wait bool, o operation) ([]byte, error) {
 	if b == nil {
 		return nil, errNoKey("sign", kind)
 	}
@@ -55,13 +85,13 @@ func signWith(b binding, kind string, ctx context.Context, wait bool, digest []b
 		ctx = context.Background()
 	}
 	if b.detached() {
-		own, err := ownSignerOpts(opts)
+		own, err := ownSignerOpts(o.sign)
 		if err != nil {
 			return nil, err
 		}
-		opts, digest = own, bytes.Clone(digest)
+		o.sign, o.input = own, bytes.Clone(o.input)
 	}
-	return b.run(ctx, wait, operation{input: digest, sign: opts})
+	return b.run(ctx, wait, o)
 }
 
 // decryptWith is the decrypting capability on binding b: Decrypt and
@@ -158,7 +188,9 @@ func (s *Signer) String() string { return describe(s.binding(), "Signer") }
 //
 // rand is ignored: the token uses its own generator. Sign fails without any
 // PKCS#11 call when opts is nil or does not fit the key or digest
-// (ErrInvalidOptions), when the key is stale (ErrStaleKey), the provider
+// (ErrInvalidOptions), when the key may sign only with the token's
+// hash-and-sign mechanisms (CKA_ALLOWED_MECHANISMS), which take the whole
+// message: ErrUnsupportedKey, and SignMessage signs it, when the key is stale (ErrStaleKey), the provider
 // unavailable (ErrUnavailable) or closed (ErrClosed). It blocks for the
 // duration of the PKCS#11 calls (two, C_SignInit and C_Sign), and up to
 // Config.SessionWaitTimeout for a free session. Every kind's Sign signs so.
@@ -177,6 +209,36 @@ func (s *Signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 // ErrStaleKey.
 func (s *Signer) SignContext(ctx context.Context, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
 	return signWith(s.binding(), "Signer", ctx, true, digest, opts)
+}
+
+// SignMessage signs msg whole, as crypto.MessageSigner defines it: the
+// signature Sign makes of msg's digest under opts.HashFunc() (for RSA-PSS,
+// *rsa.PSSOptions.Hash), which verifies the same. crypto/x509 and
+// crypto/tls sign so (through crypto.SignMessage). Ed25519 signs msg as
+// Sign does (opts.HashFunc() 0). An RSA or ECDSA key hashes msg: a zero
+// opts.HashFunc() is refused (ErrInvalidOptions), as is a hash PKCS#11 or
+// this program cannot sign with.
+//
+// The message is hashed here and the digest signed as Sign signs it
+// (CKM_RSA_PKCS, CKM_RSA_PKCS_PSS, CKM_ECDSA: only the digest goes to the
+// token), unless the key may not use that mechanism: its
+// CKA_ALLOWED_MECHANISMS leaves it out (read at lookup), or the token
+// refused it for the key once in this generation. Then the token's
+// hash-and-sign mechanism for the hash signs the whole message
+// (CKM_SHA256_RSA_PKCS, CKM_SHA256_RSA_PKCS_PSS, CKM_ECDSA_SHA256, and
+// the same for SHA-1, SHA-224, SHA-384 and SHA-512), if the key may use
+// it; else ErrInvalidOptions says what the key allows. Either way two
+// PKCS#11 calls, and refusals, blocking and concurrency are Sign's.
+func (s *Signer) SignMessage(_ io.Reader, msg []byte, opts crypto.SignerOpts) ([]byte, error) {
+	if s == nil || s.k == nil {
+		return nil, errNoKey("sign", "Signer")
+	}
+	return s.k.signMessage(msg, opts)
+}
+
+// SignMessageContext is SignMessage under ctx, as SignContext is Sign.
+func (s *Signer) SignMessageContext(ctx context.Context, msg []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return signMessageWith(s.binding(), "Signer", ctx, true, msg, opts)
 }
 
 // Decrypter is an RSA private key found in one generation, as a
@@ -218,6 +280,16 @@ func (d *Decrypter) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]
 // SignContext signs as Signer.SignContext does.
 func (d *Decrypter) SignContext(ctx context.Context, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
 	return signWith(d.binding(), "Decrypter", ctx, true, digest, opts)
+}
+
+// SignMessage signs msg as Signer.SignMessage does.
+func (d *Decrypter) SignMessage(_ io.Reader, msg []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return signMessageWith(d.binding(), "Decrypter", context.Background(), false, msg, opts)
+}
+
+// SignMessageContext signs msg as Signer.SignMessageContext does.
+func (d *Decrypter) SignMessageContext(ctx context.Context, msg []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return signMessageWith(d.binding(), "Decrypter", ctx, true, msg, opts)
 }
 
 // Decrypt decrypts ciphertext exactly as rsa.PrivateKey.Decrypt defines:
@@ -312,6 +384,18 @@ func (s *DurableSigner) SignContext(ctx context.Context, digest []byte, opts cry
 	return signWith(s.binding(), "DurableSigner", ctx, true, digest, opts)
 }
 
+// SignMessage signs msg as Signer.SignMessage does, with the key bound in
+// the current generation, failing fast while the provider is unavailable.
+func (s *DurableSigner) SignMessage(_ io.Reader, msg []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return signMessageWith(s.binding(), "DurableSigner", context.Background(), false, msg, opts)
+}
+
+// SignMessageContext is SignMessage under ctx, waiting for an unavailable
+// provider until ctx ends, as SignContext does.
+func (s *DurableSigner) SignMessageContext(ctx context.Context, msg []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return signMessageWith(s.binding(), "DurableSigner", ctx, true, msg, opts)
+}
+
 // DurableDecrypter is the RSA counterpart of DurableSigner: a
 // crypto.Decrypter (ContextDecrypter) and signer that finds its key again,
 // and proves it, in every generation. Safe for concurrent use.
@@ -350,6 +434,16 @@ func (d *DurableDecrypter) Sign(_ io.Reader, digest []byte, opts crypto.SignerOp
 // SignContext signs as DurableSigner.SignContext does.
 func (d *DurableDecrypter) SignContext(ctx context.Context, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
 	return signWith(d.binding(), "DurableDecrypter", ctx, true, digest, opts)
+}
+
+// SignMessage signs msg as DurableSigner.SignMessage does.
+func (d *DurableDecrypter) SignMessage(_ io.Reader, msg []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return signMessageWith(d.binding(), "DurableDecrypter", context.Background(), false, msg, opts)
+}
+
+// SignMessageContext signs msg as DurableSigner.SignMessageContext does.
+func (d *DurableDecrypter) SignMessageContext(ctx context.Context, msg []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return signMessageWith(d.binding(), "DurableDecrypter", ctx, true, msg, opts)
 }
 
 // Decrypt decrypts as Decrypter.Decrypt does, with the key bound in the
@@ -404,6 +498,17 @@ func (s *GroupSigner) SignContext(ctx context.Context, digest []byte, opts crypt
 	return signWith(s.binding(), "GroupSigner", ctx, true, digest, opts)
 }
 
+// SignMessage signs msg as Signer.SignMessage does, on a healthy member,
+// and fails over as Sign does.
+func (s *GroupSigner) SignMessage(_ io.Reader, msg []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return signMessageWith(s.binding(), "GroupSigner", context.Background(), false, msg, opts)
+}
+
+// SignMessageContext is SignMessage under ctx, as SignContext is Sign.
+func (s *GroupSigner) SignMessageContext(ctx context.Context, msg []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return signMessageWith(s.binding(), "GroupSigner", ctx, true, msg, opts)
+}
+
 // GroupDecrypter is a group's RSA private key as a crypto.Decrypter
 // (ContextDecrypter), and a signer. Safe for concurrent use.
 type GroupDecrypter struct{ k *groupKey }
@@ -433,6 +538,16 @@ func (d *GroupDecrypter) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts
 // SignContext signs as GroupSigner.SignContext does.
 func (d *GroupDecrypter) SignContext(ctx context.Context, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
 	return signWith(d.binding(), "GroupDecrypter", ctx, true, digest, opts)
+}
+
+// SignMessage signs msg as GroupSigner.SignMessage does.
+func (d *GroupDecrypter) SignMessage(_ io.Reader, msg []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return signMessageWith(d.binding(), "GroupDecrypter", context.Background(), false, msg, opts)
+}
+
+// SignMessageContext signs msg as GroupSigner.SignMessageContext does.
+func (d *GroupDecrypter) SignMessageContext(ctx context.Context, msg []byte, opts crypto.SignerOpts) ([]byte, error) {
+	return signMessageWith(d.binding(), "GroupDecrypter", ctx, true, msg, opts)
 }
 
 // Decrypt decrypts as Decrypter.Decrypt does, on a healthy member, and

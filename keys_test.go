@@ -44,7 +44,8 @@ func kinds(t *testing.T, p *Provider, ref KeyRef, g *Group, gref KeyRef) map[str
 }
 
 // TestKindsOneVocabulary: every kind of key answers the same methods with
-// the same meaning. Sign and SignContext sign on every kind, every
+// the same meaning. Sign, SignContext, SignMessage and SignMessageContext
+// sign on every kind, every
 // decrypter decrypts with Decrypt and DecryptContext and signs too, a done
 // context makes no PKCS#11 call on any kind, and KeyRef is the key's own
 // reference as read from the token on every kind, whatever it was asked by.
@@ -78,10 +79,32 @@ func TestKindsOneVocabulary(t *testing.T) {
 		if err := rsa.VerifyPKCS1v15(pub, crypto.SHA256, digest[:], sig); err != nil {
 			t.Fatalf("%s: SignContext: %v", name, err)
 		}
+		m, ok := k.(messageSigner)
+		if !ok {
+			t.Fatalf("%s has no SignMessage and SignMessageContext", name)
+		}
+		for how, sign := range map[string]func() ([]byte, error){
+			"SignMessage": func() ([]byte, error) { return m.SignMessage(nil, []byte("one vocabulary"), crypto.SHA256) },
+			"SignMessageContext": func() ([]byte, error) {
+				return m.SignMessageContext(t.Context(), []byte("one vocabulary"), crypto.SHA256)
+			},
+		} {
+			sig, err := sign()
+			if err != nil {
+				t.Fatalf("%s: %s: %v", name, how, err)
+			}
+			if err := rsa.VerifyPKCS1v15(pub, crypto.SHA256, digest[:], sig); err != nil {
+				t.Fatalf("%s: %s: %v", name, how, err)
+			}
+		}
 		ops := p.Stats().Operations
 		_, err = k.SignContext(done, digest[:], crypto.SHA256)
 		if !errors.Is(err, ErrUnavailable) || !errors.Is(err, context.Canceled) {
 			t.Errorf("%s: SignContext with a done context: %v, want ErrUnavailable and context.Canceled", name, err)
+		}
+		_, err = m.SignMessageContext(done, []byte("one vocabulary"), crypto.SHA256)
+		if !errors.Is(err, ErrUnavailable) || !errors.Is(err, context.Canceled) {
+			t.Errorf("%s: SignMessageContext with a done context: %v, want ErrUnavailable and context.Canceled", name, err)
 		}
 		if d, ok := k.(ContextDecrypter); ok {
 			ct := encryptTo(t, pub, []byte("secret"), &rsa.OAEPOptions{Hash: crypto.SHA256})

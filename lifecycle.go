@@ -16,6 +16,7 @@ import (
 	"io"
 	"log/slog"
 	"math/big"
+	"slices"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -116,6 +117,17 @@ type KeySpec struct {
 	// Extractable sets CKA_EXTRACTABLE on the private half (default false:
 	// the key never leaves the HSM, even wrapped).
 	Extractable bool
+	// AllowedMechanisms, when not empty, restricts the private half to
+	// these mechanisms (CKA_ALLOWED_MECHANISMS; the CKM_* values of
+	// github.com/miekg/pkcs11, e.g. pkcs11.CKM_SHA256_RSA_PKCS_PSS), where
+	// the token enforces it. A key restricted to hash-and-sign mechanisms
+	// (CKM_SHA256_RSA_PKCS, CKM_SHA256_RSA_PKCS_PSS, CKM_ECDSA_SHA256...)
+	// signs messages with SignMessage, as crypto/tls and crypto/x509 do,
+	// and cannot sign a digest with Sign (see the package documentation,
+	// "Choosing a key"). The list is read back after generation: a module
+	// that does not keep it makes GenerateKey fail and delete the pair.
+	// Empty: no restriction.
+	AllowedMechanisms []uint
 	// PrivateAttributes and PublicAttributes are added to the templates of
 	// the halves, replacing an attribute of the same type, for vendor
 	// quirks. Handle with care: CKA_SENSITIVE false or CKA_EXTRACTABLE true
@@ -130,10 +142,12 @@ type KeySpec struct {
 // (CKA_DECRYPT true with spec.Decrypt). The public half can verify and
 // nothing else: CKA_VERIFY, and CKA_ENCRYPT, CKA_WRAP and CKA_DERIVE false
 // (CKA_ENCRYPT true with spec.Decrypt). spec.PrivateAttributes and
-// spec.PublicAttributes may ask for more. Whatever the module's defaults,
-// every one of these is read back after generation; one the module set
-// against the spec is turned off, and if the module refuses that, the pair
-// is deleted and GenerateKey fails.
+// spec.PublicAttributes may ask for more, and spec.AllowedMechanisms
+// restricts the mechanisms of the private half. Whatever the module's
+// defaults, every one of these is read back after generation; one the
+// module set against the spec is turned off, and if the module refuses
+// that (or did not keep the allowed mechanisms), the pair is deleted and
+// GenerateKey fails.
 //
 // It refuses a label, or an ID, that a private key already has
 // (ErrKeyExists). That makes a retry safe: when the HSM is lost during a
@@ -385,6 +399,18 @@ func (in *instance) finishPair(s pkcs11.SessionHandle, spec KeySpec, tmpl keyTem
 	if err != nil {
 		return nil, err
 	}
+	if tmpl.allowed != nil {
+		// Read back on its own: a lookup that reads only what each
+		// object has leaves it out (strictValues).
+		v, err := in.slowAttrs(s, kh, []uint{pkcs11.CKA_ALLOWED_MECHANISMS})
+		if err != nil {
+			return nil, err
+		}
+		if ko.allowed = parseMechanisms(v[0]); !sameMechanisms(ko.allowed, tmpl.allowed) {
+			return nil, opErr(op, in.gen, ErrUnsupportedKey, "the module did not keep CKA_ALLOWED_MECHANISMS %s on the private half (it reads %q): %s",
+				mechList(tmpl.allowed), mechList(ko.allowed), in.discard(s, spec.Label, ph, kh))
+		}
+	}
 	k, err := in.keyFrom(s, &ko, []object{po})
 	if err != nil {
 		return nil, in.unusable(s, spec.Label, ph, kh, err)
@@ -414,6 +440,25 @@ func (in *instance) finishPair(s pkcs11.SessionHandle, spec KeySpec, tmpl keyTem
 	}
 	k.proven = true // one pair, made as one by C_GenerateKeyPair
 	return k, nil
+}
+
+// sameMechanisms reports whether a and b hold the same mechanisms, in
+// any order.
+func sameMechanisms(a, b []uint) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for _, m := range a {
+		if !slices.Contains(b, m) {
+			return false
+		}
+	}
+	for _, m := range b {
+		if !slices.Contains(a, m) {
+			return false
+		}
+	}
+	return true
 }
 
 // boolAttr is a CK_BBOOL attribute of a generated key and its value.
@@ -538,6 +583,10 @@ type keyTemplates struct {
 	privBools, pubBools []boolAttr
 	// overrides are the spec's own attributes, last in each template.
 	pubOverrides, privOverrides []*pkcs11.Attribute
+	// allowed is the private half's CKA_ALLOWED_MECHANISMS the spec asks
+	// for (AllowedMechanisms, or in PrivateAttributes), to be read back;
+	// nil for none.
+	allowed []uint
 }
 
 // build returns the templates of the public and the private half, with
@@ -668,6 +717,18 @@ func (spec KeySpec) templates() (keyTemplates, error) {
 	}
 	if t.privOverrides, err = override(spec.PrivateAttributes, "PrivateAttributes"); err != nil {
 		return t, err
+	}
+	for _, a := range t.privOverrides {
+		if a.Type == pkcs11.CKA_ALLOWED_MECHANISMS {
+			if len(spec.AllowedMechanisms) > 0 {
+				return t, errOpts("KeySpec.AllowedMechanisms and a CKA_ALLOWED_MECHANISMS in KeySpec.PrivateAttributes: give one")
+			}
+			t.allowed = parseMechanisms(a.Value)
+		}
+	}
+	if len(spec.AllowedMechanisms) > 0 {
+		t.allowed = spec.AllowedMechanisms
+		t.priv = append(t.priv, pkcs11.NewAttribute(pkcs11.CKA_ALLOWED_MECHANISMS, ulongs(spec.AllowedMechanisms)))
 	}
 	// Least privilege: each half can do what the spec asks, nothing else.
 	t.privBools = wanted([]boolAttr{{pkcs11.CKA_SIGN, true}, {pkcs11.CKA_DECRYPT, spec.Decrypt}, {pkcs11.CKA_UNWRAP, false}, {pkcs11.CKA_DERIVE, false}}, t.privOverrides)

@@ -29,6 +29,9 @@ type object struct {
 	label                string
 	sign, decrypt        bool
 	alwaysAuth           bool // CKA_ALWAYS_AUTHENTICATE
+	// allowed is CKA_ALLOWED_MECHANISMS, nil when absent or empty (or not
+	// read: strictValues leaves it out).
+	allowed []uint
 	// Public parts: on RSA private keys (most tokens), on public keys.
 	modulus, exponent, ecParams, ecPoint []byte
 }
@@ -36,7 +39,7 @@ type object struct {
 // lookupAttrs are the attributes readObject reads, in its order.
 var lookupAttrs = []uint{pkcs11.CKA_CLASS, pkcs11.CKA_KEY_TYPE, pkcs11.CKA_ID, pkcs11.CKA_LABEL,
 	pkcs11.CKA_SIGN, pkcs11.CKA_DECRYPT, pkcs11.CKA_MODULUS, pkcs11.CKA_PUBLIC_EXPONENT,
-	pkcs11.CKA_EC_PARAMS, pkcs11.CKA_EC_POINT, pkcs11.CKA_ALWAYS_AUTHENTICATE}
+	pkcs11.CKA_EC_PARAMS, pkcs11.CKA_EC_POINT, pkcs11.CKA_ALWAYS_AUTHENTICATE, pkcs11.CKA_ALLOWED_MECHANISMS}
 
 // readObject reads object h: one C_GetAttributeValue where the module's
 // function list is validated and the module answers a partial read as the
@@ -49,7 +52,8 @@ func (in *instance) readObject(s pkcs11.SessionHandle, h pkcs11.ObjectHandle) (o
 	}
 	o := object{h: h, id: bytes.Clone(v[2]), label: string(v[3]),
 		sign: isTrue(v[4]), decrypt: isTrue(v[5]), alwaysAuth: isTrue(v[10]),
-		modulus: bytes.Clone(v[6]), exponent: bytes.Clone(v[7]), ecParams: bytes.Clone(v[8]), ecPoint: bytes.Clone(v[9])}
+		modulus: bytes.Clone(v[6]), exponent: bytes.Clone(v[7]), ecParams: bytes.Clone(v[8]), ecPoint: bytes.Clone(v[9]),
+		allowed: parseMechanisms(v[11])}
 	if v[0] != nil {
 		o.class, o.hasClass = ulong(v[0]), true
 	}
@@ -85,7 +89,11 @@ func (in *instance) objectValues(s pkcs11.SessionHandle, h pkcs11.ObjectHandle) 
 
 // strictValues reads lookupAttrs of object h asking each time only for
 // attributes the object has: its class, then the attributes of its class,
-// then the parts of its key type.
+// then the parts of its key type. A private key's CKA_ALLOWED_MECHANISMS
+// is read with the attributes of its class until the module shows it does
+// not have it (NSS softokn): from then on, in this generation, it is not
+// asked for, and a restricted key is known by the token's first refusal
+// (message.go).
 func (in *instance) strictValues(s pkcs11.SessionHandle, h pkcs11.ObjectHandle) ([][]byte, error) {
 	v := make([][]byte, len(lookupAttrs))
 	read := func(idx ...int) error {
@@ -106,8 +114,17 @@ func (in *instance) strictValues(s pkcs11.SessionHandle, h pkcs11.ObjectHandle) 
 	}
 	switch ulong(v[0]) {
 	case pkcs11.CKO_PRIVATE_KEY:
-		if err := read(1, 2, 3, 4, 5, 10); err != nil { // type, ID, label, sign, decrypt, always authenticate
-			return nil, err
+		if in.noAllowed.Load() {
+			if err := read(1, 2, 3, 4, 5, 10); err != nil { // type, ID, label, sign, decrypt, always authenticate
+				return nil, err
+			}
+		} else {
+			if err := read(1, 2, 3, 4, 5, 10, 11); err != nil { // and allowed mechanisms
+				return nil, err
+			}
+			if v[11] == nil {
+				in.noAllowed.Store(true)
+			}
 		}
 	case pkcs11.CKO_PUBLIC_KEY:
 		if err := read(1, 2, 3); err != nil {
@@ -291,7 +308,8 @@ func (in *instance) findByClass(s pkcs11.SessionHandle, ref KeyRef) (*key, error
 // keyFrom makes the key of private key object o. cands are objects already
 // read that may hold its public half; when none does, keyFrom finds it.
 func (in *instance) keyFrom(s pkcs11.SessionHandle, o *object, cands []object) (*key, error) {
-	k := &key{in: in, gen: in.gen, handle: o.h, ref: KeyRef{ID: o.id, Label: o.label}, canSign: o.sign, canDecrypt: o.decrypt, alwaysAuth: o.alwaysAuth}
+	k := &key{in: in, gen: in.gen, handle: o.h, ref: KeyRef{ID: o.id, Label: o.label}, canSign: o.sign, canDecrypt: o.decrypt, alwaysAuth: o.alwaysAuth,
+		mechs: newSignMechs(o.allowed)}
 	var err error
 	switch {
 	case !o.hasKeyType:

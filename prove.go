@@ -7,6 +7,7 @@ import (
 	"crypto/ed25519"
 	cryptorand "crypto/rand"
 	"crypto/rsa"
+	"crypto/sha256"
 	"errors"
 )
 
@@ -31,7 +32,7 @@ import (
 //
 // A proof costs one signature (or decryption) on the token.
 
-// challengeLen is the length of a challenge: a SHA-256 digest's.
+// challengeLen is the length of a challenge, signed as a message.
 const challengeLen = 32
 
 // proved says what a proof found.
@@ -63,8 +64,10 @@ func (k *key) prove(pub crypto.PublicKey) (proved, error) {
 	}
 	var err error
 	for _, opts := range k.challengeOpts() {
+		// Signed as a message: a key restricted to the token's
+		// hash-and-sign mechanisms proves itself with them (message.go).
 		var sig []byte
-		if sig, err = k.sign(challenge, opts); err != nil {
+		if sig, err = k.signMessage(challenge, opts); err != nil {
 			if uncheckable(err) {
 				continue // the next mechanism
 			}
@@ -103,16 +106,18 @@ func (k *key) challengeOpts() []crypto.SignerOpts {
 	return []crypto.SignerOpts{crypto.SHA256}
 }
 
-// verifies reports whether sig is pub's signature over challenge with opts.
+// verifies reports whether sig is pub's signature over the message
+// challenge with opts (SHA-256, or none for Ed25519).
 func verifies(pub crypto.PublicKey, challenge, sig []byte, opts crypto.SignerOpts) bool {
+	digest := sha256.Sum256(challenge)
 	switch pub := pub.(type) {
 	case *ecdsa.PublicKey:
-		return ecdsa.VerifyASN1(pub, challenge, sig)
+		return ecdsa.VerifyASN1(pub, digest[:], sig)
 	case *rsa.PublicKey:
 		if pss, ok := opts.(*rsa.PSSOptions); ok {
-			return rsa.VerifyPSS(pub, crypto.SHA256, challenge, sig, pss) == nil
+			return rsa.VerifyPSS(pub, crypto.SHA256, digest[:], sig, pss) == nil
 		}
-		return rsa.VerifyPKCS1v15(pub, crypto.SHA256, challenge, sig) == nil
+		return rsa.VerifyPKCS1v15(pub, crypto.SHA256, digest[:], sig) == nil
 	case ed25519.PublicKey:
 		return ed25519.Verify(pub, challenge, sig)
 	}

@@ -57,17 +57,36 @@ func (k *key) sign(digest []byte, opts crypto.SignerOpts) ([]byte, error) {
 	if err != nil {
 		return nil, &Error{Op: op, Generation: k.gen, Err: err}
 	}
-	var sig []byte
+	if !k.mechs.rawAllowed(spec.scheme) {
+		// Restricted to hash-and-sign mechanisms (message.go): a digest
+		// cannot be signed.
+		return nil, k.digestRefused(spec.scheme, 0)
+	}
+	sig, atInit, err := k.signBy(&spec)
+	if code, refused := k.learn(spec.scheme, atInit, err); refused {
+		return nil, k.digestRefused(spec.scheme, code)
+	}
+	return sig, err
+}
+
+// signBy makes the signature spec says with k, on a session of k's
+// generation: C_SignInit and C_Sign, two PKCS#11 calls where the module's
+// function list could be validated (fastsign.go). atInit says whether a
+// failure came before C_Sign.
+func (k *key) signBy(spec *signSpec) (sig []byte, atInit bool, err error) {
+	const op = "sign"
+	atInit = true
 	err = k.p.run(k.gen, k.signRefusals, k.p.cfg.SessionWaitTimeout, runOp, func(in *instance, s pkcs11.SessionHandle) error {
 		mech, input := spec.build()
 		var err error
 		if fl := k.p.fast; fl != nil && !k.alwaysAuth {
-			sig, err = fastSign(fl, s, mech[0], k.handle, input, k.size)
+			sig, atInit, err = fastSign(fl, s, mech[0], k.handle, input, k.size)
 			return err
 		}
 		if err := in.ctx.SignInit(s, mech, k.handle); err != nil {
 			return err
 		}
+		atInit = false
 		if err := k.contextLogin(in, s); err != nil {
 			return err
 		}
@@ -77,15 +96,16 @@ func (k *key) sign(digest []byte, opts crypto.SignerOpts) ([]byte, error) {
 		return nil
 	})
 	if err != nil {
-		return nil, err
+		return nil, atInit, err
 	}
 	if k.kind == kindECDSA {
-		return k.ecdsaDER(sig)
+		sig, err = k.ecdsaDER(sig)
+		return sig, false, err
 	}
 	if len(sig) != k.size {
-		return nil, opErr(op, k.gen, fmt.Errorf("token returned a %d-byte signature, want %d", len(sig), k.size), "")
+		return nil, false, opErr(op, k.gen, fmt.Errorf("token returned a %d-byte signature, want %d", len(sig), k.size), "")
 	}
-	return sig, nil
+	return sig, false, nil
 }
 
 // Mechanisms without parameters, shared by every signature (read only).
@@ -97,25 +117,37 @@ var (
 
 // signSpec is a validated signature request: what build turns into the
 // mechanism and the data for C_Sign. It holds nothing of the caller's but
-// the digest.
+// the digest (or the message).
 type signSpec struct {
-	mech   []*pkcs11.Mechanism // nil for PSS
-	digest []byte
-	prefix []byte // PKCS #1 v1.5: the DigestInfo prefix, or nil
+	scheme scheme
+	// mech is the raw mechanism, without parameters (PKCS #1 v1.5, ECDSA,
+	// EdDSA); nil for PSS, and unused with combined.
+	mech []*pkcs11.Mechanism
+	// combined, when not 0, is the token's hash-and-sign mechanism
+	// (message.go), and input the whole message.
+	combined uint
+	input    []byte // the digest, or the message
+	prefix   []byte // PKCS #1 v1.5 over a digest: the DigestInfo prefix, or nil
 	// PSS parameters.
 	pssHash, pssMGF, pssSalt uint
 }
 
 // build returns the mechanism and the data to pass to C_Sign.
 func (s *signSpec) build() ([]*pkcs11.Mechanism, []byte) {
-	if s.mech == nil {
-		return []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_PSS, pkcs11.NewPSSParams(s.pssHash, s.pssMGF, s.pssSalt))}, s.digest
+	switch {
+	case s.scheme == schemePSS:
+		mech := uint(pkcs11.CKM_RSA_PKCS_PSS)
+		if s.combined != 0 {
+			mech = s.combined
+		}
+		return []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, pkcs11.NewPSSParams(s.pssHash, s.pssMGF, s.pssSalt))}, s.input
+	case s.combined != 0:
+		return []*pkcs11.Mechanism{pkcs11.NewMechanism(s.combined, nil)}, s.input
+	case s.prefix == nil:
+		return s.mech, s.input
 	}
-	if s.prefix == nil {
-		return s.mech, s.digest
-	}
-	input := make([]byte, 0, len(s.prefix)+len(s.digest))
-	return s.mech, append(append(input, s.prefix...), s.digest...)
+	input := make([]byte, 0, len(s.prefix)+len(s.input))
+	return s.mech, append(append(input, s.prefix...), s.input...)
 }
 
 // contextLogin logs in for the one operation just initialized on s, for a
@@ -160,7 +192,7 @@ func (k *key) signSpec(digest []byte, opts crypto.SignerOpts) (signSpec, error) 
 		if h != 0 {
 			return signSpec{}, errOpts("Ed25519 signs the whole message: opts.HashFunc() must be crypto.Hash(0), not %v", h)
 		}
-		return signSpec{mech: mechEdDSA, digest: digest}, nil
+		return signSpec{scheme: schemeEdDSA, mech: mechEdDSA, input: digest}, nil
 	}
 	return signSpec{}, wrapf(ErrUnsupportedKey, "%v", k.kind)
 }
@@ -251,7 +283,7 @@ func nilName(opts any) string {
 }
 
 func (k *key) pkcs1Spec(digest []byte, h crypto.Hash) (signSpec, error) {
-	spec := signSpec{mech: mechRSAPKCS, digest: digest}
+	spec := signSpec{scheme: schemePKCS1, mech: mechRSAPKCS, input: digest}
 	if h != 0 {
 		prefix, ok := pkcs1Prefix[h]
 		if !ok {
@@ -283,33 +315,45 @@ func (k *key) pssSpec(digest []byte, o *rsa.PSSOptions) (signSpec, error) {
 	if h == 0 {
 		return signSpec{}, errOpts("rsa.PSSOptions.Hash is not set: name the hash the digest was made with")
 	}
+	if _, ok := hashMechs[h]; ok {
+		if err := checkDigest(digest, h); err != nil {
+			return signSpec{}, err
+		}
+	}
+	hashMech, mgf, salt, err := k.pssParams(h, o)
+	if err != nil {
+		return signSpec{}, err
+	}
+	return signSpec{scheme: schemePSS, input: digest, pssHash: hashMech, pssMGF: mgf, pssSalt: salt}, nil
+}
+
+// pssParams are the CK_RSA_PKCS_PSS_PARAMS of a PSS signature with hash h
+// (not 0) and o's salt length.
+func (k *key) pssParams(h crypto.Hash, o *rsa.PSSOptions) (hashMech, mgf, salt uint, err error) {
 	m, ok := hashMechs[h]
 	if !ok {
-		return signSpec{}, errOpts("hash %v is not supported for RSA-PSS (SHA-1, SHA-224, SHA-256, SHA-384, SHA-512 are)", h)
-	}
-	if err := checkDigest(digest, h); err != nil {
-		return signSpec{}, err
+		return 0, 0, 0, errOpts("hash %v is not supported for RSA-PSS (SHA-1, SHA-224, SHA-256, SHA-384, SHA-512 are)", h)
 	}
 	bits := k.pub.(*rsa.PublicKey).N.BitLen()
 	maxSalt := (bits-1+7)/8 - 2 - h.Size()
 	if maxSalt < 0 {
-		return signSpec{}, errOpts("a %d-bit RSA key is too small for PSS with %v", bits, h)
+		return 0, 0, 0, errOpts("a %d-bit RSA key is too small for PSS with %v", bits, h)
 	}
-	var salt int
+	var n int
 	switch {
 	case o.SaltLength == rsa.PSSSaltLengthAuto:
-		salt = maxSalt // what rsa.SignPSS does for PSSSaltLengthAuto
+		n = maxSalt // what rsa.SignPSS does for PSSSaltLengthAuto
 	case o.SaltLength == rsa.PSSSaltLengthEqualsHash:
-		salt = h.Size()
+		n = h.Size()
 	case o.SaltLength < 0:
-		return signSpec{}, errOpts("PSS salt length %d is invalid", o.SaltLength)
+		return 0, 0, 0, errOpts("PSS salt length %d is invalid", o.SaltLength)
 	default:
-		salt = o.SaltLength
+		n = o.SaltLength
 	}
-	if salt > maxSalt {
-		return signSpec{}, errOpts("PSS salt length %d is too long for a %d-bit key with %v (at most %d)", salt, bits, h, maxSalt)
+	if n > maxSalt {
+		return 0, 0, 0, errOpts("PSS salt length %d is too long for a %d-bit key with %v (at most %d)", n, bits, h, maxSalt)
 	}
-	return signSpec{digest: digest, pssHash: m[0], pssMGF: m[1], pssSalt: uint(salt)}, nil
+	return m[0], m[1], uint(n), nil
 }
 
 func (k *key) ecdsaSpec(digest []byte, h crypto.Hash) (signSpec, error) {
@@ -325,7 +369,7 @@ func (k *key) ecdsaSpec(digest []byte, h crypto.Hash) (signSpec, error) {
 	if n := k.size / 2; len(digest) > n && k.pubOrderBits()%8 == 0 {
 		digest = digest[:n]
 	}
-	return signSpec{mech: mechECDSA, digest: digest}, nil
+	return signSpec{scheme: schemeECDSA, mech: mechECDSA, input: digest}, nil
 }
 
 // ecdsaDER converts the token's r||s into the ASN.1 DER form of

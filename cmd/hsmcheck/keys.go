@@ -15,10 +15,12 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/ce46d8f2/hsm"
+	"github.com/miekg/pkcs11"
 )
 
 // keyTypes are the types keygen makes, by their -type names.
@@ -43,6 +45,62 @@ func parseKeyType(s string) (hsm.KeyType, error) {
 		}
 	}
 	return 0, usagef("-type %q: want rsa2048, rsa3072, rsa4096, p256, p384, p521 or ed25519", s)
+}
+
+// mechanisms are the mechanisms -mechanisms knows by name: those that
+// sign, decrypt or derive with the key types keygen makes.
+var mechanisms = map[string]uint{
+	"CKM_RSA_PKCS": pkcs11.CKM_RSA_PKCS, "CKM_RSA_PKCS_PSS": pkcs11.CKM_RSA_PKCS_PSS, "CKM_RSA_X_509": pkcs11.CKM_RSA_X_509,
+	"CKM_RSA_PKCS_OAEP": pkcs11.CKM_RSA_PKCS_OAEP,
+	"CKM_SHA1_RSA_PKCS": pkcs11.CKM_SHA1_RSA_PKCS, "CKM_SHA224_RSA_PKCS": pkcs11.CKM_SHA224_RSA_PKCS,
+	"CKM_SHA256_RSA_PKCS": pkcs11.CKM_SHA256_RSA_PKCS, "CKM_SHA384_RSA_PKCS": pkcs11.CKM_SHA384_RSA_PKCS,
+	"CKM_SHA512_RSA_PKCS":   pkcs11.CKM_SHA512_RSA_PKCS,
+	"CKM_SHA1_RSA_PKCS_PSS": pkcs11.CKM_SHA1_RSA_PKCS_PSS, "CKM_SHA224_RSA_PKCS_PSS": pkcs11.CKM_SHA224_RSA_PKCS_PSS,
+	"CKM_SHA256_RSA_PKCS_PSS": pkcs11.CKM_SHA256_RSA_PKCS_PSS, "CKM_SHA384_RSA_PKCS_PSS": pkcs11.CKM_SHA384_RSA_PKCS_PSS,
+	"CKM_SHA512_RSA_PKCS_PSS": pkcs11.CKM_SHA512_RSA_PKCS_PSS,
+	"CKM_ECDSA":               pkcs11.CKM_ECDSA, "CKM_ECDSA_SHA1": pkcs11.CKM_ECDSA_SHA1, "CKM_ECDSA_SHA224": pkcs11.CKM_ECDSA_SHA224,
+	"CKM_ECDSA_SHA256": pkcs11.CKM_ECDSA_SHA256, "CKM_ECDSA_SHA384": pkcs11.CKM_ECDSA_SHA384, "CKM_ECDSA_SHA512": pkcs11.CKM_ECDSA_SHA512,
+	"CKM_ECDH1_DERIVE": pkcs11.CKM_ECDH1_DERIVE, "CKM_EDDSA": 0x1057,
+}
+
+// parseMechanisms reads -mechanisms: names of mechanisms (with or without
+// CKM_, in any case) or numbers (0x43, 67), comma-separated. Empty: none.
+func parseMechanisms(s string) ([]uint, error) {
+	if strings.TrimSpace(s) == "" {
+		return nil, nil
+	}
+	var out []uint
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		name := strings.ToUpper(f)
+		if !strings.HasPrefix(name, "CKM_") {
+			name = "CKM_" + name
+		}
+		if m, ok := mechanisms[name]; ok {
+			out = append(out, m)
+			continue
+		}
+		n, err := strconv.ParseUint(f, 0, 64)
+		if err != nil || f == "" {
+			return nil, usagef("-mechanisms: %q is neither a mechanism hsmcheck knows by name (e.g. CKM_SHA256_RSA_PKCS_PSS) nor a number (e.g. 0x43)", f)
+		}
+		out = append(out, uint(n))
+	}
+	return out, nil
+}
+
+// mechanismNames names ms, by name where -mechanisms knows one.
+func mechanismNames(ms []uint) string {
+	names := make([]string, len(ms))
+	for i, m := range ms {
+		names[i] = fmt.Sprintf("0x%x", m)
+		for n, v := range mechanisms {
+			if v == m {
+				names[i] = n
+			}
+		}
+	}
+	return strings.Join(names, ",")
 }
 
 // parseID reads -id: hex digits, optionally with a 0x prefix or colons
@@ -89,8 +147,12 @@ func namedKey(uri, label, id string) (hsm.KeyRef, error) {
 	return ref, err
 }
 
-func keygen(uri, typ, label, id string, decrypt bool, w io.Writer) error {
+func keygen(uri, typ, label, id string, decrypt bool, mechs string, w io.Writer) error {
 	t, err := parseKeyType(typ)
+	if err != nil {
+		return err
+	}
+	allowed, err := parseMechanisms(mechs)
 	if err != nil {
 		return err
 	}
@@ -106,7 +168,7 @@ func keygen(uri, typ, label, id string, decrypt bool, w io.Writer) error {
 		return err
 	}
 	defer p.Close()
-	s, err := p.GenerateKey(hsm.KeySpec{Type: t, Label: ref.Label, ID: ref.ID, Decrypt: decrypt})
+	s, err := p.GenerateKey(hsm.KeySpec{Type: t, Label: ref.Label, ID: ref.ID, Decrypt: decrypt, AllowedMechanisms: allowed})
 	if err != nil {
 		return err
 	}
@@ -116,6 +178,9 @@ func keygen(uri, typ, label, id string, decrypt bool, w io.Writer) error {
 	}
 	got := s.KeyRef()
 	fmt.Fprintf(w, "label: %q\nid:    %s\ntype:  %v\n", got.Label, hex.EncodeToString(got.ID), t)
+	if len(allowed) > 0 {
+		fmt.Fprintf(w, "mechanisms: %s\n", mechanismNames(allowed))
+	}
 	return pem.Encode(w, &pem.Block{Type: "PUBLIC KEY", Bytes: der})
 }
 

@@ -5,7 +5,7 @@
 //	hsmcheck sign   -uri 'pkcs11:token=prod;object=tls?module-path=...&pin-source=...'
 //	hsmcheck bench  -uri 'pkcs11:token=prod;object=tls?...' -duration 10s -workers 4
 //	hsmcheck soak   -duration 60s -outage-every 2s
-//	hsmcheck keygen -uri 'pkcs11:token=prod?...' -type p256 -label tls [-id 01] [-decrypt]
+//	hsmcheck keygen -uri 'pkcs11:token=prod?...' -type p256 -label tls [-id 01] [-decrypt] [-mechanisms LIST]
 //	hsmcheck list   -uri 'pkcs11:token=prod?...'
 //	hsmcheck delete -uri 'pkcs11:token=prod?...' -label tls [-id 01]
 //	hsmcheck cert import -uri 'pkcs11:token=prod;object=tls?...' -in tls.pem
@@ -22,6 +22,11 @@
 // print themselves: "RSA-2048", "ECDSA P-256", "Ed25519"...) and prints its
 // label, ID, type and public key (PEM). It refuses a label or an ID that a
 // private key already has. -decrypt makes an RSA key decrypt too.
+// -mechanisms restricts the private key to the mechanisms listed
+// (CKA_ALLOWED_MECHANISMS, where the token enforces it), by name or number,
+// comma-separated: "CKM_SHA256_RSA_PKCS_PSS,CKM_SHA384_RSA_PKCS_PSS" makes
+// an RSA key that signs only RSA-PSS messages hashed on the token (what
+// package hsm's SignMessage, and so crypto/tls and crypto/x509, use).
 //
 // list shows every private key (reference, type, uses) and the certificate
 // of each key (subject, issuer, expiry). Certificates without a private
@@ -93,9 +98,10 @@ commands:
                                        chaos soak on a SoftHSM2 token of its own (needs softhsm2, p11-kit, opensc);
                                        with -members N >= 2, on an hsm.Group of N tokens holding the same keys,
                                        members killed at random with one always up: no signature may fail
-  keygen -uri URI -type TYPE [-label L] [-id HEX] [-decrypt]
+  keygen -uri URI -type TYPE [-label L] [-id HEX] [-decrypt] [-mechanisms LIST]
                                        generate a key pair; print its label, ID, type and public key (PEM)
                                        TYPE: rsa2048, rsa3072, rsa4096, p256, p384, p521, ed25519
+                                       LIST: the only mechanisms the key may use, e.g. CKM_SHA256_RSA_PKCS_PSS,0x44
   list   -uri URI                      the private keys, and the certificates of the keys
   delete -uri URI [-label L] [-id HEX]  delete a private key and its public half
   cert import -uri URI -in FILE [-label L] [-id HEX]
@@ -150,7 +156,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		key                   string
 		duration, outageEvery time.Duration
 		workers, members      int
-		typ, label, id        string
+		typ, label, id, mechs string
 		decrypt, chain        bool
 		all, keep, noLogin    bool
 		in, out               string
@@ -171,6 +177,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		keyFlags()
 		fs.Lookup("id").Usage = "ID of the key in hex (default: id= of the URI, else derived from the public key)"
 		fs.BoolVar(&decrypt, "decrypt", false, "an RSA key decrypts too")
+		fs.StringVar(&mechs, "mechanisms", "", "restrict the private key to these mechanisms (CKA_ALLOWED_MECHANISMS), comma-separated names or numbers, e.g. CKM_SHA256_RSA_PKCS_PSS,0x44")
 	case "list":
 	case "delete":
 		keyFlags()
@@ -213,7 +220,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		case "soak":
 			err = runSoak(duration, outageEvery, workers, members, stdout)
 		case "keygen":
-			err = keygen(*uri, typ, label, id, decrypt, stdout)
+			err = keygen(*uri, typ, label, id, decrypt, mechs, stdout)
 		case "list":
 			err = list(*uri, stdout)
 		case "delete":

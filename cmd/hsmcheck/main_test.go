@@ -7,10 +7,13 @@ import (
 	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha512"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/pem"
+	"errors"
 	"math/big"
 	"os"
 	"path/filepath"
@@ -366,4 +369,41 @@ func TestKeyCommandsUsage(t *testing.T) {
 	// Usage and help name the new commands.
 	expect(t, 2, nil, []string{"keygen -uri URI -type TYPE", "list   -uri URI", "delete -uri URI", "cert import -uri URI -in FILE", "cert export -uri URI"})
 	expect(t, 0, nil, []string{"-decrypt", "-type"}, "keygen", "-h")
+}
+
+// TestKeygenMechanisms: keygen -mechanisms makes a key restricted to the
+// mechanisms listed (by name, without CKM_, or by number): it signs
+// messages with them (SignMessage), and refuses to sign a digest.
+func TestKeygenMechanisms(t *testing.T) {
+	tok := softhsmtest.NewToken(t, "hsmcheck-mechs")
+	u := "pkcs11:token=" + tok.Label + "?module-path=" + softhsmtest.SoftHSMModule + "&pin-value=" + tok.PIN
+	expect(t, 0, []string{`label: "pss"`, "mechanisms: CKM_SHA256_RSA_PKCS_PSS,CKM_SHA384_RSA_PKCS_PSS\n", "-----BEGIN PUBLIC KEY-----"}, nil,
+		"keygen", "-uri", u, "-type", "rsa2048", "-label", "pss", "-mechanisms", "CKM_SHA256_RSA_PKCS_PSS, sha384_rsa_pkcs_pss")
+	expect(t, 0, []string{"mechanisms: CKM_SHA256_RSA_PKCS\n"}, nil,
+		"keygen", "-uri", u, "-type", "rsa2048", "-label", "pkcs1", "-mechanisms", "0x40")
+	expect(t, 2, nil, []string{`hsmcheck keygen: -mechanisms: "CKM_SHA256_RSA_PSS" is neither`},
+		"keygen", "-uri", u, "-type", "rsa2048", "-label", "x", "-mechanisms", "CKM_SHA256_RSA_PSS")
+
+	p, err := hsm.OpenURI(u, hsm.Config{ProbeInterval: -1, DisableAutoRecovery: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	s, err := p.Signer(hsm.KeyRef{Label: "pss"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := &rsa.PSSOptions{Hash: crypto.SHA384, SaltLength: rsa.PSSSaltLengthEqualsHash}
+	msg := []byte("restricted")
+	sig, err := s.SignMessage(nil, msg, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := sha512.Sum384(msg)
+	if err := rsa.VerifyPSS(s.Public().(*rsa.PublicKey), crypto.SHA384, d[:], sig, opts); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Sign(nil, d[:], opts); !errors.Is(err, hsm.ErrUnsupportedKey) {
+		t.Fatalf("Sign of a digest: %v, want ErrUnsupportedKey", err)
+	}
 }
