@@ -189,12 +189,13 @@ func (k *KMS) GetPublicKey(req *apiv1.GetPublicKeyRequest) (crypto.PublicKey, er
 //     signs and decrypts (CreateDecrypter), as crypto11 makes them;
 //   - PureEd25519: Ed25519 (which step's pkcs11 backend does not make).
 //
-// Other algorithms (ML-DSA) fail with ErrUnsupportedAlgorithm. The private
-// key is sensitive and not extractable unless req.Extractable. A key that
-// already has the name's label or ID fails with an error matching
-// apiv1.AlreadyExistsError and hsm.ErrKeyExists, as step's backend does;
-// when the name gives only one of them and a key has it, too. The response
-// is step's: Name, PublicKey and CreateSignerRequest{SigningKey: Name}.
+// Other algorithms (ML-DSA of newer go.step.sm/crypto) fail with
+// ErrUnsupportedAlgorithm. The private key is sensitive and not extractable
+// unless req.Extractable. A key that already has the name's label or ID
+// fails with an error matching apiv1.AlreadyExistsError and
+// hsm.ErrKeyExists, as step's backend does; when the name gives only one of
+// them and a key has it, too. The response is step's: Name, PublicKey and
+// CreateSignerRequest{SigningKey: Name}.
 //
 // It blocks for the generation (an RSA-4096 key can take seconds). If the
 // HSM is lost during it, the key may or may not have been made: after
@@ -268,21 +269,8 @@ func keyType(alg apiv1.SignatureAlgorithm, bits int) (hsm.KeyType, error) {
 		return 0, &opError{msg: fmt.Sprintf("%s with %d bits: RSA keys have 2048, 3072 or 4096 bits (0 means %d)", alg, bits, defaultRSABits),
 			causes: []error{ErrUnsupportedAlgorithm}}
 	}
-	return 0, &opError{msg: fmt.Sprintf("signature algorithm %s is not supported: use ECDSA-SHA256/384/512, SHA256/384/512-RSA, SHA256/384/512-RSAPSS or Ed25519", algName(alg)),
+	return 0, &opError{msg: fmt.Sprintf("signature algorithm %s is not supported: use ECDSA-SHA256/384/512, SHA256/384/512-RSA, SHA256/384/512-RSAPSS or Ed25519", alg),
 		causes: []error{ErrUnsupportedAlgorithm}}
-}
-
-// algName names alg, also where its String does not (ML-DSA in v0.92.0).
-func algName(alg apiv1.SignatureAlgorithm) string {
-	switch alg {
-	case apiv1.MLDSA44:
-		return "ML-DSA-44"
-	case apiv1.MLDSA65:
-		return "ML-DSA-65"
-	case apiv1.MLDSA87:
-		return "ML-DSA-87"
-	}
-	return alg.String()
 }
 
 // CreateSigner returns a durable signer (*hsm.DurableSigner, an

@@ -669,9 +669,11 @@ func TestHostileRequests(t *testing.T) {
 		},
 			[]error{hsm.ErrInvalidOptions}, "certificate"},
 
-		{"ML-DSA-44", func() error { return create(k, apiv1.MLDSA44, 0) }, []error{ErrUnsupportedAlgorithm}, "ML-DSA-44"},
-		{"ML-DSA-65", func() error { return create(k, apiv1.MLDSA65, 0) }, []error{ErrUnsupportedAlgorithm}, "ML-DSA-65"},
-		{"ML-DSA-87", func() error { return create(k, apiv1.MLDSA87, 0) }, []error{ErrUnsupportedAlgorithm}, "ML-DSA-87"},
+		// What go.step.sm/crypto v0.92.0 calls ML-DSA-44, -65 and -87 (v0.77.1,
+		// which stepkms requires, has no name for them).
+		{"ML-DSA-44", func() error { return create(k, apiv1.PureEd25519+1, 0) }, []error{ErrUnsupportedAlgorithm}, (apiv1.PureEd25519 + 1).String()},
+		{"ML-DSA-65", func() error { return create(k, apiv1.PureEd25519+2, 0) }, []error{ErrUnsupportedAlgorithm}, (apiv1.PureEd25519 + 2).String()},
+		{"ML-DSA-87", func() error { return create(k, apiv1.PureEd25519+3, 0) }, []error{ErrUnsupportedAlgorithm}, (apiv1.PureEd25519 + 3).String()},
 		{"unknown algorithm", func() error { return create(k, apiv1.SignatureAlgorithm(99), 0) }, []error{ErrUnsupportedAlgorithm}, "unknown(99)"},
 		{"RSA-1024", func() error { return create(k, apiv1.SHA256WithRSA, 1024) }, []error{ErrUnsupportedAlgorithm}, "1024 bits"},
 		{"RSA-PSS-8192", func() error { return create(k, apiv1.SHA256WithRSAPSS, 8192) }, []error{ErrUnsupportedAlgorithm}, "8192 bits"},
