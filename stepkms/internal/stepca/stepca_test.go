@@ -13,8 +13,10 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"io"
 	"math/big"
 	"net"
+	"net/http"
 	"net/url"
 	"os"
 	"os/exec"
@@ -51,6 +53,7 @@ const (
 	provName    = "test@stepkms"
 	commonName  = "leaf.example.com"
 	servingLine = "Serving HTTPS on"
+	droppedLine = "stepkms: a KMS was dropped without Close"
 )
 
 // TestStepCA runs step-ca with stepkms on a network HSM (SoftHSM behind
@@ -79,7 +82,8 @@ func TestStepCA(t *testing.T) {
 	conf := caConfig{dir: dir, addr: addr, kmsURI: kmsURI, key: intKey, jwk: jwk.Public()}
 	cfgPath := conf.write(t)
 
-	c := startCA(t, bin, cfgPath, dir)
+	profAddr := freeAddr(t)
+	c := startCA(t, bin, cfgPath, dir, profAddr)
 	c.waitFor(t, servingLine, 1, startTimeout, "", 0)
 	client, err := ca.NewClient("https://"+addr, ca.WithRootFile(filepath.Join(dir, "root_ca.crt")), ca.WithTimeout(issueTimeout))
 	if err != nil {
@@ -131,6 +135,8 @@ func TestStepCA(t *testing.T) {
 	c.logged(t, "Reload failed because the CA with new configuration could not be initialized", 2)
 	c.logged(t, "create signer pkcs11:id=7399;object=no-such-key", 1)
 	issuer.must(t, "after the failed reload")
+	// That KMS, unreachable, gives its reference back once collected.
+	c.collect(t, profAddr, droppedLine)
 
 	// Back to the good configuration: the reload works.
 	conf.write(t)
@@ -149,6 +155,7 @@ func TestStepCA(t *testing.T) {
 		{"error closing the key manager", 0},
 		{"shutting down", 1},
 		{servingLine, 4},
+		{droppedLine, 1},
 	} {
 		if got := lines(log, f.line); got != f.n {
 			t.Errorf("step-ca logged %q %d times, want %d", f.line, got, f.n)
@@ -313,15 +320,15 @@ type stepCA struct {
 }
 
 // startCA starts step-ca in a process group of its own, which the test's
-// clean-up kills whatever happened.
-func startCA(t *testing.T, bin, cfgPath, dir string) *stepCA {
+// clean-up kills whatever happened, with its profiler on profAddr.
+func startCA(t *testing.T, bin, cfgPath, dir, profAddr string) *stepCA {
 	t.Helper()
 	home := filepath.Join(dir, "home")
 	if err := os.MkdirAll(filepath.Join(home, ".step"), 0o700); err != nil {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(bin, cfgPath)
-	cmd.Env = append(os.Environ(), "HOME="+home, "STEPPATH="+filepath.Join(home, ".step"))
+	cmd.Env = append(os.Environ(), "HOME="+home, "STEPPATH="+filepath.Join(home, ".step"), "STEP_PROF_ADDR="+profAddr)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -458,6 +465,30 @@ func (c *stepCA) reload(t *testing.T, ok bool, n int) {
 		return
 	}
 	c.waitFor(t, reloadFailed, n, startTimeout, servingLine, served)
+}
+
+// collect makes step-ca collect garbage (its profiler's heap profile with
+// gc=1) until it has logged line, within issueTimeout: runtime cleanups
+// run after a collection, in their own goroutine.
+func (c *stepCA) collect(t *testing.T, profAddr, line string) {
+	t.Helper()
+	client := &http.Client{Timeout: 5 * time.Second}
+	deadline := time.Now().Add(issueTimeout)
+	for lines(c.text(), line) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("step-ca did not log %q within %v of collections", line, issueTimeout)
+		}
+		resp, err := client.Get("http://" + profAddr + "/debug/pprof/heap?gc=1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("heap profile: %s", resp.Status)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // stop sends SIGTERM and waits for step-ca to exit.

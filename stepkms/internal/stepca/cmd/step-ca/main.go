@@ -2,8 +2,10 @@
 // (github.com/smallstep/certificates, unpatched, from the module proxy),
 // with one line more: stepkms.Register(), which makes every pkcs11 KMS of
 // ca.json a stepkms one. The test of this module builds and runs it. What
-// it leaves out of upstream's main is cosmetic (help templates, the pprof
-// server of STEP_PROF_ADDR).
+// it leaves out of upstream's main is cosmetic (help templates, version
+// and build time from the Makefile); it keeps upstream's profiler on
+// STEP_PROF_ADDR, whose /debug/pprof/heap?gc=1 lets the test collect
+// garbage in step-ca.
 //
 // Build it with -tags noyubikey unless libpcsclite's headers are installed,
 // as upstream does without them.
@@ -12,7 +14,13 @@ package main
 import (
 	"flag"
 	"fmt"
+	"log"
+	"net/http"
 	"os"
+	"time"
+
+	// Server profiler, as upstream: served on STEP_PROF_ADDR when set.
+	_ "net/http/pprof"
 
 	"github.com/urfave/cli"
 
@@ -75,6 +83,13 @@ func main() {
 	app.Writer = os.Stdout
 	app.ErrWriter = os.Stderr
 	app.Commands = command.Retrieve()
+
+	if addr := os.Getenv("STEP_PROF_ADDR"); addr != "" {
+		go func() {
+			srv := http.Server{Addr: addr, ReadHeaderTimeout: 15 * time.Second}
+			log.Println(srv.ListenAndServe())
+		}()
+	}
 	app.Action = func(_ *cli.Context) error {
 		// As upstream: run the top action as a subcommand.
 		set := flag.NewFlagSet(app.Name, flag.ContinueOnError)
