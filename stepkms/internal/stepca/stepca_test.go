@@ -60,7 +60,8 @@ const (
 // p11-kit): it issues, survives the HSM's loss and return without a
 // restart, reloads with SIGHUP (twice), refuses a reload onto another
 // configuration of the same module and a reload with a key name that is
-// not there (serving on with the old CA), and shuts down cleanly.
+// not there (serving on with the old CA; the KMS step-ca leaves open then
+// is given back once collected), and shuts down cleanly.
 func TestStepCA(t *testing.T) {
 	softhsmtest.RequireRemote(t)
 	bin := buildStepCA(t)
