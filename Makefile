@@ -7,7 +7,7 @@ STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 # dependencies.
 NESTED := $(patsubst %/go.mod,%,$(wildcard */go.mod))
 
-.PHONY: demo test deps check fuzz bench soak soak-group conformance interop
+.PHONY: demo test deps check fuzz bench soak soak-group conformance interop stepca
 
 ## demo: create a SoftHSM2 token, sign, re-initialize, kill and restart a "network HSM", recover
 demo: deps
@@ -57,3 +57,9 @@ conformance: deps
 interop: deps
 	@sh scripts/install-deps.sh openssl curl node npm
 	bash scripts/interop.sh
+
+## stepca: smallstep's step-ca as released (github.com/smallstep/certificates from the module proxy, unpatched) built with stepkms.Register(), run on a SoftHSM token behind p11-kit: issue, kill and restart the HSM, issue, reload with SIGHUP, refused reloads, shutdown (stepkms/README.md); its own module, checked here (tidy, vet, staticcheck); the step-ca build is cached in GOCACHE (cold: minutes, cached: seconds)
+STEPCA_DIR := stepkms/internal/stepca
+stepca: deps
+	cd $(STEPCA_DIR) && $(GO) mod tidy -diff && $(GO) vet -tags noyubikey ./... && $(GO) run $(STATICCHECK) -tags noyubikey ./...
+	cd $(STEPCA_DIR) && $(GO) test -tags noyubikey -count=1 -timeout 20m -v ./...

@@ -4,12 +4,12 @@ go 1.26.0
 
 require (
 	github.com/ce46d8f2/hsm v0.1.0
-	go.step.sm/crypto v0.92.0
+	go.step.sm/crypto v0.77.1
 )
 
 require (
 	filippo.io/edwards25519 v1.2.0 // indirect
-	github.com/ThalesGroup/crypto11 v1.6.2 // indirect
+	github.com/ThalesIgnite/crypto11 v1.2.5 // indirect
 	github.com/miekg/pkcs11 v1.1.2 // indirect
 	github.com/pkg/errors v0.9.1 // indirect
 	github.com/thales-e-security/pool v0.0.2 // indirect

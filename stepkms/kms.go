@@ -29,6 +29,10 @@
 // ignored. CreateKey and StoreCertificate need both, the others either.
 //
 // Call Register (see there) to make this the "pkcs11" KMS of a step-ca build.
+// KMSes of one module and configuration share one hsm.Provider, so that
+// step-ca's reload (SIGHUP), which opens the new KMS before it closes the
+// old one, works; another configuration of an open module is refused (see
+// New).
 //
 // Errors read "stepkms: operation name: cause" and match (errors.Is) the
 // hsm sentinels of the cause (hsm.ErrKeyNotFound, hsm.ErrUnavailable,
@@ -74,45 +78,58 @@ var (
 	_ apiv1.KeyManagerNewFunc    = newKeyManager
 )
 
-// KMS is a step KMS on one token of a PKCS#11 module, through one
-// hsm.Provider. All methods are safe for concurrent use; each blocks for the
-// PKCS#11 calls it makes (a key lookup, a generation). When the HSM is
-// lost, the call that notices fails with an error matching
-// hsm.ErrDeviceLost, and every later one fails fast with hsm.ErrUnavailable
-// until the provider has re-initialized by itself.
+// KMS is a step KMS on one token of a PKCS#11 module, through an
+// hsm.Provider that it shares with the other KMSes of the process on the
+// same module and configuration (see New). All methods are safe for
+// concurrent use; each blocks for the PKCS#11 calls it makes (a key lookup,
+// a generation). When the HSM is lost, the call that notices fails with an
+// error matching hsm.ErrDeviceLost, and every later one fails fast with
+// hsm.ErrUnavailable until the provider has re-initialized by itself.
 type KMS struct {
-	p *hsm.Provider
+	h *handle // nil for a KMS not made by New
 }
 
 // New opens the module and token opts.URI names (see the package
 // documentation) and logs in. It has the signature of
 // apiv1.KeyManagerNewFunc but for the result type. ctx is checked before
-// opening; the opening itself is bounded by hsm.DefaultProbeTimeout. A
-// module already open in this process (another KMS, an hsm.Provider) is
-// refused with an error matching hsm.ErrModuleInUse: Close the other first.
+// opening; the opening itself is bounded by hsm.DefaultProbeTimeout.
+//
+// KMSes of one module and configuration (token, PIN, max-sessions, the
+// settings of NewWithConfig) share one hsm.Provider, which the last Close
+// closes: step-ca's reload opens the new KMS before it closes the old one.
+// A module open under another configuration (another token or PIN, say),
+// or through an hsm.Provider opened outside this package, is refused with
+// an error matching hsm.ErrModuleInUse that names what differs: close the
+// other first (one module has one Provider per process).
 func New(ctx context.Context, opts apiv1.Options) (*KMS, error) {
 	return NewWithConfig(ctx, opts, hsm.Config{})
 }
 
 // NewWithConfig is New with the settings of base (Logger, OnStateChange,
 // timeouts, ...) for everything the URI does not say; the URI sets the
-// module, the token selector, the PIN and, when given, MaxSessions.
+// module, the token selector, the PIN and, when given, MaxSessions. A
+// shared provider keeps the Logger of the KMS that opened it; a base with
+// an OnStateChange callback is not shared (a second KMS on its module is
+// refused).
 func NewWithConfig(ctx context.Context, opts apiv1.Options, base hsm.Config) (*KMS, error) {
 	const op = "open"
-	if ctx != nil {
-		if err := ctx.Err(); err != nil {
-			return nil, &opError{op: op, msg: err.Error(), causes: []error{err}}
-		}
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, &opError{op: op, msg: err.Error(), causes: []error{err}}
 	}
 	cfg, err := config(opts.URI, opts.Pin, base)
 	if err != nil {
 		return nil, at(op, err)
 	}
-	p, err := hsm.Open(cfg)
+	h, err := acquire(ctx, cfg)
 	if err != nil {
-		return nil, &opError{op: op, msg: err.Error(), causes: []error{err}}
+		return nil, err
 	}
-	return &KMS{p: p}, nil
+	k := &KMS{h: h}
+	track(k)
+	return k, nil
 }
 
 // Register makes New, with hsm's state changes (HSM lost, recovered) logged
@@ -154,12 +171,16 @@ func newKeyManager(ctx context.Context, opts apiv1.Options) (apiv1.KeyManager, e
 
 // Provider returns the hsm.Provider behind the KMS, for its health
 // (State, WaitHealthy, ReadyHandler, Stats) and for what the KMS interfaces
-// do not cover. Closing it closes the KMS.
+// do not cover. It is shared with the other KMSes of the same module and
+// configuration: closing it closes all of them (use Close instead), and it
+// stays open after this KMS's Close while another KMS uses it. Hold the KMS
+// while using its provider: a KMS dropped without Close gives its
+// reference back when it is garbage collected.
 func (k *KMS) Provider() *hsm.Provider {
-	if k == nil {
+	if k == nil || k.h == nil {
 		return nil
 	}
-	return k.p
+	return k.h.s.p
 }
 
 // GetPublicKey returns the public key of the private key req.Name names.
@@ -189,12 +210,13 @@ func (k *KMS) GetPublicKey(req *apiv1.GetPublicKeyRequest) (crypto.PublicKey, er
 //     signs and decrypts (CreateDecrypter), as crypto11 makes them;
 //   - PureEd25519: Ed25519 (which step's pkcs11 backend does not make).
 //
-// Other algorithms (ML-DSA) fail with ErrUnsupportedAlgorithm. The private
-// key is sensitive and not extractable unless req.Extractable. A key that
-// already has the name's label or ID fails with an error matching
-// apiv1.AlreadyExistsError and hsm.ErrKeyExists, as step's backend does;
-// when the name gives only one of them and a key has it, too. The response
-// is step's: Name, PublicKey and CreateSignerRequest{SigningKey: Name}.
+// Other algorithms (ML-DSA of newer go.step.sm/crypto) fail with
+// ErrUnsupportedAlgorithm. The private key is sensitive and not extractable
+// unless req.Extractable. A key that already has the name's label or ID
+// fails with an error matching apiv1.AlreadyExistsError and
+// hsm.ErrKeyExists, as step's backend does; when the name gives only one of
+// them and a key has it, too. The response is step's: Name, PublicKey and
+// CreateSignerRequest{SigningKey: Name}.
 //
 // It blocks for the generation (an RSA-4096 key can take seconds). If the
 // HSM is lost during it, the key may or may not have been made: after
@@ -268,30 +290,19 @@ func keyType(alg apiv1.SignatureAlgorithm, bits int) (hsm.KeyType, error) {
 		return 0, &opError{msg: fmt.Sprintf("%s with %d bits: RSA keys have 2048, 3072 or 4096 bits (0 means %d)", alg, bits, defaultRSABits),
 			causes: []error{ErrUnsupportedAlgorithm}}
 	}
-	return 0, &opError{msg: fmt.Sprintf("signature algorithm %s is not supported: use ECDSA-SHA256/384/512, SHA256/384/512-RSA, SHA256/384/512-RSAPSS or Ed25519", algName(alg)),
+	return 0, &opError{msg: fmt.Sprintf("signature algorithm %s is not supported: use ECDSA-SHA256/384/512, SHA256/384/512-RSA, SHA256/384/512-RSAPSS or Ed25519", alg),
 		causes: []error{ErrUnsupportedAlgorithm}}
 }
 
-// algName names alg, also where its String does not (ML-DSA in v0.92.0).
-func algName(alg apiv1.SignatureAlgorithm) string {
-	switch alg {
-	case apiv1.MLDSA44:
-		return "ML-DSA-44"
-	case apiv1.MLDSA65:
-		return "ML-DSA-65"
-	case apiv1.MLDSA87:
-		return "ML-DSA-87"
-	}
-	return alg.String()
-}
-
-// CreateSigner returns a durable signer (*hsm.DurableSigner, an
-// hsm.ContextSigner) for the key req.SigningKey names: it survives HSM
+// CreateSigner returns a durable signer (an hsm.ContextSigner over an
+// *hsm.DurableSigner) for the key req.SigningKey names: it survives HSM
 // outages, finding its key again after each re-initialization and proving,
 // with a signature of a random challenge, that it is the same key (another
 // is refused with hsm.ErrKeyChanged). During an outage its Sign fails fast
 // with an error matching hsm.ErrUnavailable, and signs again once the
-// provider has recovered; its SignContext waits for that. Sign with nil opts fails for RSA keys (no panic).
+// provider has recovered; its SignContext waits for that. Sign with nil
+// opts fails for RSA keys (no panic). After the KMS's Close it fails with
+// an error matching hsm.ErrClosed.
 func (k *KMS) CreateSigner(req *apiv1.CreateSignerRequest) (crypto.Signer, error) {
 	return k.createSigner(req)
 }
@@ -310,15 +321,16 @@ func (k *KMS) createSigner(req *apiv1.CreateSignerRequest) (hsm.ContextSigner, e
 	if err != nil {
 		return nil, fail(op, req.SigningKey, err)
 	}
-	return s, nil
+	return &signer{k: k, d: s}, nil
 }
 
-// CreateDecrypter returns a durable decrypter (*hsm.DurableDecrypter) for
-// the RSA key req.DecryptionKey names, which must allow decryption (keys
-// from CreateKey do). It decrypts RSA-OAEP (*rsa.OAEPOptions) and PKCS #1
-// v1.5 (nil or *rsa.PKCS1v15DecryptOptions) and survives outages as
-// CreateSigner's signers do. An EC or Ed25519 key fails with an error
-// matching hsm.ErrUnsupportedKey.
+// CreateDecrypter returns a durable decrypter (an hsm.ContextDecrypter
+// over an *hsm.DurableDecrypter) for the RSA key req.DecryptionKey names,
+// which must allow decryption (keys from CreateKey do). It decrypts
+// RSA-OAEP (*rsa.OAEPOptions) and PKCS #1 v1.5 (nil or
+// *rsa.PKCS1v15DecryptOptions), survives outages and fails after the KMS's
+// Close as CreateSigner's signers do. An EC or Ed25519 key fails with an
+// error matching hsm.ErrUnsupportedKey.
 func (k *KMS) CreateDecrypter(req *apiv1.CreateDecrypterRequest) (crypto.Decrypter, error) {
 	return k.createDecrypter(req)
 }
@@ -337,7 +349,7 @@ func (k *KMS) createDecrypter(req *apiv1.CreateDecrypterRequest) (hsm.ContextDec
 	if err != nil {
 		return nil, fail(op, req.DecryptionKey, err)
 	}
-	return d, nil
+	return &decrypter{k: k, d: d}, nil
 }
 
 // LoadCertificate returns the certificate stored under req.Name: with the
@@ -515,27 +527,40 @@ func (k *KMS) SearchKeys(req *apiv1.SearchKeysRequest) (*apiv1.SearchKeysRespons
 	return resp, nil
 }
 
-// Close logs out and finalizes the PKCS#11 library, after which the
-// module can be opened again. Signers and decrypters of the KMS fail from
-// then on with an error matching hsm.ErrClosed. It waits for operations in
-// flight, within hsm.DefaultDrainTimeout plus hsm.DefaultProbeTimeout.
-// Calling it again is harmless.
+// Close closes the KMS: its methods, signers and decrypters fail from then
+// on with an error matching hsm.ErrClosed (an operation already under way
+// completes). The last KMS of a shared provider also closes the provider:
+// it logs out and finalizes the PKCS#11 library, after which the module
+// can be opened again; that waits for operations in flight, within
+// hsm.DefaultDrainTimeout plus hsm.DefaultProbeTimeout. Calling it again
+// is harmless.
 func (k *KMS) Close() error {
-	if k == nil || k.p == nil {
+	if k == nil || k.h == nil || !k.h.closed.CompareAndSwap(false, true) {
 		return nil
 	}
-	if err := k.p.Close(); err != nil {
-		return &opError{op: "close", msg: err.Error(), causes: []error{err}}
+	return k.h.release()
+}
+
+// open returns an error matching hsm.ErrClosed once k is closed (or its
+// shared provider was closed directly), an ErrInvalidRequest for a KMS not
+// made by New.
+func (k *KMS) open(op string) error {
+	switch {
+	case k == nil || k.h == nil:
+		return invalid(op, "the KMS was not made by New")
+	case k.h.closed.Load():
+		return &opError{op: op, msg: "the KMS is closed", causes: []error{hsm.ErrClosed}}
 	}
 	return nil
 }
 
-// provider returns k's provider, or an error for a KMS not made by New.
+// provider returns k's provider, or an error for a KMS not made by New or
+// closed.
 func (k *KMS) provider(op string) (*hsm.Provider, error) {
-	if k == nil || k.p == nil {
-		return nil, invalid(op, "the KMS was not made by New")
+	if err := k.open(op); err != nil {
+		return nil, err
 	}
-	return k.p, nil
+	return k.h.s.p, nil
 }
 
 // key returns k's provider and the key name parsed.

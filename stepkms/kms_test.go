@@ -150,12 +150,23 @@ func TestCreateKeyEveryAlgorithm(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if _, ok := signer.(*hsm.DurableSigner); !ok {
-				t.Errorf("CreateSigner returned %T, want *hsm.DurableSigner", signer)
+			if !durable(signer) {
+				t.Errorf("CreateSigner returned %T, want a durable signer", signer)
 			}
 			issue(t, "root "+tc.want, signer.Public(), signer, nil, x509Alg[tc.alg], true)
 		})
 	}
+}
+
+// durable reports whether key is one of the KMS's durable keys.
+func durable(key any) bool {
+	switch key := key.(type) {
+	case *signer:
+		return key.d != nil
+	case *decrypter:
+		return key.d != nil
+	}
+	return false
 }
 
 // describe names a public key's type and size.
@@ -312,8 +323,8 @@ func TestDecrypter(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := d.(*hsm.DurableDecrypter); !ok {
-		t.Errorf("CreateDecrypter returned %T, want *hsm.DurableDecrypter", d)
+	if !durable(d) {
+		t.Errorf("CreateDecrypter returned %T, want a durable decrypter", d)
 	}
 	pub := d.Public().(*rsa.PublicKey)
 	msg := []byte("a session key, 32 bytes long....")
@@ -571,8 +582,13 @@ func TestNewBadURIs(t *testing.T) {
 func TestModuleInUse(t *testing.T) {
 	tok := softhsmtest.NewToken(t, "step")
 	k := open(t, tok)
-	if _, err := New(context.Background(), apiv1.Options{URI: kmsURI(softhsmtest.SoftHSMModule, tok, "")}); !errors.Is(err, hsm.ErrModuleInUse) {
-		t.Errorf("second New: %v, want hsm.ErrModuleInUse", err)
+	// hsm.Open of the module, outside this package, is refused; so is a New
+	// while another Provider holds the module (TestShareConflicts).
+	if p, err := hsm.Open(hsm.Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label, PIN: tok.PIN}); !errors.Is(err, hsm.ErrModuleInUse) {
+		if p != nil {
+			p.Close()
+		}
+		t.Errorf("hsm.Open with a KMS open: %v, want hsm.ErrModuleInUse", err)
 	}
 	if err := k.Close(); err != nil {
 		t.Fatal(err)
@@ -669,9 +685,11 @@ func TestHostileRequests(t *testing.T) {
 		},
 			[]error{hsm.ErrInvalidOptions}, "certificate"},
 
-		{"ML-DSA-44", func() error { return create(k, apiv1.MLDSA44, 0) }, []error{ErrUnsupportedAlgorithm}, "ML-DSA-44"},
-		{"ML-DSA-65", func() error { return create(k, apiv1.MLDSA65, 0) }, []error{ErrUnsupportedAlgorithm}, "ML-DSA-65"},
-		{"ML-DSA-87", func() error { return create(k, apiv1.MLDSA87, 0) }, []error{ErrUnsupportedAlgorithm}, "ML-DSA-87"},
+		// What go.step.sm/crypto v0.92.0 calls ML-DSA-44, -65 and -87 (v0.77.1,
+		// which stepkms requires, has no name for them).
+		{"ML-DSA-44", func() error { return create(k, apiv1.PureEd25519+1, 0) }, []error{ErrUnsupportedAlgorithm}, (apiv1.PureEd25519 + 1).String()},
+		{"ML-DSA-65", func() error { return create(k, apiv1.PureEd25519+2, 0) }, []error{ErrUnsupportedAlgorithm}, (apiv1.PureEd25519 + 2).String()},
+		{"ML-DSA-87", func() error { return create(k, apiv1.PureEd25519+3, 0) }, []error{ErrUnsupportedAlgorithm}, (apiv1.PureEd25519 + 3).String()},
 		{"unknown algorithm", func() error { return create(k, apiv1.SignatureAlgorithm(99), 0) }, []error{ErrUnsupportedAlgorithm}, "unknown(99)"},
 		{"RSA-1024", func() error { return create(k, apiv1.SHA256WithRSA, 1024) }, []error{ErrUnsupportedAlgorithm}, "1024 bits"},
 		{"RSA-PSS-8192", func() error { return create(k, apiv1.SHA256WithRSAPSS, 8192) }, []error{ErrUnsupportedAlgorithm}, "8192 bits"},

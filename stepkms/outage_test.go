@@ -110,7 +110,7 @@ func TestOutage(t *testing.T) {
 	if got, err := k.LoadCertificate(&apiv1.LoadCertificateRequest{Name: rootCert}); err != nil || !got.Equal(rc) {
 		t.Errorf("load certificate after recovery: %v", err)
 	}
-	if d, ok := signer.(*hsm.DurableSigner); !ok || d.Generation() <= gen {
+	if d, ok := signer.(interface{ Generation() uint64 }); !ok || d.Generation() <= gen {
 		t.Errorf("signer %T not re-bound in the new generation", signer)
 	}
 	t.Logf("sign failed %v after the kill; healthy %v and signed %v after the restart (generation %d -> %d)",
