@@ -12,6 +12,8 @@ import (
 var (
 	_ hsm.ContextSigner    = (*signer)(nil)
 	_ hsm.ContextDecrypter = (*decrypter)(nil)
+	_ crypto.MessageSigner = (*signer)(nil)
+	_ crypto.MessageSigner = (*decrypter)(nil)
 )
 
 // signer is a durable signer of a KMS: hsm's, failing with hsm.ErrClosed
@@ -44,6 +46,25 @@ func (s *signer) SignContext(ctx context.Context, digest []byte, opts crypto.Sig
 		return nil, err
 	}
 	return s.d.SignContext(ctx, digest, opts)
+}
+
+// SignMessage is hsm.DurableSigner's SignMessage (crypto.MessageSigner: a
+// key restricted to the token's hash-and-sign mechanisms signs with them),
+// or an error matching hsm.ErrClosed after the KMS's Close.
+func (s *signer) SignMessage(rand io.Reader, msg []byte, opts crypto.SignerOpts) ([]byte, error) {
+	if err := s.k.open("sign"); err != nil {
+		return nil, err
+	}
+	return s.d.SignMessage(rand, msg, opts)
+}
+
+// SignMessageContext is hsm.DurableSigner's SignMessageContext, or an
+// error matching hsm.ErrClosed after the KMS's Close.
+func (s *signer) SignMessageContext(ctx context.Context, msg []byte, opts crypto.SignerOpts) ([]byte, error) {
+	if err := s.k.open("sign"); err != nil {
+		return nil, err
+	}
+	return s.d.SignMessageContext(ctx, msg, opts)
 }
 
 // KeyRef returns the key's CKA_ID and CKA_LABEL as read from the token.
@@ -80,6 +101,24 @@ func (d *decrypter) SignContext(ctx context.Context, digest []byte, opts crypto.
 		return nil, err
 	}
 	return d.d.SignContext(ctx, digest, opts)
+}
+
+// SignMessage is hsm.DurableDecrypter's SignMessage, or an error matching
+// hsm.ErrClosed after the KMS's Close.
+func (d *decrypter) SignMessage(rand io.Reader, msg []byte, opts crypto.SignerOpts) ([]byte, error) {
+	if err := d.k.open("sign"); err != nil {
+		return nil, err
+	}
+	return d.d.SignMessage(rand, msg, opts)
+}
+
+// SignMessageContext is hsm.DurableDecrypter's SignMessageContext, or an
+// error matching hsm.ErrClosed after the KMS's Close.
+func (d *decrypter) SignMessageContext(ctx context.Context, msg []byte, opts crypto.SignerOpts) ([]byte, error) {
+	if err := d.k.open("sign"); err != nil {
+		return nil, err
+	}
+	return d.d.SignMessageContext(ctx, msg, opts)
 }
 
 // Decrypt is hsm.DurableDecrypter's Decrypt, or an error matching
