@@ -229,3 +229,60 @@ func checkRoundTrip(t *testing.T, m *hsmjwt.SigningMethod, key crypto.Signer) {
 		t.Errorf("%s: %d-byte signature, want %d", m, len(sig), want)
 	}
 }
+
+// TestRestrictedKey: RS256, RS512 and PS256 tokens signed by a key that the
+// token allows only its hash-and-sign mechanisms (CKA_ALLOWED_MECHANISMS
+// CKM_SHA256_RSA_PKCS, CKM_SHA512_RSA_PKCS, CKM_SHA256_RSA_PKCS_PSS): the
+// signing string goes to the key whole (SignMessage), and plain jwt.Parse
+// verifies the tokens. Hashing here and calling Sign would be refused.
+func TestRestrictedKey(t *testing.T) {
+	tok := softhsmtest.NewToken(t, "jwtrestricted")
+	p, err := hsm.Open(hsm.Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label, PIN: tok.PIN})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := p.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	const (
+		ckmSHA256RSAPKCS    = 0x40
+		ckmSHA512RSAPKCS    = 0x42
+		ckmSHA256RSAPKCSPSS = 0x43
+	)
+	gen, err := p.GenerateKey(hsm.KeySpec{Type: hsm.RSA2048, Label: "restricted",
+		AllowedMechanisms: []uint{ckmSHA256RSAPKCS, ckmSHA512RSAPKCS, ckmSHA256RSAPKCSPSS}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ds, err := p.DurableSigner(gen.KeyRef())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := ds.Public().(*rsa.PublicKey)
+	for _, m := range []*hsmjwt.SigningMethod{hsmjwt.RS256, hsmjwt.RS512, hsmjwt.PS256} {
+		for how, sign := range map[string]func() (string, error){
+			"SignedString": func() (string, error) {
+				return jwt.NewWithClaims(m, jwt.MapClaims{"sub": "restricted"}).SignedString(ds)
+			},
+			"SignedString with a context": func() (string, error) {
+				return hsmjwt.SignedString(context.Background(), jwt.NewWithClaims(m, jwt.MapClaims{"sub": "restricted"}), ds)
+			},
+		} {
+			s, err := sign()
+			if err != nil {
+				t.Fatalf("%s %s: %v", m.Alg(), how, err)
+			}
+			parsed, err := jwt.Parse(s, func(*jwt.Token) (any, error) { return pub, nil }, jwt.WithValidMethods([]string{m.Alg()}))
+			if err != nil || !parsed.Valid {
+				t.Fatalf("%s %s: jwt.Parse: %v", m.Alg(), how, err)
+			}
+		}
+	}
+	// The key refuses a digest: what hashing here would have asked for.
+	digest := make([]byte, 32)
+	if _, err := ds.Sign(nil, digest, crypto.SHA256); !errors.Is(err, hsm.ErrUnsupportedKey) {
+		t.Fatalf("Sign of a digest with the restricted key: %v, want hsm.ErrUnsupportedKey", err)
+	}
+}

@@ -128,11 +128,23 @@ func (m *SigningMethod) Sign(signingString string, key any) ([]byte, error) {
 // SignContext is Sign with a context. If key is an hsm.ContextSigner, as
 // every key of package hsm is (a durable or group key waits, until ctx
 // ends, for an unavailable HSM to come back), its SignContext is called
-// instead of Sign; Sign never calls it.
+// instead of Sign (its SignMessageContext, for a key of package hsm, which
+// has it); Sign never calls them.
+//
+// For ES*, RS* and PS*, a key that is a crypto.MessageSigner (every key of
+// package hsm) is given the whole signing string, so that a key restricted
+// to the token's hash-and-sign mechanisms (CKA_ALLOWED_MECHANISMS) signs
+// with them; the signature is the same as over the digest.
 // Otherwise ctx is only checked before signing. An error of ctx is returned
 // wrapped.
 func (m *SigningMethod) SignContext(ctx context.Context, signingString string, key crypto.Signer) ([]byte, error) {
 	return m.sign(ctx, true, signingString, key)
+}
+
+// messageContextSigner is what every key of package hsm also has:
+// crypto.MessageSigner's SignMessage under a context.
+type messageContextSigner interface {
+	SignMessageContext(ctx context.Context, msg []byte, opts crypto.SignerOpts) ([]byte, error)
 }
 
 var errZeroMethod = errors.New("hsmjwt: a zero SigningMethod; use ES256, ..., EdDSA")
@@ -164,9 +176,18 @@ func (m *SigningMethod) sign(ctx context.Context, useCtx bool, signingString str
 	}
 
 	var sig []byte
-	if cs, ok := s.(hsm.ContextSigner); ok && useCtx {
+	ms, isMessageSigner := s.(crypto.MessageSigner)
+	msc, isContextMessageSigner := s.(messageContextSigner)
+	switch cs, isContextSigner := s.(hsm.ContextSigner); {
+	case m.family != familyEd25519 && useCtx && isContextMessageSigner:
+		// The whole signing string to the key, which may sign it with
+		// the token's hash-and-sign mechanism (a key restricted to them).
+		sig, err = msc.SignMessageContext(ctx, []byte(signingString), opts)
+	case m.family != familyEd25519 && isMessageSigner && (!useCtx || !isContextSigner):
+		sig, err = ms.SignMessage(rand.Reader, []byte(signingString), opts)
+	case useCtx && isContextSigner:
 		sig, err = cs.SignContext(ctx, digest, opts)
-	} else {
+	default:
 		sig, err = s.Sign(rand.Reader, digest, opts)
 	}
 	if err != nil {
