@@ -392,7 +392,10 @@ func (k *groupKey) wait(ctx context.Context, m *member, op string, done <-chan r
 func (k *groupKey) run(ctx context.Context, wait bool, o operation) ([]byte, error) {
 	op, f := o.name(), o.on
 	for {
-		changed := k.g.changes()
+		var changed <-chan struct{}
+		if wait { // taken before the attempt, so that no change is missed
+			changed = k.g.changes()
+		}
 		out, err := k.do(ctx, op, f)
 		if err == nil || !wait || !errors.Is(err, ErrUnavailable) || ctx.Err() != nil || k.g.isClosed() {
 			return out, err
