@@ -53,10 +53,8 @@ func (b fixed) run(ctx context.Context, wait bool, o operation) ([]byte, error) 
 	}
 	if wait {
 		if _, st := b.k.p.gate.load(); st == StateUnavailable || st == StateReinitializing {
-			if err := b.k.p.WaitHealthy(ctx); err != nil {
-				e := *err.(*Error)
-				e.Op = op
-				return nil, &e
+			if err := b.k.p.waitHealthyFor(ctx, op); err != nil {
+				return nil, err
 			}
 			// Healthy again: in a later generation, if it was re-initialized,
 			// and then f fails with ErrStaleKey, without a call.

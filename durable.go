@@ -175,12 +175,8 @@ func (d *durable) do(ctx context.Context, wait bool, op string, f func(*key) ([]
 		if !wait || !errors.Is(err, ErrUnavailable) {
 			return nil, err
 		}
-		if werr := d.p.WaitHealthy(ctx); werr != nil {
-			// WaitHealthy's *Error, as this operation's: it matches
-			// ErrUnavailable and ctx's error, or ErrClosed.
-			e := *werr.(*Error)
-			e.Op = op
-			return nil, &e
+		if err := d.p.waitHealthyFor(ctx, op); err != nil {
+			return nil, err
 		}
 	}
 }

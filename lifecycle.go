@@ -3,8 +3,6 @@ package hsm
 import (
 	"bytes"
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/ed25519"
 	"crypto/rsa"
 	"crypto/sha1"
 	"crypto/x509"
@@ -644,13 +642,9 @@ func publicOf(o *object) (crypto.PublicKey, error) {
 		if err != nil {
 			return nil, err
 		}
-		return ecdsa.ParseUncompressedPublicKey(curve, ecPoint(o.ecPoint, 1+2*((curve.Params().BitSize+7)/8)))
+		return pointKey(curve, o.ecPoint)
 	case o.keyType == ckkECEdwards:
-		point := ecPoint(o.ecPoint, ed25519.PublicKeySize)
-		if len(point) != ed25519.PublicKeySize {
-			return nil, errors.New("not an Ed25519 point")
-		}
-		return ed25519.PublicKey(bytes.Clone(point)), nil
+		return pointKey(nil, o.ecPoint)
 	}
 	return nil, errors.New("not an RSA, EC or Ed25519 key")
 }

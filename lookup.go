@@ -2,11 +2,13 @@ package hsm
 
 import (
 	"bytes"
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rsa"
 	"errors"
+	"fmt"
 	"math/big"
 
 	"github.com/miekg/pkcs11"
@@ -476,22 +478,28 @@ func (in *instance) ecPublic(s pkcs11.SessionHandle, k *key, o *object, cands []
 		}
 		return herr // no certificate either
 	}
-	rawLen := ed25519.PublicKeySize
-	if curve != nil {
-		rawLen = 1 + 2*((curve.Params().BitSize+7)/8)
-	}
-	point := ecPoint(p.ecPoint, rawLen)
-	if k.kind == kindEd25519 {
-		if len(point) != ed25519.PublicKeySize {
-			return opErr("find key", in.gen, ErrUnsupportedKey, "%s: Ed25519 public key is %d bytes, want 32", k.ref, len(point))
-		}
-		return k.setECPublic(ed25519.PublicKey(bytes.Clone(point)))
-	}
-	pub, err := ecdsa.ParseUncompressedPublicKey(curve, point)
+	pub, err := pointKey(curve, p.ecPoint)
 	if err != nil {
-		return opErr("find key", in.gen, ErrUnsupportedKey, "%s: public point: %v", k.ref, err)
+		return opErr("find key", in.gen, ErrUnsupportedKey, "%s: %v", k.ref, err)
 	}
 	return k.setECPublic(pub)
+}
+
+// pointKey is the public key of CKA_EC_POINT v on curve, or, with curve
+// nil, of Ed25519.
+func pointKey(curve elliptic.Curve, v []byte) (crypto.PublicKey, error) {
+	if curve == nil {
+		point := ecPoint(v, ed25519.PublicKeySize)
+		if len(point) != ed25519.PublicKeySize {
+			return nil, fmt.Errorf("Ed25519 public key is %d bytes, want 32", len(point))
+		}
+		return ed25519.PublicKey(bytes.Clone(point)), nil
+	}
+	pub, err := ecdsa.ParseUncompressedPublicKey(curve, ecPoint(v, 1+2*((curve.Params().BitSize+7)/8)))
+	if err != nil {
+		return nil, fmt.Errorf("public point: %v", err)
+	}
+	return pub, nil
 }
 
 // keysOnToken lists every private key: one find of the private keys, one

@@ -234,6 +234,19 @@ func (p *Provider) LastError() error {
 	return p.health.lastErr
 }
 
+// waitHealthyFor is WaitHealthy for the operation op, which waits for the
+// provider before it runs: WaitHealthy's *Error, as op's (it matches
+// ErrUnavailable and ctx's error, or ErrClosed).
+func (p *Provider) waitHealthyFor(ctx context.Context, op string) error {
+	err := p.WaitHealthy(ctx)
+	if err == nil {
+		return nil
+	}
+	e := *err.(*Error)
+	e.Op = op
+	return &e
+}
+
 // WaitHealthy blocks until the provider is healthy, or ctx ends, or the
 // provider is closed (ErrClosed) or failed (the error that latched it). Keys
 // of an earlier generation are stale after a recovery: look them up again.
