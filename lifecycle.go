@@ -386,7 +386,8 @@ func (in *instance) finishPair(s pkcs11.SessionHandle, spec KeySpec, tmpl keyTem
 		name  string
 	}{{kh, tmpl.privBools, "private"}, {ph, tmpl.pubBools, "public"}} {
 		if err := in.enforce(s, half.h, half.attrs); err != nil {
-			return nil, &Error{Op: op, Generation: in.gen, Err: wrapf(err, "the %s half: %s", half.name, in.discard(s, spec.Label, ph, kh))}
+			code, _ := codeOf(err) // kept: a device lost here is the HSM's, not the spec's
+			return nil, &Error{Op: op, Code: code, Generation: in.gen, Err: wrapf(err, "the %s half: %s", half.name, in.discard(s, spec.Label, ph, kh))}
 		}
 	}
 	po, err := in.readObject(s, ph)
@@ -427,7 +428,8 @@ func (in *instance) finishPair(s pkcs11.SessionHandle, spec KeySpec, tmpl keyTem
 			if err := in.ctx.SetAttributeValue(s, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_ID, id)}); err != nil {
 				// Do not leave a key without its ID (or with it on one
 				// half only): delete the pair.
-				return nil, &Error{Op: op, Generation: in.gen, Err: wrapf(stepErr("C_SetAttributeValue (CKA_ID)", err),
+				code, _ := codeOf(err)
+				return nil, &Error{Op: op, Code: code, Generation: in.gen, Err: wrapf(stepErr("C_SetAttributeValue (CKA_ID)", err),
 					"%s; give KeySpec.ID for an HSM that sets CKA_ID only at generation", in.discard(s, spec.Label, ph, kh))}
 			}
 		}
