@@ -241,9 +241,22 @@ func text(err error) string {
 		return e.text()
 	case pkcs11.Error:
 		return CodeName(uint(e))
+	case tokenLoss:
+		return text(e.err)
 	}
 	return err.Error()
 }
+
+// tokenLoss marks the failure of a call about one token (C_GetTokenInfo of
+// its slot), made while the module itself answered (C_GetSlotList): the
+// loss of that token, as far as the calls tell, not of the module. A
+// Provider's automatic recovery then re-opens its token alone, without
+// C_Finalize, when another Provider of the module answers (see
+// Provider.tokenScoped).
+type tokenLoss struct{ err error }
+
+func (e tokenLoss) Error() string { return e.err.Error() }
+func (e tokenLoss) Unwrap() error { return e.err }
 
 // CodeName returns the symbolic name of a PKCS#11 return value with its
 // number, e.g. "CKR_DEVICE_ERROR (0x30)"; a value the standard does not

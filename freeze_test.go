@@ -135,7 +135,7 @@ func TestCloseWhenFrozen(t *testing.T) {
 		if st.State != StateUnavailable || st.ReinitializationFailures != 1 || !errors.Is(st.LastError, ErrHung) {
 			t.Fatalf("after a stuck re-initialization: state %v, %d failures, last error %v", st.State, st.ReinitializationFailures, st.LastError)
 		}
-		stuck := p.modCall.Load()
+		stuck := p.mod.call.Load()
 		if stuck == nil || !strings.Contains(stuck.what, "C_Initialize") {
 			t.Fatalf("the call left in the module: %+v", stuck)
 		}
@@ -145,7 +145,7 @@ func TestCloseWhenFrozen(t *testing.T) {
 		// that hangs, would take ProbeTimeout (2 s); fastBound is 1 s.
 		took = within(t, waitLimit, "Reinitialize", func() { err = p.Reinitialize(context.Background()) })
 		wantErr(t, err, ErrHung)
-		if !strings.Contains(err.Error(), "has not returned") || took > fastBound || p.modCall.Load() != stuck {
+		if !strings.Contains(err.Error(), "has not returned") || took > fastBound || p.mod.call.Load() != stuck {
 			t.Fatalf("second attempt: %v after %v; want a fast ErrHung and the same call in the module", err, took)
 		}
 		if p.State() != StateUnavailable || p.Stats().ReinitializationFailures != 2 {
@@ -368,8 +368,13 @@ func TestRestartWithoutToken(t *testing.T) {
 		t.Fatalf("re-initialization without the token: %v", err)
 	}
 	t.Log(err)
+	// A second Provider of the module, open meanwhile, finds no token
+	// either, and leaves r.p as it was.
 	_, err = Open(Config{Path: softhsmtest.ClientModule, TokenLabel: "x", PIN: "1234"})
-	wantErr(t, err, ErrModuleInUse) // r.p still owns it
+	wantErr(t, err, ErrTokenNotFound)
+	if st := r.p.State(); st != StateUnavailable {
+		t.Fatalf("the first Provider is %v after a second Open failed, want unavailable", st)
+	}
 	if err := r.p.Close(); err != nil {
 		t.Fatal(err)
 	}

@@ -106,8 +106,12 @@ type GroupStateChange struct {
 // GroupConfig configures OpenGroupConfig.
 type GroupConfig struct {
 	// Members are the members' configurations, in order: each opens a
-	// Provider of its own, with a module of its own (a PKCS#11 module is
-	// opened once per process). A member's OnStateChange still runs.
+	// Provider of its own, on a token of its own. Members may be tokens of
+	// one module (partitions of one network HSM behind one client
+	// library): they share its life cycle, so a loss of the module takes
+	// them all down together, and its re-initialization brings them back
+	// together; a group of independent HSMs has a module for each. A
+	// member's OnStateChange still runs.
 	Members []Config
 	// Logger receives the group's own records: members that cannot open
 	// or hold another key, state changes. Nil: the first member's Logger,
@@ -147,8 +151,9 @@ func OpenGroup(members ...Config) (*Group, error) {
 //
 // It fails, and closes what it opened, when no member opens, and at once,
 // opening nothing, for a configuration error in any member (an invalid
-// Config, a module that cannot be loaded, two members with one module, a
-// module another Provider holds): those never cure themselves.
+// Config, a module that cannot be loaded, two members that select the same
+// token of one module, a module initialized by other code): those never
+// cure themselves.
 func OpenGroupConfig(gc GroupConfig) (*Group, error) {
 	const op = "open group"
 	n := len(gc.Members)
@@ -170,10 +175,11 @@ func OpenGroupConfig(gc GroupConfig) (*Group, error) {
 		if err != nil {
 			return nil, &Error{Op: op, Err: causedBy(wrapf(ErrConfig, "member %d: module %q", i, cfg.Path), err)}
 		}
-		if j, dup := paths[abs]; dup {
-			return nil, opErr(op, 0, ErrConfig, "members %d and %d both use the module %s: a PKCS#11 module is initialized once per process, so each member needs a module of its own", j, i, abs)
+		token := fmt.Sprintf("%s\x00%s\x00%s\x00%v", abs, cfg.TokenLabel, cfg.TokenSerial, slotText(cfg.SlotNumber))
+		if j, dup := paths[token]; dup {
+			return nil, opErr(op, 0, ErrConfig, "members %d and %d select the same token (%s) of the module %s: a member is a token of its own", j, i, selectorText(cfg), abs)
 		}
-		paths[abs] = i
+		paths[token] = i
 	}
 	g := &Group{members: make([]*member, n), log: gc.Logger, since: time.Now(), changed: make(chan struct{})}
 	if g.log == nil {
@@ -459,4 +465,12 @@ func (g *Group) Stats() GroupStats {
 		s.Members[i] = ms
 	}
 	return s
+}
+
+// slotText is a Config's SlotNumber for comparisons: "" when not set.
+func slotText(n *int) string {
+	if n == nil {
+		return ""
+	}
+	return fmt.Sprint(*n)
 }

@@ -197,9 +197,9 @@ func TestHungHSMRecovers(t *testing.T) {
 	}
 	// Let a few re-initializations give up on the drain.
 	waitFor(t, "two re-initializations gave up while hung", func() bool { return p.Stats().ReinitializationFailures >= 2 }, p)
-	p.modBusy <- struct{}{} // no life cycle call runs: the drain timed out
-	finalized := !p.initialized
-	<-p.modBusy
+	p.mod.busy <- struct{}{} // no life cycle call runs: the drain timed out
+	finalized := !p.mod.initialized
+	<-p.mod.busy
 	if finalized || p.Generation() != 1 {
 		t.Fatalf("finalized=%v generation=%d with a call in flight", finalized, p.Generation())
 	}

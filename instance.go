@@ -18,6 +18,7 @@ import (
 // returning sessions to a newer pool).
 type instance struct {
 	gen   uint64
+	epoch uint64 // the module's epoch (module.epoch) it was set up in
 	ctx   *pkcs11.Ctx
 	fast  unsafe.Pointer // the module's function list (fastsign.go), or nil
 	slot  uint
@@ -76,6 +77,22 @@ func newInstance(ctx *pkcs11.Ctx, fast unsafe.Pointer, gen uint64, slot uint, to
 	}
 	in.progress.Store(time.Now().UnixNano())
 	return in
+}
+
+// closeSessions closes the sessions of the instance, idle and login, when
+// its Provider closes and the module stays initialized for others. Called
+// once no operation of it is in flight, with the module busy.
+func (in *instance) closeSessions() {
+	for {
+		select {
+		case s := <-in.idle:
+			_ = in.ctx.CloseSession(s)
+			in.open.Add(-1)
+		default:
+			_ = in.ctx.CloseSession(in.login)
+			return
+		}
+	}
 }
 
 // stop wakes the operations of this generation that wait for a session:

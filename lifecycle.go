@@ -176,12 +176,12 @@ func (p *Provider) GenerateKey(spec KeySpec) (*Signer, error) {
 	// One at a time; the wait is bounded like a session's.
 	t := time.NewTimer(p.cfg.SessionWaitTimeout)
 	select {
-	case p.genSem <- struct{}{}:
+	case p.mod.genSem <- struct{}{}:
 		t.Stop()
 	case <-t.C:
 		return nil, &Error{Op: op, Generation: gen, Err: wrapf(ErrBusy, "another GenerateKey has run for %v", p.cfg.SessionWaitTimeout)}
 	}
-	defer func() { <-p.genSem }()
+	defer func() { <-p.mod.genSem }()
 	// cut is set once C_GenerateKeyPair has been called, until the pair is
 	// handed out: a failure in between may leave objects on the token.
 	var cut *cutShort

@@ -45,7 +45,7 @@ func (p *Provider) monitor() {
 			if p.cfg.DisableAutoRecovery {
 				break
 			}
-			err := p.ReinitializeFrom(ctx, gen)
+			err := p.reinitFrom(ctx, gen, true)
 			if ctx.Err() != nil {
 				return
 			}
@@ -179,7 +179,7 @@ func (p *Provider) probeOn(in *instance) error {
 	}
 	ti, err := in.ctx.GetTokenInfo(in.slot)
 	if err != nil {
-		return p11err(op, gen, err)
+		return p11err(op, gen, tokenLoss{err}) // the module answered the slot list
 	}
 	if ti.SerialNumber != in.token.SerialNumber {
 		return opErr(op, gen, ErrTokenChanged, "slot %d now holds serial %q, not %q", in.slot, ti.SerialNumber, in.token.SerialNumber)
@@ -198,8 +198,7 @@ func (p *Provider) probeOn(in *instance) error {
 }
 
 // stopBackground stops the monitor and waits for it, which is quick: the
-// monitor waits only in selects that watch h.stop. Closing h.stop also
-// interrupts a re-initialization's waits.
+// monitor waits only in selects that watch h.stop.
 func (p *Provider) stopBackground() {
 	h := &p.health
 	h.stopOnce.Do(func() { close(h.stop) })

@@ -233,9 +233,9 @@ func TestHungHSMDrainTimeout(t *testing.T) {
 	if p.State() != StateUnavailable || p.Generation() != 1 {
 		t.Fatalf("state %v generation %d, want unavailable in generation 1", p.State(), p.Generation())
 	}
-	p.life.Lock()
-	finalized := !p.initialized
-	p.life.Unlock()
+	p.mod.busy <- struct{}{} // no life cycle call runs: the drain timed out
+	finalized := !p.mod.initialized
+	<-p.mod.busy
 	if finalized {
 		t.Fatal("C_Finalize was called with a call in flight")
 	}

@@ -6,20 +6,21 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 	"unsafe"
 
 	"github.com/miekg/pkcs11"
-	"golang.org/x/sync/singleflight"
 )
 
-// Provider owns one PKCS#11 module and one token in it, and hands out keys
-// that are valid for one generation of the library. All methods are safe for
-// concurrent use.
+// Provider uses one token of a PKCS#11 module, and hands out keys that
+// are valid for one generation of the library. Several Providers may share
+// a module, on one token or on several: the module is initialized once for
+// all of them, and re-initialized for all of them at once (see
+// Reinitialize). All methods are safe for concurrent use.
 type Provider struct {
 	cfg     Config
+	mod     *module
 	modPath string
 	ctx     *pkcs11.Ctx
 	log     *slog.Logger
@@ -29,46 +30,29 @@ type Provider struct {
 	// fast is the module's function list for two-call signatures and
 	// decryptions (see fastsign.go), or nil to go through miekg/pkcs11.
 	fast unsafe.Pointer
-	// initArgs is Config.InitArgs in C memory, or nil; freed by finish,
-	// after C_Finalize.
-	initArgs unsafe.Pointer
 
 	// serial is the serial number of the token found at Open; a later
-	// generation must find the same token. Written once by Open.
+	// generation must find the same token. Written once by Open, or by
+	// the first re-initialization of a group member that Open could not
+	// set up (under the module's life).
 	serial string
 	// openErr is why generation 1 did not come up when a group member was
 	// opened (see open), or nil. Written once by open.
 	openErr error
 
-	// life serializes re-initialization and Close: the gate's state moves
-	// (setState) only with life held, except markLost's healthy to
-	// unavailable. Its holder waits for nothing unbounded: every wait under
-	// it ends at a timeout, or when Close closes health.stop.
-	life sync.Mutex
-
-	// modBusy holds a value while a goroutine of the provider is inside the
-	// module's life cycle calls (C_Initialize to C_Login, C_Finalize,
-	// C_Logout), which inModule bounds. A call that outlives its bound keeps
-	// modBusy until it returns, and no other life cycle call starts until
-	// then.
-	modBusy chan struct{}
-	// modCall describes the life cycle call in progress, for errors; nil
-	// when none is.
-	modCall atomic.Pointer[moduleCall]
-	// initialized says whether C_Initialize has been called without a
-	// matching C_Finalize. Guarded by modBusy.
-	initialized bool
-
 	// drained is closed when no operation is left inside the library after
-	// Close; finished when Close's work is done: the library finalized, the
-	// module released.
+	// Close; finished when Close's work is done: the Provider's sessions
+	// closed, the token logged out when no other Provider uses it, the
+	// library finalized when no other Provider uses the module.
 	drained, finished chan struct{}
+	// closedFrom is the state Close found: Close ends the Provider's
+	// sessions by their numbers only when it was healthy (see finish).
+	// Written before finish starts.
+	closedFrom State
 
-	flights singleflight.Group // one re-initialization at a time, shared
-	genSem  chan struct{}      // one GenerateKey at a time, so that its check for a free label holds
 	// cutShort holds the GenerateKey calls, by label, whose outcome a loss
 	// left unknown, for their retry to finish (lifecycle.go). Guarded by
-	// genSem.
+	// the module's genSem.
 	cutShort map[string]*cutShort
 	reinits  atomic.Uint64
 	health   health
@@ -80,11 +64,22 @@ type Provider struct {
 	testHookFinalized func()
 }
 
-// Open loads the PKCS#11 module, initializes it, finds the token, logs in and
-// returns a Provider in generation 1. Its PKCS#11 calls are bounded by
+// Open loads the PKCS#11 module (once per process), initializes it unless
+// another Provider of the process has, finds the token, logs in (unless
+// another Provider of the process has logged the token in, with the same
+// PIN) and returns a Provider in generation 1. Providers of one module,
+// of one token or of several, share the module's life cycle: see
+// Reinitialize and Close. Its PKCS#11 calls are bounded by
 // Config.ProbeTimeout: when they do not return in time, Open fails with
-// ErrHung, and the module stays claimed (Open of it fails with
-// ErrModuleInUse) until they return and the library is finalized.
+// ErrHung, and nothing else enters the module until they return (when no
+// other Provider is open on it, Open of it fails with ErrModuleInUse until
+// then). It waits for a re-initialization of the module in progress up to
+// DrainTimeout plus ProbeTimeout (ErrUnavailable).
+//
+// Two Providers of one token share its login, which PKCS#11 makes the
+// application's: one with another PIN or user type than the Provider that
+// logged the token in fails with ErrPIN, without sending its PIN (it would
+// not be checked), so that it costs no login attempt and logs no one out.
 func Open(cfg Config) (*Provider, error) {
 	return open(cfg, false)
 }
@@ -100,57 +95,45 @@ func open(cfg Config, late bool) (*Provider, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, &Error{Op: "open", Err: err}
 	}
-	abs, ctx, err := claimModule(cfg.Path)
-	if err != nil {
-		return nil, &Error{Op: "open", Err: err}
-	}
 	// p is not a named result: a call that does not return keeps using it
 	// after open has returned.
-	p := &Provider{cfg: cfg, modPath: abs, ctx: ctx, gate: newGate(), log: cfg.Logger,
-		modBusy: make(chan struct{}, 1), genSem: make(chan struct{}, 1), drained: make(chan struct{}), finished: make(chan struct{})}
+	p := &Provider{cfg: cfg, gate: newGate(), log: cfg.Logger, drained: make(chan struct{}), finished: make(chan struct{})}
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
 	}
-	if cfg.InitArgs != "" {
-		p.initArgs = cString(cfg.InitArgs)
+	m, err := claimModule(cfg, p)
+	if err != nil {
+		return nil, &Error{Op: "open", Err: err}
+	}
+	p.mod, p.modPath, p.ctx, p.fast = m, m.path, m.ctx, m.fast
+	if p.fast == nil {
+		p.log.Info("hsm: signing and decrypting through miekg/pkcs11 (3 calls per operation, not 2)", "module", m.path, "because", m.slow)
 	}
 	p.health.init()
-	if fl, why := fastList(ctx, abs); fl != nil {
-		p.fast = fl
-	} else {
-		p.log.Info("hsm: signing and decrypting through miekg/pkcs11 (3 calls per operation, not 2)", "module", abs, "because", why)
-	}
-	var in *instance
-	err = p.inModule("open", 1, "C_Initialize to C_Login", nil, func() (err error) {
-		in, err = p.start(1)
-		return err
-	})
+	in, err := m.attach(p)
 	if err != nil && late && !errors.Is(err, ErrConfig) && !errors.Is(err, ErrModuleInUse) {
-		// A call that did not return (ErrHung) keeps modBusy: recovery
-		// fails at once until it returns, then finalizes what it left.
+		// A call that did not return (ErrHung) keeps the module busy:
+		// recovery fails at once until it returns.
 		st := StateUnavailable
 		if errors.Is(err, ErrPIN) || errors.Is(err, ErrTokenChanged) {
 			st = StateFailed
 		}
 		p.openErr = err
 		p.startBackground(1, st, err)
-		p.log.Warn("hsm: the HSM could not be opened; it is used once it answers", "module", abs, "state", st, "err", err)
+		p.log.Warn("hsm: the HSM could not be opened; it is used once it answers", "module", m.path, "state", st, "err", err)
 		return p, nil
 	}
 	if err != nil {
+		p.closedFrom = StateUnavailable // p's sessions, if any, are the module's to reclaim
+		m.closed()
 		if errors.Is(err, ErrHung) {
-			closingModule(abs)
-			go p.finish() // finalizes and releases the module when the call returns
+			go p.finish() // ends p's use of the module when the call returns
 		} else {
-			if p.initArgs != nil {
-				freeC(p.initArgs) // start left the library finalized
-			}
-			releaseModule(abs)
+			m.detach(p) // attach left nothing of p in the module
 		}
 		return nil, err
 	}
 	p.serial = in.token.SerialNumber
-	p.inst.Store(in)
 	p.startBackground(1, StateHealthy, nil)
 	return p, nil
 }
@@ -166,46 +149,66 @@ func (p *Provider) startBackground(gen uint64, st State, cause error) {
 	go p.monitor()
 }
 
-// start initializes the library and sets up generation gen. On failure the
-// library is left finalized. Called through inModule.
-func (p *Provider) start(gen uint64) (*instance, error) {
-	op := "open"
-	if gen > 1 {
-		op = "reinitialize"
+// attach sets up generation 1 of p, a Provider attached to the module:
+// C_Initialize unless another Provider has, then set-up. On failure p
+// leaves nothing in the module, and the library is left finalized when no
+// other Provider is attached.
+func (m *module) attach(p *Provider) (*instance, error) {
+	const op = "open"
+	if err := m.lock(time.Now().Add(p.cfg.DrainTimeout+p.cfg.ProbeTimeout), nil); err != nil {
+		return nil, &Error{Op: op, Generation: 1, Err: causedBy(ErrUnavailable, err)}
 	}
-	var opts []pkcs11.InitializeOption
-	if p.initArgs != nil {
-		opts = append(opts, pkcs11.InitializeWithReserved(p.initArgs))
-	}
-	if err := p.ctx.Initialize(opts...); err != nil {
-		if code, _ := codeOf(err); code == pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED {
-			return nil, &Error{Op: op, Code: code, Generation: gen,
-				Err: causedBy(wrapf(ErrModuleInUse, "%s was initialized by other code in this process", p.modPath), err)}
+	defer m.unlock()
+	var in *instance
+	err := m.inModule(op, 1, "C_Initialize to C_Login", p.cfg.ProbeTimeout, nil, func() (err error) {
+		if !m.initialized {
+			if err := m.initialize(op, 1); err != nil {
+				return err
+			}
 		}
-		return nil, p11err(op, gen, stepErr("C_Initialize", err))
-	}
-	p.initialized = true
-	in, err := p.setup(op, gen)
+		if in, err = p.setup(op, 1); err != nil {
+			if m.only(p) {
+				m.finalize(p.log.Warn)
+			}
+			return err
+		}
+		p.inst.Store(in) // before open returns: a call that outlived its bound leaves in to finish
+		return nil
+	})
 	if err != nil {
-		p.finalize()
-		return nil, err
+		return nil, err // in is the module goroutine's until it returns
 	}
 	return in, nil
 }
 
+// only reports whether p is the one Provider attached to the module.
+func (m *module) only(p *Provider) bool {
+	modules.Lock()
+	defer modules.Unlock()
+	return len(m.provs) == 1 && m.provs[0] == p
+}
+
+// userType is the user type p logs in as.
+func (p *Provider) userType() uint {
+	if p.cfg.UserType == 0 {
+		return pkcs11.CKU_USER
+	}
+	return p.cfg.UserType
+}
+
+// setup sets up generation gen of p in the module's current epoch: it
+// finds the token, opens the session that keeps the login, shares or makes
+// the token's login (module.use) and checks it. On failure it leaves
+// nothing open. Called with the module busy (inModule).
 func (p *Provider) setup(op string, gen uint64) (*instance, error) {
+	m := p.mod
 	slot, token, err := p.findToken(gen)
 	if err != nil {
 		return nil, err
 	}
-	if p.serial != "" && token.SerialNumber != p.serial {
-		return nil, opErr(op, gen, ErrTokenChanged, "serial %q, expected %q", token.SerialNumber, p.serial)
-	}
-	// Read-only: it only keeps the login (a write-protected token refuses
-	// read-write sessions); writes open read-write sessions of their own.
-	login, err := p.ctx.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
-	if err != nil {
-		return nil, p11err("open session", gen, err)
+	serial := token.SerialNumber
+	if p.serial != "" && serial != p.serial {
+		return nil, opErr(op, gen, ErrTokenChanged, "serial %q, expected %q", serial, p.serial)
 	}
 	if !p.cfg.NoLogin {
 		if n, lo, hi := len(p.cfg.PIN), token.MinPinLen, token.MaxPinLen; hi != 0 && hi != pkcs11.CK_UNAVAILABLE_INFORMATION && hi >= lo &&
@@ -213,31 +216,55 @@ func (p *Provider) setup(op string, gen uint64) (*instance, error) {
 			return nil, &Error{Op: "login", Generation: gen,
 				Err: wrapf(ErrPIN, "the PIN has %d bytes and the token takes %d to %d; not sent, so that it costs no login attempt", n, lo, hi)}
 		}
-		userType := p.cfg.UserType
-		if userType == 0 {
-			userType = pkcs11.CKU_USER
-		}
-		err := p.ctx.Login(login, userType, p.cfg.PIN)
-		// Already logged in cannot come from a PIN we did not check: this
-		// Provider initialized the library itself, moments ago.
-		if code, _ := codeOf(err); err != nil && code != pkcs11.CKR_USER_ALREADY_LOGGED_IN {
-			return nil, p11err("login", gen, err)
-		}
-		// Self-test: the session must now be a user session.
-		si, err := p.ctx.GetSessionInfo(login)
-		if err != nil {
-			return nil, p11err("login", gen, err)
-		}
-		if si.State != pkcs11.CKS_RW_USER_FUNCTIONS && si.State != pkcs11.CKS_RO_USER_FUNCTIONS {
-			return nil, &Error{Op: "login", Generation: gen, Code: pkcs11.CKR_USER_NOT_LOGGED_IN,
-				Err: fmt.Errorf("C_Login succeeded but the session is not logged in (state %d): %w", si.State, pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN))}
+	}
+	// Read-only: it only keeps the login (a write-protected token refuses
+	// read-write sessions); writes open read-write sessions of their own.
+	login, err := p.ctx.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
+	if err != nil {
+		return nil, p11err("open session", gen, err)
+	}
+	shared, err := m.use(p, login, serial, gen)
+	if err != nil {
+		_ = p.ctx.CloseSession(login)
+		return nil, err
+	}
+	if !p.cfg.NoLogin {
+		if err := p.checkLogin(login, serial, shared, gen); err != nil {
+			m.unuse(p, login, serial, true)
+			_ = p.ctx.CloseSession(login)
+			return nil, err
 		}
 	}
 	maxSessions := p.cfg.MaxSessions
 	if n := token.MaxRwSessionCount; n != pkcs11.CK_UNAVAILABLE_INFORMATION && n != pkcs11.CK_EFFECTIVELY_INFINITE && n > 1 && uint64(n-1) < uint64(maxSessions) {
 		maxSessions = int(n - 1)
 	}
-	return newInstance(p.ctx, p.fast, gen, slot, token, login, maxSessions, &p.meter), nil
+	in := newInstance(p.ctx, p.fast, gen, slot, token, login, maxSessions, &p.meter)
+	in.epoch = m.epoch
+	return in, nil
+}
+
+// checkLogin is set-up's self-test: the session must now be a user
+// session. A token whose login p shares (shared) and that lost it (it was
+// removed and put back) is logged in again, once.
+func (p *Provider) checkLogin(s pkcs11.SessionHandle, serial string, shared bool, gen uint64) error {
+	for try := 0; ; try++ {
+		si, err := p.ctx.GetSessionInfo(s)
+		if err != nil {
+			return p11err("login", gen, err)
+		}
+		if si.State == pkcs11.CKS_RW_USER_FUNCTIONS || si.State == pkcs11.CKS_RO_USER_FUNCTIONS {
+			return nil
+		}
+		if try == 0 && shared {
+			if err := p.mod.relogin(p, s, serial, gen); err != nil {
+				return err
+			}
+			continue
+		}
+		return &Error{Op: "login", Generation: gen, Code: pkcs11.CKR_USER_NOT_LOGGED_IN,
+			Err: fmt.Errorf("C_Login succeeded but the session is not logged in (state %d): %w", si.State, pkcs11.Error(pkcs11.CKR_USER_NOT_LOGGED_IN))}
+	}
 }
 
 func (p *Provider) findToken(gen uint64) (uint, pkcs11.TokenInfo, error) {
@@ -262,7 +289,7 @@ func (p *Provider) findToken(gen uint64) (uint, pkcs11.TokenInfo, error) {
 			if code, _ := codeOf(err); code == pkcs11.CKR_TOKEN_NOT_PRESENT || code == pkcs11.CKR_TOKEN_NOT_RECOGNIZED {
 				continue
 			}
-			return 0, pkcs11.TokenInfo{}, p11err(op, gen, err)
+			return 0, pkcs11.TokenInfo{}, p11err(op, gen, tokenLoss{err}) // the module answered the slot list
 		}
 		if (p.cfg.TokenLabel != "" && ti.Label != p.cfg.TokenLabel) ||
 			(p.cfg.TokenSerial != "" && ti.SerialNumber != p.cfg.TokenSerial) {
@@ -341,40 +368,43 @@ func (p *Provider) TokenInfo() TokenInfo {
 }
 
 // Close stops admitting operations (they fail with ErrClosed), waits for
-// calls in flight, logs out, finalizes the library and releases the module
-// for a later Open. It returns within Config.DrainTimeout plus
-// Config.ProbeTimeout whatever the HSM does: up to DrainTimeout for the
-// calls in flight, then up to ProbeTimeout for C_Logout and C_Finalize.
-// When calls are still inside the library after DrainTimeout, it returns an
-// error wrapping ErrDrainTimeout; when C_Logout or C_Finalize, or a
-// re-initialization's C_Initialize or C_Finalize, has not returned, one
-// wrapping ErrHung. Either says what was left behind: the library is
-// finalized and the module released when those calls return, and until
-// then Open of the module fails with ErrModuleInUse. Calling Close again
-// waits once more, and returns nil once all is done; after Close has
-// returned nil, it always does.
+// calls in flight, closes the Provider's sessions, logs the token out when
+// no other Provider of the process uses it, and finalizes the library when
+// no other Provider uses the module (the last Close of a module releases
+// it for a later Open). Other Providers of the module are not disturbed.
+// It returns within Config.DrainTimeout plus Config.ProbeTimeout whatever
+// the HSM does: up to DrainTimeout for the calls in flight, then up to
+// ProbeTimeout for C_CloseSession, C_Logout and C_Finalize (and for a
+// re-initialization of the module, for other Providers, in progress).
+// When calls are still inside the library after DrainTimeout, it returns
+// an error wrapping ErrDrainTimeout; when those calls, or a
+// re-initialization's C_Initialize or C_Finalize, have not returned, one
+// wrapping ErrHung. Either says what was left behind: the Provider's end
+// is done when those calls return, and until then Open of the module
+// fails with ErrModuleInUse if no other Provider is open on it. Calling
+// Close again waits once more, and returns nil once all is done; after
+// Close has returned nil, it always does.
 //
-// Close interrupts a re-initialization in progress. When the provider has
-// an OnStateChange callback, Close delivers the changes already queued,
-// StateClosed last, and waits for the callback to return, within the same
-// bound (a callback still running then is left to finish), except when
-// Close is called from inside the callback: then it returns without
-// waiting for the callback (its caller), and no callback starts after that
-// one. Safe for concurrent use.
+// Close interrupts a re-initialization in progress when no other Provider
+// of the module is open. When the provider has an OnStateChange callback,
+// Close delivers the changes already queued, StateClosed last, and waits
+// for the callback to return, within the same bound (a callback still
+// running then is left to finish), except when Close is called from
+// inside the callback: then it returns without waiting for the callback
+// (its caller), and no callback starts after that one. Safe for
+// concurrent use.
 func (p *Provider) Close() error {
 	start := time.Now()
-	p.stopBackground() // stops the monitor; interrupts a re-initialization's waits
-	p.life.Lock()
-	gen, st := p.gate.load()
-	if st != StateClosed {
-		p.setState(gen, StateClosed, nil)
+	p.stopBackground() // stops the monitor
+	gen, from, first := p.closeState()
+	if first {
+		p.closedFrom = from
 		if in := p.inst.Load(); in != nil {
 			in.stop()
 		}
-		closingModule(p.modPath)
+		p.mod.closed() // the last open Provider interrupts a re-initialization
 		go p.finish()
 	}
-	p.life.Unlock()
 	p.health.events.close()
 
 	t := time.NewTimer(p.cfg.DrainTimeout - time.Since(start))
@@ -402,7 +432,7 @@ func (c *Config) closeBound() time.Duration { return c.DrainTimeout + c.ProbeTim
 // closeResult is what Close returns once its waits have ended: nil when
 // its work is done, else what it left behind.
 func (p *Provider) closeResult(gen uint64) error {
-	const released = "the library is finalized and the module released when they return (until then Open of it fails with ErrModuleInUse)"
+	const released = "the Provider's end is done when they return (until then, when no other Provider is open on the module, Open of it fails with ErrModuleInUse)"
 	select {
 	case <-p.finished:
 		return nil
@@ -415,31 +445,46 @@ func (p *Provider) closeResult(gen uint64) error {
 			Err: wrapf(ErrDrainTimeout, "%d calls still inside the PKCS#11 library after %v; %s", p.gate.inFlight(), p.cfg.DrainTimeout, released)}
 	}
 	return &Error{Op: "close", Generation: gen,
-		Err: wrapf(ErrHung, "%s has not returned; %s", p.stuckCall("C_Logout and C_Finalize of Close"), strings.Replace(released, "they return", "it does", 1))}
+		Err: wrapf(ErrHung, "%s has not returned; %s", p.mod.stuckCall("a re-initialization of the module for other Providers"), strings.Replace(released, "they return", "it does", 1))}
 }
 
 // finish ends the provider's use of the module once nothing is inside it:
-// it waits for the operations in flight and for a life cycle call that has
-// not returned, logs out, finalizes, releases the module and closes
-// p.finished. It runs in a goroutine of its own, started once, by Close or
-// by an Open whose calls did not return, and waits as long as the module
-// keeps those calls.
+// it waits for the operations in flight, for a re-initialization or Open
+// of the module in progress and for a life cycle call that has not
+// returned; then it ends the Provider's use of its token (module.unuse:
+// C_Logout when no other Provider uses it), closes its sessions unless the
+// module is to be finalized, and finalizes the library when no other
+// Provider is attached; it detaches the Provider and closes p.finished. It
+// runs in a goroutine of its own, started once, by Close or by an Open
+// whose calls did not return, and waits as long as the module keeps those
+// calls.
+//
+// Sessions are closed by their numbers only when Close found the Provider
+// healthy: a token that went away took its sessions with it, and the
+// library may have given the same numbers to sessions of other Providers
+// since. Those of an unhealthy Provider are left to the next C_Finalize.
 func (p *Provider) finish() {
+	m := p.mod
 	_ = p.gate.drain(context.Background(), nil)
 	close(p.drained)
-	p.modBusy <- struct{}{}
-	p.modCall.Store(&moduleCall{what: "C_Logout and C_Finalize of Close", since: time.Now()})
-	if in := p.inst.Load(); in != nil && p.initialized && !p.cfg.NoLogin {
-		_ = p.ctx.Logout(in.login)
+	m.life <- struct{}{}
+	m.busy <- struct{}{}
+	m.call.Store(&moduleCall{what: "C_Logout and C_Finalize of Close", since: time.Now()})
+	last := m.only(p)
+	if in := p.inst.Load(); in != nil && m.initialized && in.epoch == m.epoch {
+		healthy := p.closedFrom == StateHealthy
+		m.unuse(p, in.login, in.token.SerialNumber, healthy)
+		if healthy && !last {
+			in.closeSessions()
+		}
 	}
-	p.finalize()
+	if last {
+		m.finalize(p.log.Warn)
+	}
 	p.inst.Store(nil)
-	if p.initArgs != nil {
-		freeC(p.initArgs) // the module is finalized: it keeps nothing of it
-		p.initArgs = nil
-	}
-	p.modCall.Store(nil)
-	<-p.modBusy
-	releaseModule(p.modPath)
+	m.detach(p)
+	m.call.Store(nil)
+	<-m.busy
+	m.unlock()
 	close(p.finished)
 }

@@ -94,7 +94,12 @@ func TestOpenSelectors(t *testing.T) {
 	}
 }
 
-func TestModuleOwnedOnce(t *testing.T) {
+// TestModuleShared: a second Open of a module already open in the process,
+// under its own name or another, shares it: both Providers sign, closing
+// one leaves the other signing, and once both are closed the module is
+// initialized again by the next Open (C_Initialize after C_Finalize in one
+// process).
+func TestModuleShared(t *testing.T) {
 	tok := sharedToken(t)
 	p := openToken(t, tok)
 	if p.fast == nil {
@@ -105,24 +110,34 @@ func TestModuleOwnedOnce(t *testing.T) {
 	if err := os.Symlink(softhsmtest.SoftHSMModule, link); err != nil {
 		t.Fatal(err)
 	}
-	for _, path := range []string{softhsmtest.SoftHSMModule, link} {
-		_, err := Open(Config{Path: path, TokenLabel: tok.Label, PIN: tok.PIN})
-		wantErr(t, err, ErrModuleInUse)
-	}
-	// The refused Opens did not disturb the owner.
-	s := mustSigner(t, p, "p256")
-	d := sha256.Sum256(nil)
-	if _, err := s.Sign(nil, d[:], crypto.SHA256); err != nil {
+	q, err := Open(Config{Path: link, TokenLabel: tok.Label, PIN: tok.PIN})
+	if err != nil {
 		t.Fatal(err)
 	}
-	// Once closed, the module can be opened again (C_Initialize after
-	// C_Finalize in one process).
+	if q.mod != p.mod {
+		t.Fatal("the module under another name was loaded twice")
+	}
+	d := sha256.Sum256(nil)
+	for _, r := range []*Provider{p, q} {
+		if _, err := mustSigner(t, r, "p256").Sign(nil, d[:], crypto.SHA256); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s := mustSigner(t, p, "p256")
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Sign(nil, d[:], crypto.SHA256); err != nil {
+		t.Fatalf("after the other Provider closed: %v", err)
+	}
 	if err := p.Close(); err != nil {
 		t.Fatal(err)
 	}
-	q := openToken(t, tok, func(c *Config) { c.Path = link })
-	s = mustSigner(t, q, "p256")
-	if _, err := s.Sign(nil, d[:], crypto.SHA256); err != nil {
+	if p.mod.initialized {
+		t.Fatal("the module is still initialized after its last Provider closed")
+	}
+	r := openToken(t, tok, func(c *Config) { c.Path = link })
+	if _, err := mustSigner(t, r, "p256").Sign(nil, d[:], crypto.SHA256); err != nil {
 		t.Fatal(err)
 	}
 }

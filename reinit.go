@@ -5,20 +5,33 @@ import (
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/miekg/pkcs11"
 )
 
-// Reinitialize re-initializes the PKCS#11 library: it stops admitting
+// Reinitialize re-initializes the PKCS#11 module: it stops admitting
 // operations (they fail fast with ErrUnavailable), waits up to
 // Config.DrainTimeout for calls in flight, calls C_Finalize and
 // C_Initialize, finds the token again by its selector (it must have the same
 // serial number as at Open), logs in and moves to the next generation. Keys
 // of earlier generations then fail with ErrStaleKey; look them up again.
 //
-// Concurrent calls share one re-initialization. A call made while the
-// provider is already past the generation it was in when the call began
-// returns nil at once, so a stampede of callers that all saw the same outage
-// causes one re-initialization. Callers that know which generation failed
-// should use ReinitializeFrom.
+// The module is the unit of C_Initialize and C_Finalize: when other
+// Providers of the process use it (other tokens of it, or the same token),
+// it is re-initialized for all of them at once, with this Provider's
+// DrainTimeout and ProbeTimeout. The calls of every one of them are
+// drained, C_Finalize and C_Initialize are called once, every token is
+// logged in again, and every one of them moves to its next generation, so
+// that no key of any of them reaches a handle of before (a Provider in
+// StateFailed takes part only when it asks). Each gets its own state
+// changes; one whose token is not found again becomes unavailable while
+// the others come back.
+//
+// Concurrent calls share one re-initialization, across the Providers of the
+// module. A call made while the provider is already past the generation it
+// was in when the call began returns nil at once, so a stampede of callers
+// that all saw the same outage causes one re-initialization. Callers that
+// know which generation failed should use ReinitializeFrom.
 //
 // If calls are still in flight after DrainTimeout, it returns an error
 // wrapping ErrDrainTimeout and does not finalize. If C_Finalize, or
@@ -28,7 +41,9 @@ import (
 // or C_Initialize enters the module meanwhile. If the HSM is still down, it
 // returns the error. In each case the provider stays unavailable and a later
 // call may succeed. It never waits longer than DrainTimeout plus twice
-// ProbeTimeout, and Close interrupts it (ErrClosed).
+// ProbeTimeout (the wait for another Provider's Open or Close of the module
+// counts in DrainTimeout), and the Close of the module's last open Provider
+// interrupts it (ErrClosed).
 //
 // It may be called from inside Config.OnStateChange.
 //
@@ -38,101 +53,291 @@ func (p *Provider) Reinitialize(ctx context.Context) error {
 	return p.ReinitializeFrom(ctx, p.Generation())
 }
 
-// ReinitializeFrom re-initializes the library if it is still in generation
-// failed, the generation in which the caller saw an operation fail (see
-// Error.Generation). If the provider has already moved past failed, it
-// returns nil without doing anything. Otherwise it behaves as Reinitialize.
+// ReinitializeFrom re-initializes the module if the provider is still in
+// generation failed, the generation in which the caller saw an operation
+// fail (see Error.Generation). If the provider has already moved past
+// failed, it returns nil without doing anything. Otherwise it behaves as
+// Reinitialize.
 func (p *Provider) ReinitializeFrom(ctx context.Context, failed uint64) error {
-	if gen, s := p.gate.load(); s == StateClosed {
-		return &Error{Op: "reinitialize", Generation: gen, Err: ErrClosed}
-	} else if gen > failed {
-		return nil
-	}
-	ch := p.flights.DoChan("reinit", func() (any, error) {
-		return nil, p.reinitialize(failed)
-	})
-	select {
-	case r := <-ch:
-		return r.Err
-	case <-ctx.Done():
-		return &Error{Op: "reinitialize", Generation: p.Generation(), Err: ctx.Err()}
-	}
+	return p.reinitFrom(ctx, failed, false)
 }
 
-// reinitialize does the work of one re-initialization, unless the provider
-// has already moved past generation failed. Each of its waits is bounded:
-// the drain by Config.DrainTimeout, C_Finalize and the set-up of the next
-// generation (C_Initialize to C_Login) by Config.ProbeTimeout each (a call
-// that does not return in time fails the attempt with ErrHung), and Close
-// interrupts any of them.
-func (p *Provider) reinitialize(failed uint64) error {
+// outcome is what a re-initialization did for each Provider that took part.
+type outcome map[*Provider]error
+
+// reinitFrom is ReinitializeFrom. With auto (automatic recovery), a loss
+// that the codes say is the token's alone (tokenScoped), while another
+// Provider of the module answers, re-opens only this Provider's token,
+// without C_Finalize (see module.reinitialize).
+func (p *Provider) reinitFrom(ctx context.Context, failed uint64, auto bool) error {
+	m := p.mod
+	// A flight for another Provider's token moves only that Provider: try
+	// again, a few times.
+	for range 4 {
+		if gen, s := p.gate.load(); s == StateClosed {
+			return &Error{Op: "reinitialize", Generation: gen, Err: ErrClosed}
+		} else if gen > failed {
+			return nil
+		}
+		key, tokenOnly := "module", false
+		if auto && p.tokenScoped() {
+			key, tokenOnly = fmt.Sprintf("token %p", p), true
+		}
+		ch := m.flights.DoChan(key, func() (any, error) {
+			return m.reinitialize(p, failed, tokenOnly), nil
+		})
+		select {
+		case r := <-ch:
+			if err, took := r.Val.(outcome)[p]; took {
+				return err
+			}
+		case <-ctx.Done():
+			return &Error{Op: "reinitialize", Generation: p.Generation(), Err: ctx.Err()}
+		}
+	}
+	if gen, _ := p.gate.load(); gen > failed {
+		return nil
+	}
+	return &Error{Op: "reinitialize", Generation: p.Generation(),
+		Err: wrapf(ErrUnavailable, "re-initializations of the module for other Providers kept running; try again")}
+}
+
+// tokenScoped reports whether the provider's loss is its token's alone, as
+// far as the calls tell: the token is not present, removed, not recognized
+// or logged out, was not found again, or its slot's C_GetTokenInfo failed
+// while the module answered C_GetSlotList (tokenLoss).
+func (p *Provider) tokenScoped() bool {
+	err := p.LastError()
+	if err == nil {
+		return false
+	}
+	var tl tokenLoss
+	if errors.Is(err, ErrTokenNotFound) || errors.As(err, &tl) {
+		return true
+	}
+	switch code, _ := codeOf(err); code {
+	case pkcs11.CKR_TOKEN_NOT_PRESENT, pkcs11.CKR_DEVICE_REMOVED, pkcs11.CKR_TOKEN_NOT_RECOGNIZED, pkcs11.CKR_USER_NOT_LOGGED_IN:
+		return true
+	}
+	return false
+}
+
+// answersElsewhere reports whether another open, healthy Provider of the
+// module, of another token, answers a probe now (within its ProbeTimeout):
+// then the module is alive, and a loss of p's token is p's token's alone.
+func (m *module) answersElsewhere(p *Provider, provs []*Provider) bool {
+	for _, q := range provs {
+		if q == p || q.State() != StateHealthy {
+			continue
+		}
+		in := q.inst.Load()
+		if in == nil || (p.serial != "" && in.token.SerialNumber == p.serial) {
+			continue
+		}
+		done := make(chan struct{})
+		go func() { // returns when the library does
+			q.probe()
+			close(done)
+		}()
+		t := time.NewTimer(q.cfg.ProbeTimeout)
+		select {
+		case <-done:
+		case <-t.C:
+		}
+		t.Stop()
+		if q.State() == StateHealthy {
+			return true
+		}
+	}
+	return false
+}
+
+// reinitialize does the work of one re-initialization for p, unless p has
+// already moved past generation failed. With tokenOnly, when another
+// Provider of the module on another token answers, it drains p alone and
+// sets up p's next generation in the module as it is: its token is found
+// and logged in again, without C_Finalize (p's old sessions are left to
+// the module: a removed token took them with it, and closing them by
+// number could close another Provider's). Otherwise it re-initializes the
+// module for every Provider attached. Each of its waits is bounded: the
+// module's life and the drain by p's Config.DrainTimeout together,
+// C_Finalize and the set-up of the next generations (C_Initialize to the
+// last C_Login) by p's Config.ProbeTimeout each (a call that does not
+// return in time fails the attempt with ErrHung), and the Close of the
+// last open Provider interrupts any of them.
+func (m *module) reinitialize(p *Provider, failed uint64, tokenOnly bool) outcome {
 	const op = "reinitialize"
-	p.life.Lock()
-	defer p.life.Unlock()
+	start := time.Now()
+	_, stop := m.attached()
+	if err := m.lock(start.Add(p.cfg.DrainTimeout), stop); err != nil {
+		gen, _ := p.gate.load()
+		if err == errStopped {
+			return outcome{p: &Error{Op: op, Generation: gen, Err: ErrClosed}}
+		}
+		sentinel := ErrDrainTimeout
+		if m.call.Load() != nil {
+			sentinel = ErrHung
+		}
+		return outcome{p: p.reinitFailed(gen, &Error{Op: op, Generation: gen, Err: causedBy(sentinel, err)})}
+	}
+	defer m.unlock()
+	provs, stop := m.attached()
 	gen, state := p.gate.load()
 	switch {
 	case state == StateClosed:
-		return &Error{Op: op, Generation: gen, Err: ErrClosed}
+		return outcome{p: &Error{Op: op, Generation: gen, Err: ErrClosed}}
 	case gen > failed:
-		return nil
+		return outcome{p: nil}
 	}
-	start := time.Now()
+	tokenOnly = tokenOnly && m.initialized && m.answersElsewhere(p, provs)
+	// part: the Providers whose generation moves on; drain: those whose
+	// calls must end first.
+	part, drain := []*Provider{p}, []*Provider{p}
+	if !tokenOnly {
+		drain = provs
+		for _, q := range provs {
+			if _, st := q.gate.load(); q != p && st != StateClosed && st != StateFailed {
+				part = append(part, q)
+			}
+		}
+	}
 	// Debug: automatic recovery retries every RecoveryBackoffMax at most;
 	// failures are logged by setState, at most once a minute.
-	p.log.Debug("hsm: re-initializing the PKCS#11 library", "module", p.modPath, "generation", gen)
+	p.log.Debug("hsm: re-initializing", "module", m.path, "generation", gen, "providers", len(part), "token_only", tokenOnly)
 
-	// Stop admitting operations of this generation and wake those waiting
-	// for a session, then wait for the calls inside the library.
-	p.setState(gen, StateReinitializing, nil)
-	if in := p.inst.Load(); in != nil {
-		in.stop()
+	// Stop admitting operations of these generations and wake those
+	// waiting for a session, then wait for the calls inside the library.
+	gens := make(map[*Provider]uint64, len(part))
+	for _, q := range part {
+		g, _ := q.gate.load()
+		gens[q] = g
+		q.setState(g, StateReinitializing, nil)
+		if in := q.inst.Load(); in != nil {
+			in.stop()
+		}
 	}
-	stop := p.health.stop
-	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.DrainTimeout)
-	err := p.gate.drain(ctx, stop)
-	cancel()
-	if err != nil && err != errStopped {
-		err = &Error{Op: op, Generation: gen,
-			Err: wrapf(ErrDrainTimeout, "%d calls in flight after %v; not finalizing", p.gate.inFlight(), p.cfg.DrainTimeout)}
+	failAll := func(err error) outcome {
+		out := outcome{}
+		for _, q := range part {
+			out[q] = q.reinitFailed(gens[q], atGen(err, gens[q]))
+		}
+		return out
 	}
-	if err != nil {
-		return p.reinitFailed(gen, err)
+	ctx, cancel := context.WithDeadline(context.Background(), start.Add(p.cfg.DrainTimeout))
+	defer cancel()
+	for _, q := range drain {
+		err := q.gate.drain(ctx, stop)
+		if err == errStopped {
+			return failAll(err)
+		}
+		if err != nil {
+			return failAll(&Error{Op: op, Generation: gen,
+				Err: wrapf(ErrDrainTimeout, "%d calls in flight (%s) after %v; not finalizing", q.gate.inFlight(), q.describe(), p.cfg.DrainTimeout)})
+		}
 	}
 
-	// Nothing is inside the library: every handle of this generation dies
-	// here, and no code path can reach one again (the gate refuses gen).
-	p.inst.Store(nil)
-	err = p.inModule(op, gen, "C_Finalize", stop, func() error {
-		p.finalize()
+	if tokenOnly {
+		// The module stays up for the others: p's token alone is found,
+		// logged in and set up again.
+		old := p.inst.Swap(nil)
+		var in *instance
+		err := m.inModule(op, gen, fmt.Sprintf("C_OpenSession to C_Login of generation %d (the token alone)", gen+1), p.cfg.ProbeTimeout, stop, func() (err error) {
+			if old != nil && old.epoch == m.epoch {
+				m.unuse(p, old.login, old.token.SerialNumber, false)
+			}
+			if in, err = p.setup(op, gen+1); err == nil {
+				p.inst.Store(in)
+			}
+			return err
+		})
+		if err != nil {
+			return failAll(err)
+		}
+		p.moveOn(gen, in, start)
+		return outcome{p: nil}
+	}
+
+	// Nothing is inside the library: every handle of the module dies
+	// here, and no code path can reach one again (every gate refuses its
+	// generation).
+	for _, q := range part {
+		q.inst.Store(nil)
+	}
+	err := m.inModule(op, gen, "C_Finalize", p.cfg.ProbeTimeout, stop, func() error {
+		m.finalize(p.log.Warn)
 		return nil
 	})
 	if err != nil {
-		return p.reinitFailed(gen, err)
+		return failAll(err)
 	}
-	if p.testHookFinalized != nil {
-		p.testHookFinalized()
+	for _, q := range part {
+		if q.testHookFinalized != nil {
+			q.testHookFinalized()
+		}
 	}
-	var in *instance
-	err = p.inModule(op, gen, fmt.Sprintf("C_Initialize to C_Login of generation %d", gen+1), stop, func() (err error) {
-		in, err = p.start(gen + 1)
-		return err
+	// Written by the module's goroutine, read only once it has returned.
+	ins := make([]*instance, len(part))
+	errs := make([]error, len(part))
+	err = m.inModule(op, gen, fmt.Sprintf("C_Initialize to C_Login of generation %d", gen+1), p.cfg.ProbeTimeout, stop, func() error {
+		if err := m.initialize(op, gen); err != nil {
+			return err
+		}
+		for i, q := range part {
+			if ins[i], errs[i] = q.setup(op, gens[q]+1); errs[i] == nil {
+				q.inst.Store(ins[i]) // a call that outlives the bound leaves it to finish
+			}
+		}
+		return nil
 	})
 	if err != nil {
-		return p.reinitFailed(gen, err)
+		return failAll(err)
 	}
-	if p.serial == "" {
-		p.serial = in.token.SerialNumber // a member that joined late (open): its first generation
+	out := outcome{}
+	for i, q := range part {
+		if errs[i] != nil {
+			out[q] = q.reinitFailed(gens[q], errs[i])
+			continue
+		}
+		if q.serial == "" {
+			q.serial = ins[i].token.SerialNumber // a member that joined late (open): its first generation
+		}
+		q.moveOn(gens[q], ins[i], start)
+		out[q] = nil
 	}
-	p.inst.Store(in)
+	p.log.Info("hsm: re-initialized the module", "module", m.path, "providers", len(part), "took", time.Since(start))
+	return out
+}
+
+// moveOn makes in, set up, the provider's generation gen+1.
+func (p *Provider) moveOn(gen uint64, in *instance, start time.Time) {
 	p.reinits.Add(1)
 	p.setState(gen+1, StateHealthy, nil)
 	p.log.Info("hsm: re-initialized", "generation", gen+1, "took", time.Since(start))
-	return nil
+}
+
+// atGen returns err, an *Error of a re-initialization, for the provider in
+// generation gen.
+func atGen(err error, gen uint64) error {
+	if e, ok := err.(*Error); ok && e.Generation != gen {
+		c := *e
+		c.Generation = gen
+		return &c
+	}
+	return err
+}
+
+// describe names the provider's token, for errors.
+func (p *Provider) describe() string {
+	if p.serial != "" {
+		return fmt.Sprintf("token serial %q", p.serial)
+	}
+	return selectorText(p.cfg)
 }
 
 // reinitFailed records a failed attempt of generation gen and returns its
 // error: the provider stays unavailable, or fails for good when retrying
-// cannot help. An attempt that Close interrupted leaves the state to Close.
+// cannot help. An attempt that the Close of the last open Provider
+// interrupted leaves the state to Close.
 func (p *Provider) reinitFailed(gen uint64, err error) error {
 	if err == errStopped {
 		return &Error{Op: "reinitialize", Generation: gen, Err: ErrClosed}

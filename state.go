@@ -106,18 +106,42 @@ func (h *health) poke() {
 }
 
 // setState moves the gate to (gen, to) and does the bookkeeping of a state
-// change. Callers hold p.life.
-// The change and its bookkeeping happen under h.mu, as markLost's do, so
-// that every observer sees changes in one order: OnStateChange's events,
-// LastError, Since.
+// change, unless the provider is closed: StateClosed is final, and a
+// re-initialization that ends after Close leaves it so. Callers hold the
+// module's life; Close (closeState) and markLost change the state without
+// it. The change and its bookkeeping happen under h.mu, so that every
+// observer sees changes in one order: OnStateChange's events, LastError,
+// Since.
 func (p *Provider) setState(gen uint64, to State, cause error) {
 	h := &p.health
 	h.mu.Lock()
 	_, from := p.gate.load()
+	if from == StateClosed {
+		h.mu.Unlock()
+		return
+	}
 	p.gate.set(gen, to)
 	p.recordLocked(from, to, gen, cause)
 	h.mu.Unlock()
 	p.announce(from, to, gen, cause)
+}
+
+// closeState moves the provider to StateClosed, in its generation. It
+// reports the generation, the state it was in and whether this call closed
+// it.
+func (p *Provider) closeState() (gen uint64, from State, first bool) {
+	h := &p.health
+	h.mu.Lock()
+	gen, from = p.gate.load()
+	if from == StateClosed {
+		h.mu.Unlock()
+		return gen, from, false
+	}
+	p.gate.set(gen, StateClosed)
+	p.recordLocked(from, StateClosed, gen, nil)
+	h.mu.Unlock()
+	p.announce(from, StateClosed, gen, nil)
+	return gen, from, true
 }
 
 // recordLocked records and queues for OnStateChange a state change that

@@ -26,6 +26,7 @@ import (
 // A Server is not safe for concurrent use.
 type Server struct {
 	tok    *Token
+	more   []*Token // further tokens it exports (Serve's more)
 	sock   string
 	module string // ServeOwn's copy of ClientModule; "" for ClientModule
 	cmd    *exec.Cmd
@@ -35,15 +36,17 @@ type Server struct {
 // running guards the one socket of the process.
 var running sync.Mutex
 
-// Serve starts p11-kit server for tok on the process's socket (the address
-// Setup put in P11_KIT_SERVER_ADDRESS). One server runs at a time: a second
-// Serve waits until the first is stopped with Stop.
-func Serve(tok *Token) (*Server, error) {
+// Serve starts p11-kit server for tok, and the more tokens, on the
+// process's socket (the address Setup put in P11_KIT_SERVER_ADDRESS): one
+// network HSM whose client module shows each token in a slot of its own,
+// as a Luna client shows its partitions. One server runs at a time: a
+// second Serve waits until the first is stopped with Stop.
+func Serve(tok *Token, more ...*Token) (*Server, error) {
 	if dir == "" {
 		return nil, fmt.Errorf("softhsm: Setup has not run")
 	}
 	running.Lock()
-	s := &Server{tok: tok, sock: socketPath()}
+	s := &Server{tok: tok, more: more, sock: socketPath()}
 	if err := s.start(); err != nil {
 		running.Unlock()
 		return nil, err
@@ -115,8 +118,15 @@ func (s *Server) Module() string {
 
 func (s *Server) start() error {
 	_ = os.Remove(s.sock)
-	cmd := exec.Command("p11-kit", "server", "-f", "-n", s.sock, "-p", SoftHSMModule, "pkcs11:token="+s.tok.Label)
+	args := []string{"server", "-f", "-n", s.sock, "-p", SoftHSMModule, "pkcs11:token=" + s.tok.Label}
+	for _, t := range s.more {
+		args = append(args, "pkcs11:token="+t.Label)
+	}
+	cmd := exec.Command("p11-kit", args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	// Wait returns even if a process outside the session held the output
+	// pipe open.
+	cmd.WaitDelay = 5 * time.Second
 	s.log.Reset()
 	cmd.Stdout = &s.log
 	cmd.Stderr = &s.log
@@ -203,12 +213,21 @@ func (s *Server) Kill() error {
 	return nil
 }
 
-// kill signals the session and reaps the server; it returns the session id.
+// kill signals the session and reaps the server; it returns the session
+// id. It signals until no process of the session is left: a server
+// continued (SIGCONT) before it dies may fork a child for a client's
+// connection between two looks at the session.
 func (s *Server) kill() int {
-	s.signal(syscall.SIGCONT) // a stopped process would not die until continued
-	s.signal(syscall.SIGKILL)
-	_ = s.cmd.Wait()
 	sid := s.cmd.Process.Pid
+	deadline := time.Now().Add(5 * time.Second)
+	for pids := sessionPids(sid); len(pids) > 0 && time.Now().Before(deadline); pids = sessionPids(sid) {
+		for _, pid := range pids {
+			_ = syscall.Kill(pid, syscall.SIGCONT) // a stopped process would not die until continued
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	_ = s.cmd.Wait()
 	s.cmd = nil
 	return sid
 }
@@ -247,7 +266,11 @@ func (s *Server) Stop() {
 
 // String names the server for logs.
 func (s *Server) String() string {
-	return fmt.Sprintf("p11-kit server for token %q at %s", s.tok.Label, s.sock)
+	labels := []string{strconv.Quote(s.tok.Label)}
+	for _, t := range s.more {
+		labels = append(labels, strconv.Quote(t.Label))
+	}
+	return fmt.Sprintf("p11-kit server for token %s at %s", strings.Join(labels, ", "), s.sock)
 }
 
 // Trap stops the server the moment a given number of new object files have

@@ -12,7 +12,7 @@ type Server = softhsm.Server
 // Serve is softhsm.Serve: it starts p11-kit server for tok on the process's
 // socket. One server runs at a time: a second Serve waits until the first
 // is stopped with Stop.
-func Serve(tok *Token) (*Server, error) { return softhsm.Serve(tok) }
+func Serve(tok *Token, more ...*Token) (*Server, error) { return softhsm.Serve(tok, more...) }
 
 // ServeOwn is softhsm.ServeOwn: a p11-kit server for tok on a socket of
 // its own, reached through a copy of the client module, so that several
@@ -22,10 +22,10 @@ func ServeOwn(tok *Token) (*Server, error) { return softhsm.ServeOwn(tok) }
 // StartServer is Serve for tests: it stops the server when the test ends,
 // fails the test on error, and skips it where p11-kit is not installed
 // (outside CI).
-func StartServer(t testing.TB, tok *Token) *Server {
+func StartServer(t testing.TB, tok *Token, more ...*Token) *Server {
 	t.Helper()
 	RequireRemote(t)
-	s, err := softhsm.Serve(tok)
+	s, err := softhsm.Serve(tok, more...)
 	if err != nil {
 		t.Fatal(err)
 	}
