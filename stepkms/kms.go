@@ -97,10 +97,12 @@ type KMS struct {
 // KMSes of one module and configuration (token, PIN, max-sessions, the
 // settings of NewWithConfig) share one hsm.Provider, which the last Close
 // closes: step-ca's reload opens the new KMS before it closes the old one.
-// A module open under another configuration (another token or PIN, say),
-// or through an hsm.Provider opened outside this package, is refused with
-// an error matching hsm.ErrModuleInUse that names what differs: close the
-// other first (one module has one Provider per process).
+// A KMS of another configuration of the module (another token, other
+// settings) opens a Provider of its own, which shares the module (see
+// hsm.Open): one C_Initialize, one re-initialization for all on an outage.
+// The same token with another PIN is refused with an error matching
+// hsm.ErrPIN, without a login attempt: Providers of one token share its
+// login.
 func New(ctx context.Context, opts apiv1.Options) (*KMS, error) {
 	return NewWithConfig(ctx, opts, hsm.Config{})
 }
@@ -109,8 +111,8 @@ func New(ctx context.Context, opts apiv1.Options) (*KMS, error) {
 // timeouts, ...) for everything the URI does not say; the URI sets the
 // module, the token selector, the PIN and, when given, MaxSessions. A
 // shared provider keeps the Logger of the KMS that opened it; a base with
-// an OnStateChange callback is not shared (a second KMS on its module is
-// refused).
+// an OnStateChange callback is not shared (a second KMS of it opens a
+// Provider of its own).
 func NewWithConfig(ctx context.Context, opts apiv1.Options, base hsm.Config) (*KMS, error) {
 	const op = "open"
 	if ctx == nil {

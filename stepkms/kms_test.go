@@ -579,16 +579,20 @@ func TestNewBadURIs(t *testing.T) {
 	open(t, tok)
 }
 
-func TestModuleInUse(t *testing.T) {
+func TestModuleShared(t *testing.T) {
 	tok := softhsmtest.NewToken(t, "step")
 	k := open(t, tok)
-	// hsm.Open of the module, outside this package, is refused; so is a New
-	// while another Provider holds the module (TestShareConflicts).
-	if p, err := hsm.Open(hsm.Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label, PIN: tok.PIN}); !errors.Is(err, hsm.ErrModuleInUse) {
-		if p != nil {
-			p.Close()
-		}
-		t.Errorf("hsm.Open with a KMS open: %v, want hsm.ErrModuleInUse", err)
+	// hsm.Open of the module, outside this package, shares the module with
+	// the KMS's Provider; closing it leaves the KMS as it was.
+	p, err := hsm.Open(hsm.Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label, PIN: tok.PIN})
+	if err != nil {
+		t.Fatalf("hsm.Open with a KMS open: %v", err)
+	}
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if st := k.Provider().State(); st != hsm.StateHealthy {
+		t.Fatalf("the KMS's provider is %v after another Provider of the module closed", st)
 	}
 	if err := k.Close(); err != nil {
 		t.Fatal(err)

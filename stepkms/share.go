@@ -7,8 +7,8 @@ import (
 	"log/slog"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -18,20 +18,22 @@ import (
 
 // KMSes of one configuration share one hsm.Provider, with a count of
 // references: step-ca's reload (SIGHUP) opens the new configuration's KMS
-// before it closes the old one, and hsm.Open refuses a second Provider on
-// a module of the process. The first New of a module opens the Provider,
-// every New of the same configuration takes a reference to it, and the last
-// Close closes it. A New of a module open under another configuration is
-// refused, naming what differs.
+// before it closes the old one, and the two then use one Provider, its
+// keys and its sessions. The first New of a configuration opens the
+// Provider, every New of the same configuration takes a reference to it,
+// and the last Close closes it. A New of another configuration of the
+// module (another token of it, other settings) opens a Provider of its
+// own, which shares the module with the others (see hsm.Open): one
+// C_Initialize, and one re-initialization for all of them on an outage.
 var registry = struct {
 	sync.Mutex // protects following fields
 	// open holds the shared providers, by module path (canonical).
-	open map[string]*share
+	open map[string][]*share
 	// closing holds, by module path, a channel closed when the Close of the
 	// module's last provider has returned, so that a New waits for it
 	// instead of failing with hsm.ErrModuleInUse.
 	closing map[string]chan struct{}
-}{open: map[string]*share{}, closing: map[string]chan struct{}{}}
+}{open: map[string][]*share{}, closing: map[string]chan struct{}{}}
 
 // share is a Provider and the KMSes that use it.
 type share struct {
@@ -48,8 +50,8 @@ type handle struct {
 	closed atomic.Bool
 }
 
-// acquire returns a handle on the provider of cfg's module: the shared one
-// when it is open with the same configuration, a new one otherwise. ctx
+// acquire returns a handle on a provider of cfg's module: the shared one
+// when one is open with the same configuration, a new one otherwise. ctx
 // bounds the wait for a Close of the module's last provider in progress
 // (itself bounded by that provider's Close).
 func acquire(ctx context.Context, cfg hsm.Config) (*handle, error) {
@@ -68,26 +70,27 @@ func acquire(ctx context.Context, cfg hsm.Config) (*handle, error) {
 		}
 	}
 	defer registry.Unlock()
-	if s := registry.open[module]; s != nil {
-		if s.p.State() != hsm.StateClosed {
-			if diff := differences(s.cfg, cfg); len(diff) > 0 {
-				return nil, &opError{op: "open", msg: fmt.Sprintf(
-					"module %s is open in this process with another configuration (%s): one module has one token, PIN and set of options per process; close the other KMS first",
-					module, strings.Join(diff, "; ")), causes: []error{hsm.ErrModuleInUse}}
-			}
+	for _, s := range registry.open[module] {
+		if s.p.State() == hsm.StateClosed {
+			// Closed through Provider().Close(): its KMSes are closed too.
+			registry.open[module] = slices.DeleteFunc(registry.open[module], func(o *share) bool { return o == s })
+			continue
+		}
+		if len(differences(s.cfg, cfg)) == 0 {
 			s.refs++
 			return &handle{s: s}, nil
 		}
-		// Closed through Provider().Close(): its KMSes are closed too.
-		delete(registry.open, module)
 	}
-	// hsm.Open is bounded by cfg.ProbeTimeout.
+	// hsm.Open is bounded by cfg.ProbeTimeout. Another token of the module,
+	// or the same token with other settings: a Provider of its own on the
+	// module (the same token with another PIN is refused, without a login
+	// attempt: hsm.ErrPIN).
 	p, err := hsm.Open(cfg)
 	if err != nil {
 		return nil, &opError{op: "open", msg: err.Error(), causes: []error{err}}
 	}
 	s := &share{module: module, cfg: cfg, p: p, refs: 1}
-	registry.open[module] = s
+	registry.open[module] = append(registry.open[module], s)
 	return &handle{s: s}, nil
 }
 
@@ -99,9 +102,17 @@ func (h *handle) release() error {
 		registry.Unlock()
 		return nil
 	}
-	if registry.open[s.module] == s {
-		delete(registry.open, s.module)
+	registry.open[s.module] = slices.DeleteFunc(registry.open[s.module], func(o *share) bool { return o == s })
+	if len(registry.open[s.module]) > 0 {
+		// Other Providers of the module stay open: the module stays up, and
+		// a New of it need not wait for this Close.
+		registry.Unlock()
+		if err := s.p.Close(); err != nil {
+			return &opError{op: "close", msg: err.Error(), causes: []error{err}}
+		}
+		return nil
 	}
+	delete(registry.open, s.module)
 	ch := make(chan struct{})
 	registry.closing[s.module] = ch
 	registry.Unlock()

@@ -3,6 +3,7 @@ package stepkms
 import (
 	"context"
 	"crypto"
+	"crypto/ecdsa"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
@@ -23,14 +24,15 @@ import (
 	"go.step.sm/crypto/kms/apiv1"
 )
 
-// refs returns the number of open KMSes on the module's shared provider.
+// refs returns the number of open KMSes on the module's shared providers.
 func refs(module string) int {
 	registry.Lock()
 	defer registry.Unlock()
-	if s := registry.open[canonical(module)]; s != nil {
-		return s.refs
+	n := 0
+	for _, s := range registry.open[canonical(module)] {
+		n += s.refs
 	}
-	return 0
+	return n
 }
 
 // TestReloadShares does what step-ca's reload (SIGHUP) does: a second KMS
@@ -146,53 +148,83 @@ func TestReloadShares(t *testing.T) {
 	}
 }
 
-// TestShareConflicts: a New of a module open under another configuration
-// is refused with hsm.ErrModuleInUse, naming what differs and never the
-// PIN, and takes no reference.
-func TestShareConflicts(t *testing.T) {
+// TestShareOtherConfigurations: a New of a module open under another
+// configuration opens a Provider of its own on the module (another token,
+// the same token by serial, without login, other settings), which signs
+// beside the first; the same token with another PIN is refused with
+// hsm.ErrPIN, without a login attempt and without naming the PIN; the same
+// configuration shares. Closing them leaves the first signing.
+func TestShareOtherConfigurations(t *testing.T) {
 	tok, other := softhsmtest.NewToken(t, "share"), softhsmtest.NewToken(t, "other")
+	for _, tk := range []*softhsmtest.Token{tok, other} {
+		tk.GenerateKey(t, softhsmtest.P256, []byte{1}, "ec")
+	}
 	mod := softhsmtest.SoftHSMModule
 	k := open(t, tok)
+	sign := func(k *KMS, what string) {
+		t.Helper()
+		s, err := k.CreateSigner(&apiv1.CreateSignerRequest{SigningKey: "pkcs11:id=%01"})
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		d := sha256.Sum256([]byte(what))
+		sig, err := s.Sign(rand.Reader, d[:], crypto.SHA256)
+		if err != nil || !ecdsa.VerifyASN1(s.Public().(*ecdsa.PublicKey), d[:], sig) {
+			t.Fatalf("%s: signature %x, %v", what, sig, err)
+		}
+	}
 	base := "pkcs11:module-path=" + mod + ";token=" + url.QueryEscape(tok.Label)
+	var others []*KMS
 	for _, c := range []struct {
 		name, uri string
 		base      hsm.Config
-		says      string
 	}{
-		{"another token", kmsURI(mod, other, ""), hsm.Config{}, `token label "` + tok.Label + `" open, label "` + other.Label + `" asked`},
-		{"the token by serial", "pkcs11:module-path=" + mod + ";serial=" + tok.Serial + "?pin-value=" + tok.PIN, hsm.Config{}, `token label "` + tok.Label + `" open, serial`},
-		{"another PIN", base + "?pin-value=s3cr3t-other", hsm.Config{}, "another PIN"},
-		{"no PIN", base, hsm.Config{}, "no login false open, true asked"},
-		{"max-sessions", kmsURI(mod, tok, ";max-sessions=2"), hsm.Config{}, "max-sessions default open, 2 asked"},
-		{"another probe timeout", kmsURI(mod, tok, ""), hsm.Config{ProbeTimeout: time.Second}, "probe timeout 0s open, 1s asked"},
-		{"a callback", kmsURI(mod, tok, ""), hsm.Config{OnStateChange: func(hsm.StateChange) {}}, "OnStateChange"},
+		{"another token", kmsURI(mod, other, ""), hsm.Config{}},
+		{"the token by serial", "pkcs11:module-path=" + mod + ";serial=" + tok.Serial + "?pin-value=" + tok.PIN, hsm.Config{}},
+		{"max-sessions", kmsURI(mod, tok, ";max-sessions=2"), hsm.Config{}},
+		{"another probe timeout", kmsURI(mod, tok, ""), hsm.Config{ProbeTimeout: time.Second}},
+		{"a callback", kmsURI(mod, tok, ""), hsm.Config{OnStateChange: func(hsm.StateChange) {}}},
 	} {
-		_, err := NewWithConfig(context.Background(), apiv1.Options{URI: c.uri}, c.base)
-		msg := ""
+		o, err := NewWithConfig(context.Background(), apiv1.Options{URI: c.uri}, c.base)
 		if err != nil {
-			msg = err.Error()
+			t.Fatalf("%s: %v", c.name, err)
 		}
-		if !errors.Is(err, hsm.ErrModuleInUse) || !strings.Contains(msg, c.says) || !strings.Contains(msg, canonical(mod)) ||
-			strings.Contains(msg, "s3cr3t") || !strings.HasPrefix(msg, "stepkms: open: ") {
-			t.Errorf("%s: %v; want hsm.ErrModuleInUse saying %q and the module", c.name, err, c.says)
+		others = append(others, o)
+		if o.Provider() == k.Provider() {
+			t.Errorf("%s: shares the first KMS's provider", c.name)
 		}
+		sign(o, c.name)
+	}
+	_, err := NewWithConfig(context.Background(), apiv1.Options{URI: base + "?pin-value=s3cr3t-other"}, hsm.Config{})
+	if !errors.Is(err, hsm.ErrPIN) || strings.Contains(err.Error(), "s3cr3t") || !strings.HasPrefix(err.Error(), "stepkms: open: ") {
+		t.Errorf("another PIN for the open token: %v; want hsm.ErrPIN, without the PIN", err)
 	}
 	// The same configuration shares; the Logger is not compared.
 	same, err := NewWithConfig(context.Background(), apiv1.Options{URI: kmsURI(mod, tok, "")}, hsm.Config{Logger: slog.Default()})
 	if err != nil {
 		t.Fatalf("the same configuration with a Logger: %v", err)
 	}
-	if refs(mod) != 2 {
-		t.Errorf("%d references, want 2: the refused News took some", refs(mod))
+	if same.Provider() != k.Provider() {
+		t.Error("the same configuration did not share the provider")
 	}
+	if n := refs(mod); n != 2+len(others) {
+		t.Errorf("%d references, want %d", n, 2+len(others))
+	}
+	for _, o := range others {
+		if err := o.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sign(k, "the first KMS, the others closed")
 	if err := same.Close(); err != nil {
 		t.Fatal(err)
 	}
 	if err := k.Close(); err != nil {
 		t.Fatal(err)
 	}
-	// The module is free: the other token opens.
-	open(t, other)
+	if n := refs(mod); n != 0 {
+		t.Errorf("%d references after every Close", n)
+	}
 }
 
 // TestDifferencesCoverConfig: every field of hsm.Config is either compared
