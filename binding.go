@@ -4,22 +4,26 @@ import (
 	"bytes"
 	"context"
 	"crypto"
+	"crypto/ecdh"
 	"fmt"
 	"io"
 )
 
-// A key of this package is a capability (it signs; it decrypts, and signs)
+// A key of this package is a capability (it signs; it decrypts, and signs;
+// it agrees keys, ECDH)
 // on a binding: how it reaches its private key on the token for each
 // operation. The capabilities are written once, as methods of *key, the
 // private key of one generation (signer.go, decrypter.go); the bindings
 // are written once each, as the three implementations of binding:
 //
-//   - fixed: the key found in one generation (Signer, Decrypter). After a
+//   - fixed: the key found in one generation (Signer, Decrypter,
+//     KeyExchanger). After a
 //     re-initialization it is stale: ErrStaleKey, without a PKCS#11 call.
 //   - *durable: a key that finds itself again, and proves it, in every
-//     generation (DurableSigner, DurableDecrypter; durable.go).
+//     generation (DurableSigner, DurableDecrypter, DurableKeyExchanger;
+//     durable.go).
 //   - *groupKey: one key on the members of a Group, with failover
-//     (GroupSigner, GroupDecrypter; groupkey.go).
+//     (GroupSigner, GroupDecrypter, GroupKeyExchanger; groupkey.go).
 //
 // The exported kinds (keys.go) join the two: each method runs one
 // capability through its kind's binding, with the meaning the package
@@ -82,7 +86,10 @@ func (d *durable) run(ctx context.Context, wait bool, o operation) ([]byte, erro
 // on the key it binds. A value, not a closure, so that handing it through
 // the binding interface allocates nothing.
 type operation struct {
-	decrypt bool // else sign
+	decrypt bool // else sign, or derive
+	// peer, when set, makes the operation a key agreement with it (ECDH,
+	// ecdh.go): derive.
+	peer    *ecdh.PublicKey
 	message bool // sign input, a message, whole (SignMessage); else a digest
 	input   []byte
 	sign    crypto.SignerOpts
@@ -94,6 +101,9 @@ type operation struct {
 }
 
 func (o operation) name() string {
+	if o.peer != nil {
+		return "ecdh"
+	}
 	if o.decrypt {
 		return "decrypt"
 	}
@@ -102,6 +112,9 @@ func (o operation) name() string {
 
 // on runs o with k.
 func (o operation) on(k *key) ([]byte, error) {
+	if o.peer != nil {
+		return k.ecdh(o.peer)
+	}
 	if !o.decrypt {
 		if o.message {
 			return k.signMessage(o.input, o.sign)

@@ -75,6 +75,17 @@
 // them (ContextSigner leaves SignMessage and SignMessageContext out, so
 // that signers of other packages with SignContext alone still fit it).
 //
+// Key agreement is a third capability, on the same three bindings: an EC
+// key with CKA_DERIVE (P-256, P-384, P-521; [KeySpec].Derive makes one that
+// does nothing else) is an [ecdh.KeyExchanger], which crypto/hpke's
+// hpke.NewDHKEMPrivateKey takes: [Provider.KeyExchanger],
+// [Provider.DurableKeyExchanger] and [Group.KeyExchanger] return a
+// [*KeyExchanger], a [*DurableKeyExchanger] and a [*GroupKeyExchanger],
+// with PublicKey, Curve, ECDH (as [ecdh.PrivateKey.ECDH]), ECDHContext,
+// Public, KeyRef and String. ECDH is three PKCS#11 calls (CKM_ECDH1_DERIVE
+// into a session object, its value read, the object destroyed, on every
+// path); a key that only agrees keys proves possession by an agreement.
+//
 // Which mechanism signs a message: the message is hashed here and the
 // digest signed as Sign signs it (CKM_RSA_PKCS, CKM_RSA_PKCS_PSS,
 // CKM_ECDSA; two PKCS#11 calls, only the digest on the wire), unless the

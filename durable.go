@@ -13,11 +13,11 @@ import (
 
 // durable is a private key that finds itself again in every generation.
 type durable struct {
-	p       *Provider
-	ref     KeyRef // the key's own CKA_ID and CKA_LABEL, read at first binding
-	pub     crypto.PublicKey
-	pinned  string // the first 8 bytes of the SHA-256 of the pinned public key, in hex, for messages
-	decrypt bool
+	p      *Provider
+	ref    KeyRef // the key's own CKA_ID and CKA_LABEL, read at first binding
+	pub    crypto.PublicKey
+	pinned string // the first 8 bytes of the SHA-256 of the pinned public key, in hex, for messages
+	use    keyUse // what it is found for: Signer's, Decrypter's or KeyExchanger's checks
 
 	cur atomic.Pointer[key] // the key bound in some generation
 
@@ -31,9 +31,17 @@ type durable struct {
 	unavailable, closed error
 }
 
-// lookupFor finds ref with the checks of Decrypter (decrypt) or Signer.
-func (p *Provider) lookupFor(ref KeyRef, decrypt bool) (*key, error) {
-	if decrypt {
+// lookupFor finds ref with the checks of Decrypter, KeyExchanger or
+// Signer, as use says.
+func (p *Provider) lookupFor(ref KeyRef, use keyUse) (*key, error) {
+	switch use {
+	case useDerive:
+		x, err := p.KeyExchanger(ref)
+		if err != nil {
+			return nil, err
+		}
+		return x.k, nil
+	case useDecrypt:
 		d, err := p.Decrypter(ref)
 		if err != nil {
 			return nil, err
@@ -47,19 +55,19 @@ func (p *Provider) lookupFor(ref KeyRef, decrypt bool) (*key, error) {
 	return s.k, nil
 }
 
-func (p *Provider) durable(ref KeyRef, decrypt bool) (*durable, error) {
-	k, err := p.lookupFor(ref, decrypt)
+func (p *Provider) durable(ref KeyRef, use keyUse) (*durable, error) {
+	k, err := p.lookupFor(ref, use)
 	if err != nil {
 		return nil, err
 	}
-	return p.durableFrom(k, decrypt)
+	return p.durableFrom(k, use)
 }
 
-// durableFrom makes a durable key of k, found with the checks of
-// Decrypter (decrypt) or Signer, and pins its public key, after proving
+// durableFrom makes a durable key of k, found with the checks of use
+// (lookupFor), and pins its public key, after proving
 // that k's private key is that key's (a key the lookup proved already is
 // not asked again).
-func (p *Provider) durableFrom(k *key, decrypt bool) (*durable, error) {
+func (p *Provider) durableFrom(k *key, use keyUse) (*durable, error) {
 	der, err := x509.MarshalPKIXPublicKey(k.pub)
 	if err != nil {
 		return nil, opErr("find key", k.gen, ErrUnsupportedKey, "public key: %v", err)
@@ -73,7 +81,7 @@ func (p *Provider) durableFrom(k *key, decrypt bool) (*durable, error) {
 		}
 	}
 	sum := sha256.Sum256(der)
-	d := &durable{p: p, ref: k.ref, pub: k.pub, pinned: hex.EncodeToString(sum[:8]), decrypt: decrypt,
+	d := &durable{p: p, ref: k.ref, pub: k.pub, pinned: hex.EncodeToString(sum[:8]), use: use,
 		unavailable: &Error{Op: "bind key", Err: ErrUnavailable},
 		closed:      &Error{Op: "bind key", Err: ErrClosed},
 	}
@@ -105,7 +113,7 @@ func (d *durable) bound() (*key, error) {
 	if d.changedGen == gen {
 		return nil, d.changedErr
 	}
-	nk, err := d.p.lookupFor(d.ref, d.decrypt)
+	nk, err := d.p.lookupFor(d.ref, d.use)
 	switch {
 	case errors.Is(err, ErrKeyMismatch):
 		// The public key object may still be the pinned key's: the
@@ -186,7 +194,7 @@ func (d *durable) do(ctx context.Context, wait bool, op string, f func(*key) ([]
 // key type, unless the lookup proved it already), and pins the public key.
 // It returns the key an application should hold: see DurableSigner.
 func (p *Provider) DurableSigner(ref KeyRef) (*DurableSigner, error) {
-	d, err := p.durable(ref, false)
+	d, err := p.durable(ref, useSign)
 	if err != nil {
 		return nil, err
 	}
@@ -197,7 +205,7 @@ func (p *Provider) DurableSigner(ref KeyRef) (*DurableSigner, error) {
 // it as DurableSigner does (by a decryption, for a key that does not
 // sign), and pins its public key.
 func (p *Provider) DurableDecrypter(ref KeyRef) (*DurableDecrypter, error) {
-	d, err := p.durable(ref, true)
+	d, err := p.durable(ref, useDecrypt)
 	if err != nil {
 		return nil, err
 	}

@@ -5,6 +5,7 @@ import (
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
+	"crypto/hpke"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
@@ -520,4 +521,48 @@ func ExampleOpenGroup() {
 	// true
 	// true
 	// degraded
+}
+
+// HPKE (RFC 9180, crypto/hpke) with the recipient's key in the HSM: the
+// sender needs only the public key; the key agreement of Open happens on
+// the token (CKM_ECDH1_DERIVE), and the shared secret never becomes a
+// token object.
+func ExampleProvider_KeyExchanger() {
+	tok, err := softhsmtest.CreateToken("hpke")
+	if err != nil {
+		log.Fatal(err)
+	}
+	p, err := hsm.Open(hsm.Config{Path: softhsmtest.SoftHSMModule, TokenLabel: tok.Label, PIN: tok.PIN})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer p.Close()
+
+	// A key that agrees keys and does nothing else (CKA_DERIVE, no CKA_SIGN).
+	made, err := p.GenerateKey(hsm.KeySpec{Type: hsm.ECDSAP256, Label: "inbox", Derive: true})
+	if err != nil {
+		log.Fatal(err)
+	}
+	kx, err := p.DurableKeyExchanger(made.KeyRef()) // or p.KeyExchanger: generation-bound
+	if err != nil {
+		log.Fatal(err)
+	}
+	recipient, err := hpke.NewDHKEMPrivateKey(kx) // kx is an ecdh.KeyExchanger
+	if err != nil {
+		log.Fatal(err)
+	}
+	kdf, aead := hpke.HKDFSHA256(), hpke.AES128GCM()
+
+	// The sender, anywhere: the public key is enough.
+	sealed, err := hpke.Seal(recipient.PublicKey(), kdf, aead, []byte("example"), []byte("for the HSM's eyes"))
+	if err != nil {
+		log.Fatal(err)
+	}
+
+	opened, err := hpke.Open(recipient, kdf, aead, []byte("example"), sealed)
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Printf("%s\n", opened)
+	// Output: for the HSM's eyes
 }

@@ -18,14 +18,14 @@ import (
 // groupKey is a key of a group: the key under ref on each member, all with
 // the public key pinned when the group's key was made.
 type groupKey struct {
-	g       *Group
-	ref     KeyRef // what every member is asked with
-	own     KeyRef // the key's own CKA_ID and CKA_LABEL on the member pinned; written by newKey only
-	decrypt bool
-	pub     crypto.PublicKey // written by newKey only, before the key is shared
-	pinned  string           // hex of the first 8 bytes of the SHA-256 of pub, for messages
-	at      []memberKey
-	rr      atomic.Uint64 // round robin among equally loaded members
+	g      *Group
+	ref    KeyRef // what every member is asked with
+	own    KeyRef // the key's own CKA_ID and CKA_LABEL on the member pinned; written by newKey only
+	use    keyUse
+	pub    crypto.PublicKey // written by newKey only, before the key is shared
+	pinned string           // hex of the first 8 bytes of the SHA-256 of pub, for messages
+	at     []memberKey
+	rr     atomic.Uint64 // round robin among equally loaded members
 
 	closed, none error // prebuilt refusals
 }
@@ -59,7 +59,7 @@ const rebindEvery = 5 * time.Second
 // in order that has it; a member holding another key is excluded for it.
 // Members not healthy now, or whose lookup did not finish, are bound when
 // first used.
-func (g *Group) newKey(ref KeyRef, decrypt bool, op string) (*groupKey, error) {
+func (g *Group) newKey(ref KeyRef, use keyUse, op string) (*groupKey, error) {
 	closed := &Error{Op: op, Err: ErrClosed}
 	if g == nil || len(g.members) == 0 {
 		return nil, opErr(op, 0, ErrClosed, "a nil or zero hsm.Group: open one with OpenGroup")
@@ -67,7 +67,7 @@ func (g *Group) newKey(ref KeyRef, decrypt bool, op string) (*groupKey, error) {
 	if g.isClosed() {
 		return nil, closed
 	}
-	k := &groupKey{g: g, ref: ref, decrypt: decrypt, at: make([]memberKey, len(g.members)), closed: closed}
+	k := &groupKey{g: g, ref: ref, use: use, at: make([]memberKey, len(g.members)), closed: closed}
 	type found struct {
 		d   *durable
 		err error
@@ -125,7 +125,7 @@ func (k *groupKey) lookup(ctx context.Context, i int) (*durable, error) {
 	go func() {
 		defer mk.binding.Store(false)
 		var err error
-		d, err = m.p.durable(k.ref, k.decrypt)
+		d, err = m.p.durable(k.ref, k.use)
 		done <- result{err: err}
 	}()
 	r := k.wait(ctx, m, "bind key", done)
@@ -423,7 +423,7 @@ func (k *groupKey) describe() string {
 // fails with ErrKeyNotFound when no member that answered has the key, and
 // with ErrUnavailable when none answered.
 func (g *Group) Signer(ref KeyRef) (*GroupSigner, error) {
-	k, err := g.newKey(ref, false, "group signer")
+	k, err := g.newKey(ref, useSign, "group signer")
 	if err != nil {
 		return nil, err
 	}
@@ -465,7 +465,7 @@ func ownSignerOpts(opts crypto.SignerOpts) (crypto.SignerOpts, error) {
 // Decrypter finds ref as Signer does, with the checks of
 // Provider.Decrypter (an RSA key that may decrypt).
 func (g *Group) Decrypter(ref KeyRef) (*GroupDecrypter, error) {
-	k, err := g.newKey(ref, true, "group decrypter")
+	k, err := g.newKey(ref, useDecrypt, "group decrypter")
 	if err != nil {
 		return nil, err
 	}

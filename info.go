@@ -40,6 +40,9 @@ type KeyInfo struct {
 	// cannot be used ("unsupported: ...").
 	Type                string
 	CanSign, CanDecrypt bool
+	// CanDerive: the key agrees keys (CKA_DERIVE; an EC key is then a
+	// KeyExchanger).
+	CanDerive bool
 }
 
 // maxKeys bounds the keys Keys lists.

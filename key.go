@@ -80,6 +80,8 @@ type key struct {
 	size       int
 	canSign    bool
 	canDecrypt bool
+	// canDerive: CKA_DERIVE, the key agrees keys (ECDH; ecdh.go).
+	canDerive bool
 	// alwaysAuth: CKA_ALWAYS_AUTHENTICATE; each operation needs a
 	// C_Login(CKU_CONTEXT_SPECIFIC) after its init.
 	alwaysAuth bool
@@ -95,7 +97,7 @@ type key struct {
 	// key's copies.
 	mechs *signMechs
 
-	signRefusals, decryptRefusals *refusals
+	signRefusals, decryptRefusals, deriveRefusals *refusals
 }
 
 // lookup finds the private key ref in the current generation.
@@ -147,6 +149,7 @@ func (p *Provider) adopt(k *key) *key {
 	k.p = p
 	k.signRefusals = newRefusals("sign", k.gen)
 	k.decryptRefusals = newRefusals("decrypt", k.gen)
+	k.deriveRefusals = newDeriveRefusals(k.gen)
 	return k
 }
 

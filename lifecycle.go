@@ -112,6 +112,16 @@ type KeySpec struct {
 	// Decrypt makes an RSA key decrypt too: CKA_DECRYPT on the private half,
 	// CKA_ENCRYPT on the public half.
 	Decrypt bool
+	// Derive makes an EC key (ECDSAP256, ECDSAP384, ECDSAP521) a
+	// key-agreement key, for KeyExchanger (ECDH): CKA_DERIVE on the
+	// private half, and CKA_SIGN off (CKA_VERIFY off on the public half),
+	// so that the key agrees keys and does nothing else. Not for RSA or
+	// Ed25519 keys.
+	Derive bool
+	// DeriveAndSign is Derive, with signing kept on: the key agrees keys
+	// and signs (CKA_DERIVE and CKA_SIGN). One key for both purposes is
+	// discouraged (NIST SP 800-57 part 1, 5.2); some protocols want it.
+	DeriveAndSign bool
 	// Extractable sets CKA_EXTRACTABLE on the private half (default false:
 	// the key never leaves the HSM, even wrapped).
 	Extractable bool
@@ -137,9 +147,13 @@ type KeySpec struct {
 // of the current generation. The private half is a token object, private,
 // sensitive and not extractable (unless spec says so), and can sign and
 // nothing else: CKA_SIGN, and CKA_DECRYPT, CKA_UNWRAP and CKA_DERIVE false
-// (CKA_DECRYPT true with spec.Decrypt). The public half can verify and
-// nothing else: CKA_VERIFY, and CKA_ENCRYPT, CKA_WRAP and CKA_DERIVE false
-// (CKA_ENCRYPT true with spec.Decrypt). spec.PrivateAttributes and
+// (CKA_DECRYPT true with spec.Decrypt; CKA_DERIVE true and CKA_SIGN false
+// with spec.Derive, both true with spec.DeriveAndSign). The public half can
+// verify and nothing else: CKA_VERIFY, and CKA_ENCRYPT, CKA_WRAP and
+// CKA_DERIVE false (CKA_ENCRYPT true with spec.Decrypt; CKA_VERIFY false
+// with spec.Derive). A key-agreement key is returned as a Signer all the
+// same, whose Sign refuses (ErrUnsupportedKey) unless spec.DeriveAndSign:
+// Provider.KeyExchanger(s.KeyRef()) gives its ecdh.KeyExchanger. spec.PrivateAttributes and
 // spec.PublicAttributes may ask for more, and spec.AllowedMechanisms
 // restricts the mechanisms of the private half. Whatever the module's
 // defaults, every one of these is read back after generation; one the
@@ -662,13 +676,19 @@ func (spec KeySpec) templates() (keyTemplates, error) {
 		return t, errOpts("KeySpec.Label is not valid UTF-8")
 	case spec.Decrypt && spec.Type.rsaBits() == 0:
 		return t, errOpts("KeySpec.Decrypt: only RSA keys decrypt, not %v", spec.Type)
+	case (spec.Derive || spec.DeriveAndSign) && spec.Type != ECDSAP256 && spec.Type != ECDSAP384 && spec.Type != ECDSAP521:
+		return t, errOpts("KeySpec.Derive: only EC keys (ECDSAP256, ECDSAP384, ECDSAP521) agree keys, not %v", spec.Type)
 	}
+	derive := spec.Derive || spec.DeriveAndSign
+	sign := !derive || spec.DeriveAndSign
 	t.pub = []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY),
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
 		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, true),
 		pkcs11.NewAttribute(pkcs11.CKA_LABEL, spec.Label),
+	}
+	if sign {
+		t.pub = append(t.pub, pkcs11.NewAttribute(pkcs11.CKA_VERIFY, true))
 	}
 	t.priv = []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
@@ -676,8 +696,13 @@ func (spec KeySpec) templates() (keyTemplates, error) {
 		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, spec.Extractable),
-		pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
 		pkcs11.NewAttribute(pkcs11.CKA_LABEL, spec.Label),
+	}
+	if sign {
+		t.priv = append(t.priv, pkcs11.NewAttribute(pkcs11.CKA_SIGN, true))
+	}
+	if derive {
+		t.priv = append(t.priv, pkcs11.NewAttribute(pkcs11.CKA_DERIVE, true))
 	}
 	if len(spec.ID) > 0 {
 		t.pub = append(t.pub, pkcs11.NewAttribute(pkcs11.CKA_ID, spec.ID))
@@ -727,8 +752,8 @@ func (spec KeySpec) templates() (keyTemplates, error) {
 		t.priv = append(t.priv, pkcs11.NewAttribute(pkcs11.CKA_ALLOWED_MECHANISMS, ulongs(spec.AllowedMechanisms)))
 	}
 	// Least privilege: each half can do what the spec asks, nothing else.
-	t.privBools = wanted([]boolAttr{{pkcs11.CKA_SIGN, true}, {pkcs11.CKA_DECRYPT, spec.Decrypt}, {pkcs11.CKA_UNWRAP, false}, {pkcs11.CKA_DERIVE, false}}, t.privOverrides)
-	t.pubBools = wanted([]boolAttr{{pkcs11.CKA_VERIFY, true}, {pkcs11.CKA_ENCRYPT, spec.Decrypt}, {pkcs11.CKA_WRAP, false}, {pkcs11.CKA_DERIVE, false}}, t.pubOverrides)
+	t.privBools = wanted([]boolAttr{{pkcs11.CKA_SIGN, sign}, {pkcs11.CKA_DECRYPT, spec.Decrypt}, {pkcs11.CKA_UNWRAP, false}, {pkcs11.CKA_DERIVE, derive}}, t.privOverrides)
+	t.pubBools = wanted([]boolAttr{{pkcs11.CKA_VERIFY, sign}, {pkcs11.CKA_ENCRYPT, spec.Decrypt}, {pkcs11.CKA_WRAP, false}, {pkcs11.CKA_DERIVE, false}}, t.pubOverrides)
 	t.privOff, t.pubOff = offAttrs(t.privBools), offAttrs(t.pubBools)
 	return t, nil
 }

@@ -30,6 +30,7 @@ type object struct {
 	id                   []byte
 	label                string
 	sign, decrypt        bool
+	derive               bool // CKA_DERIVE
 	alwaysAuth           bool // CKA_ALWAYS_AUTHENTICATE
 	// allowed is CKA_ALLOWED_MECHANISMS, nil when absent or empty (or not
 	// read: strictValues leaves it out).
@@ -41,7 +42,7 @@ type object struct {
 // lookupAttrs are the attributes readObject reads, in its order.
 var lookupAttrs = []uint{pkcs11.CKA_CLASS, pkcs11.CKA_KEY_TYPE, pkcs11.CKA_ID, pkcs11.CKA_LABEL,
 	pkcs11.CKA_SIGN, pkcs11.CKA_DECRYPT, pkcs11.CKA_MODULUS, pkcs11.CKA_PUBLIC_EXPONENT,
-	pkcs11.CKA_EC_PARAMS, pkcs11.CKA_EC_POINT, pkcs11.CKA_ALWAYS_AUTHENTICATE, pkcs11.CKA_ALLOWED_MECHANISMS}
+	pkcs11.CKA_EC_PARAMS, pkcs11.CKA_EC_POINT, pkcs11.CKA_ALWAYS_AUTHENTICATE, pkcs11.CKA_ALLOWED_MECHANISMS, pkcs11.CKA_DERIVE}
 
 // readObject reads object h: one C_GetAttributeValue where the module's
 // function list is validated and the module answers a partial read as the
@@ -55,7 +56,7 @@ func (in *instance) readObject(s pkcs11.SessionHandle, h pkcs11.ObjectHandle) (o
 	o := object{h: h, id: bytes.Clone(v[2]), label: string(v[3]),
 		sign: isTrue(v[4]), decrypt: isTrue(v[5]), alwaysAuth: isTrue(v[10]),
 		modulus: bytes.Clone(v[6]), exponent: bytes.Clone(v[7]), ecParams: bytes.Clone(v[8]), ecPoint: bytes.Clone(v[9]),
-		allowed: parseMechanisms(v[11])}
+		allowed: parseMechanisms(v[11]), derive: isTrue(v[12])}
 	if v[0] != nil {
 		o.class, o.hasClass = ulong(v[0]), true
 	}
@@ -117,11 +118,11 @@ func (in *instance) strictValues(s pkcs11.SessionHandle, h pkcs11.ObjectHandle) 
 	switch ulong(v[0]) {
 	case pkcs11.CKO_PRIVATE_KEY:
 		if in.noAllowed.Load() {
-			if err := read(1, 2, 3, 4, 5, 10); err != nil { // type, ID, label, sign, decrypt, always authenticate
+			if err := read(1, 2, 3, 4, 5, 10, 12); err != nil { // type, ID, label, sign, decrypt, always authenticate, derive
 				return nil, err
 			}
 		} else {
-			if err := read(1, 2, 3, 4, 5, 10, 11); err != nil { // and allowed mechanisms
+			if err := read(1, 2, 3, 4, 5, 10, 12, 11); err != nil { // and allowed mechanisms
 				return nil, err
 			}
 			if v[11] == nil {
@@ -310,7 +311,7 @@ func (in *instance) findByClass(s pkcs11.SessionHandle, ref KeyRef) (*key, error
 // keyFrom makes the key of private key object o. cands are objects already
 // read that may hold its public half; when none does, keyFrom finds it.
 func (in *instance) keyFrom(s pkcs11.SessionHandle, o *object, cands []object) (*key, error) {
-	k := &key{in: in, gen: in.gen, handle: o.h, ref: KeyRef{ID: o.id, Label: o.label}, canSign: o.sign, canDecrypt: o.decrypt, alwaysAuth: o.alwaysAuth,
+	k := &key{in: in, gen: in.gen, handle: o.h, ref: KeyRef{ID: o.id, Label: o.label}, canSign: o.sign, canDecrypt: o.decrypt, canDerive: o.derive, alwaysAuth: o.alwaysAuth,
 		mechs: newSignMechs(o.allowed)}
 	var err error
 	switch {
@@ -540,7 +541,7 @@ func (in *instance) keysOnToken(s pkcs11.SessionHandle, max int) ([]KeyInfo, err
 			out = append(out, KeyInfo{Ref: ref, Type: "unsupported: " + err.Error()})
 			continue
 		}
-		out = append(out, KeyInfo{Ref: k.ref, Type: k.describe(), CanSign: k.canSign, CanDecrypt: k.canDecrypt})
+		out = append(out, KeyInfo{Ref: k.ref, Type: k.describe(), CanSign: k.canSign, CanDecrypt: k.canDecrypt, CanDerive: k.canDerive})
 	}
 	return out, nil
 }

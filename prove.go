@@ -19,7 +19,9 @@ import (
 // key is proved before it signs or decrypts for anyone: a signature over a
 // fresh random challenge must verify under the public key (or, for a key
 // that only decrypts, a challenge encrypted to the public key must decrypt
-// to itself).
+// to itself; for a key that only agrees keys, its ECDH with a fresh
+// ephemeral key must give what crypto/ecdh gives with the public key:
+// proveDerive).
 //
 //   - A key whose public key is read from its own private object (an RSA
 //     key whose private object shows CKA_MODULUS, as most do) needs no proof
@@ -60,6 +62,9 @@ func (k *key) prove(pub crypto.PublicKey) (proved, error) {
 		if k.canDecrypt && k.kind == kindRSA {
 			return k.proveDecrypt(pub, challenge)
 		}
+		if k.canDerive && k.kind == kindECDSA {
+			return k.proveDerive(pub)
+		}
 		return provedUncheckable, nil
 	}
 	var err error
@@ -81,6 +86,9 @@ func (k *key) prove(pub crypto.PublicKey) (proved, error) {
 	if k.canDecrypt && k.kind == kindRSA {
 		return k.proveDecrypt(pub, challenge)
 	}
+	if k.canDerive && k.kind == kindECDSA {
+		return k.proveDerive(pub)
+	}
 	return provedUncheckable, nil
 }
 
@@ -92,6 +100,7 @@ func (k *key) asCheck() *key {
 	c := *k
 	c.signRefusals = newRefusals("prove key", k.gen)
 	c.decryptRefusals = c.signRefusals
+	c.deriveRefusals = c.signRefusals
 	return &c
 }
 
@@ -201,5 +210,5 @@ func (k *key) check(pub crypto.PublicKey, mismatch func() error) error {
 // needsProof reports whether a lookup must prove k: its public key came
 // from another object than its private key, and nothing proved it yet.
 func (k *key) needsProof() bool {
-	return !k.proven && !k.pubFromPriv && (k.canSign || k.canDecrypt)
+	return !k.proven && !k.pubFromPriv && (k.canSign || k.canDecrypt || k.canDerive)
 }

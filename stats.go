@@ -42,7 +42,8 @@ type Stats struct {
 	// PKCS#11 calls, by kind: "sign", "decrypt", "lookup" (key and
 	// certificate lookups, Keys, reads), "write" (GenerateKey, imports,
 	// deletions) and "check" (health probes, URI checks, the proofs of
-	// possession of lookups and bindings). Refused
+	// possession of lookups and bindings) and "derive" (key agreements,
+	// ECDH of KeyExchanger and the other key-agreement kinds). Refused
 	// operations are not timed. Kinds with no operation yet are present
 	// with Count 0.
 	Latency map[string]Histogram
@@ -103,10 +104,11 @@ const (
 	classLookup
 	classWrite
 	classCheck
+	classDerive
 	numClasses
 )
 
-var classNames = [numClasses]string{"sign", "decrypt", "lookup", "write", "check"}
+var classNames = [numClasses]string{"sign", "decrypt", "lookup", "write", "check", "derive"}
 
 // histogram counts observations in latencyBounds' buckets (not cumulative)
 // plus the unbounded one.

@@ -20,12 +20,15 @@ import (
 // use.
 func (p *Provider) TLSCertificate(ref KeyRef, chainPEM []byte) (tls.Certificate, error) {
 	const op = "tls certificate"
-	k, err := p.lookupFor(ref, false) // one lookup, with Signer's checks
+	k, err := p.lookupFor(ref, useSign) // one lookup, with Signer's checks
 	if err != nil {
 		return tls.Certificate{}, err
 	}
-	decrypt := k.kind == kindRSA && k.canDecrypt
-	d, err := p.durableFrom(k, decrypt)
+	decrypt, use := k.kind == kindRSA && k.canDecrypt, useSign
+	if decrypt {
+		use = useDecrypt
+	}
+	d, err := p.durableFrom(k, use)
 	if err != nil {
 		return tls.Certificate{}, err
 	}

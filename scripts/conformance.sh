@@ -324,6 +324,19 @@ opencryptoki | generate ECDSA P-521           | refused CKR_MECHANISM_INVALID | 
 opencryptoki | sign ECDSA P-521 SHA-512       | -                             | no P-521 key
 opencryptoki | generate Ed25519               | refused CKR_MECHANISM_INVALID | no EC
 opencryptoki | sign Ed25519 pure              | -                             | no Ed25519 key
+p11-kit      | ecdh ECDSA P-256               | refused CKR_MECHANISM_INVALID | the RPC of p11-kit 0.24.1 does not carry CKM_ECDH1_DERIVE (its CK_ECDH1_DERIVE_PARAMS)
+p11-kit      | ecdh ECDSA P-384               | refused CKR_MECHANISM_INVALID | no CKM_ECDH1_DERIVE through p11-kit 0.24.1
+p11-kit      | ecdh ECDSA P-521               | refused CKR_MECHANISM_INVALID | no CKM_ECDH1_DERIVE through p11-kit 0.24.1
+tpm2-pkcs11  | ecdh ECDSA P-256               | refused CKR_FUNCTION_NOT_SUPPORTED | tpm2-pkcs11 1.9.0 has no C_DeriveKey (the TPM could: TPM2_ECDH_ZGen)
+tpm2-pkcs11  | ecdh ECDSA P-384               | refused CKR_FUNCTION_NOT_SUPPORTED | no C_DeriveKey
+tpm2-pkcs11  | generate ECDSA P-521 (derive)  | refused invalid P521 point encoding | the P-521 CKA_EC_POINT of tpm2-pkcs11 1.9.0 (see generate ECDSA P-521)
+tpm2-pkcs11  | ecdh ECDSA P-521               | -                             | no P-521 key
+opencryptoki | generate ECDSA P-256 (derive)  | refused CKR_MECHANISM_INVALID | no EC
+opencryptoki | ecdh ECDSA P-256               | -                             | no P-256 key
+opencryptoki | generate ECDSA P-384 (derive)  | refused CKR_MECHANISM_INVALID | no EC
+opencryptoki | ecdh ECDSA P-384               | -                             | no P-384 key
+opencryptoki | generate ECDSA P-521 (derive)  | refused CKR_MECHANISM_INVALID | no EC
+opencryptoki | ecdh ECDSA P-521               | -                             | no P-521 key
 '
 printf '%s' "$expectations" | awk -F '|' 'NF >= 3 {
 	for (i = 1; i <= NF; i++) gsub(/^ +| +$/, "", $i)

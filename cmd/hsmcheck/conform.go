@@ -10,6 +10,7 @@ import (
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
+	"crypto/hpke"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha1"
@@ -188,6 +189,14 @@ func (c *conformance) run(uri string, all, keep, noLogin bool) error {
 		c.decryptChecks(s.KeyRef())
 	}
 
+	// 3b. Key agreement (ECDH) with EC keys that only derive.
+	for _, t := range []hsm.KeyType{hsm.ECDSAP256, hsm.ECDSAP384, hsm.ECDSAP521} {
+		if s := c.generateDerive(t); s != nil {
+			keys = append(keys, generated{t, s})
+			c.ecdhCheck(t, s.KeyRef())
+		}
+	}
+
 	// Steps 4 to 8 use the P-256 key, or the first key made when the
 	// module refused P-256.
 	var key *hsm.Signer
@@ -200,7 +209,7 @@ func (c *conformance) run(uri string, all, keep, noLogin bool) error {
 	with := ""
 	if key == nil {
 		for _, k := range keys {
-			if !strings.HasSuffix(k.s.KeyRef().Label, "-decrypt") {
+			if l := k.s.KeyRef().Label; !strings.HasSuffix(l, "-decrypt") && !strings.HasSuffix(l, "-derive") {
 				key, with = k.s, fmt.Sprintf(" (with %v: no P-256 key)", k.typ)
 				break
 			}
@@ -269,6 +278,81 @@ func (c *conformance) generate(t hsm.KeyType, decrypt bool) *hsm.Signer {
 		return s
 	}
 	return nil
+}
+
+// generateDerive makes a key-agreement key of type t (KeySpec.Derive),
+// as generate does, and adds its row.
+func (c *conformance) generateDerive(t hsm.KeyType) *hsm.Signer {
+	label := conformPrefix + typeName(t) + "-derive"
+	check := fmt.Sprintf("generate %v (derive)", t)
+	replaced := ""
+	switch deleted, err := c.deleteLabelled(label); {
+	case err != nil:
+		c.fail(check, "deleting the earlier key %q: %v", label, err)
+		return nil
+	case deleted:
+		replaced = " (replaced an earlier key)"
+	}
+	start := time.Now()
+	s, err := c.p.GenerateKey(hsm.KeySpec{Type: t, Label: label, Derive: true})
+	if c.outcome(check, err, "") {
+		c.rows[len(c.rows)-1].detail = fmt.Sprintf("%v, %s%s", since(start), s.KeyRef(), replaced)
+		return s
+	}
+	return nil
+}
+
+// ecdhCheck looks up the key-agreement key ref (KeyExchanger: its proof is
+// an agreement), agrees with 20 random peers, each compared with
+// crypto/ecdh, and opens an HPKE message sealed to the key.
+func (c *conformance) ecdhCheck(t hsm.KeyType, ref hsm.KeyRef) {
+	check := fmt.Sprintf("ecdh %v", t)
+	x, err := c.p.KeyExchanger(ref)
+	if !c.outcome(check, err, "") {
+		return
+	}
+	const n = 20
+	var took time.Duration
+	for i := range n {
+		peer, err := x.Curve().GenerateKey(rand.Reader)
+		if err != nil {
+			c.rows[len(c.rows)-1] = conformRow{check, resFail, fmt.Sprintf("a peer key in Go: %v", err)}
+			return
+		}
+		start := time.Now()
+		got, err := x.ECDH(peer.PublicKey())
+		took += time.Since(start)
+		if err != nil {
+			c.rows = c.rows[:len(c.rows)-1]
+			if !c.outcome(check, err, "") && i > 0 {
+				c.rows[len(c.rows)-1] = conformRow{check, resFail, fmt.Sprintf("agreement %d of %d: %v", i+1, n, err)}
+			}
+			return
+		}
+		want, err := peer.ECDH(x.PublicKey())
+		if err != nil || !bytes.Equal(got, want) {
+			c.rows[len(c.rows)-1] = conformRow{check, resFail, fmt.Sprintf("agreement %d: %x, crypto/ecdh says %x (%v)", i+1, got, want, err)}
+			return
+		}
+	}
+	priv, err := hpke.NewDHKEMPrivateKey(x)
+	if err != nil {
+		c.rows[len(c.rows)-1] = conformRow{check, resFail, fmt.Sprintf("hpke.NewDHKEMPrivateKey: %v", err)}
+		return
+	}
+	msg := []byte("hsmcheck conform")
+	ct, err := hpke.Seal(priv.PublicKey(), hpke.HKDFSHA256(), hpke.AES128GCM(), nil, msg)
+	if err == nil {
+		var pt []byte
+		if pt, err = hpke.Open(priv, hpke.HKDFSHA256(), hpke.AES128GCM(), nil, ct); err == nil && !bytes.Equal(pt, msg) {
+			err = errors.New("opened to another message")
+		}
+	}
+	if err != nil {
+		c.rows[len(c.rows)-1] = conformRow{check, resFail, fmt.Sprintf("HPKE: %v", err)}
+		return
+	}
+	c.rows[len(c.rows)-1].detail = fmt.Sprintf("%d agreements equal to crypto/ecdh's, %v each; HPKE opens", n, (took / n).Round(time.Microsecond))
 }
 
 // deleteLabelled deletes the private key labelled label and its

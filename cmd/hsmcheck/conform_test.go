@@ -19,6 +19,7 @@ var conformChecks = []string{
 	"generate Ed25519", "sign Ed25519 pure",
 	"generate RSA-2048 (decrypt)", "decrypter",
 	"decrypt PKCS#1 v1.5", "decrypt PKCS#1 v1.5 SessionKeyLen 32", "decrypt OAEP SHA-1", "decrypt OAEP SHA-256", "decrypt OAEP SHA-256 label", "decrypt OAEP SHA-256 label ending in NUL",
+	"generate ECDSA P-256 (derive)", "ecdh ECDSA P-256", "generate ECDSA P-384 (derive)", "ecdh ECDSA P-384", "generate ECDSA P-521 (derive)", "ecdh ECDSA P-521",
 	"certificate create", "certificate import", "certificate read", "certificate delete",
 	"random", "reinitialize", "stale signer", "durable signer",
 	"TLS 1.3 handshake", "URI lookup", "delete keys",
@@ -72,8 +73,8 @@ func TestConformSoftHSM(t *testing.T) {
 	// The keys are gone; a second run replaces what -keep left.
 	expect(t, 0, []string{"private keys: 0"}, nil, "list", "-uri", uri)
 	expect(t, 0, []string{"kept (-keep)"}, nil, "conform", "-uri", uri, "-keep")
-	expect(t, 0, []string{conformPrefix + "p256", "private keys: 6"}, nil, "list", "-uri", uri)
-	expect(t, 0, []string{"replaced an earlier key", "6 keys and their public halves"}, nil, "conform", "-uri", uri)
+	expect(t, 0, []string{conformPrefix + "p256", "private keys: 9", "derive"}, nil, "list", "-uri", uri)
+	expect(t, 0, []string{"replaced an earlier key", "9 keys and their public halves"}, nil, "conform", "-uri", uri)
 	expect(t, 0, []string{"private keys: 0"}, nil, "list", "-uri", uri)
 
 	// A wrong PIN fails at open; usage errors exit 2.

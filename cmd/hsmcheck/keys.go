@@ -147,7 +147,7 @@ func namedKey(uri, label, id string) (hsm.KeyRef, error) {
 	return ref, err
 }
 
-func keygen(uri, typ, label, id string, decrypt bool, mechs string, w io.Writer) error {
+func keygen(uri, typ, label, id string, decrypt, derive, deriveSign bool, mechs string, w io.Writer) error {
 	t, err := parseKeyType(typ)
 	if err != nil {
 		return err
@@ -168,7 +168,7 @@ func keygen(uri, typ, label, id string, decrypt bool, mechs string, w io.Writer)
 		return err
 	}
 	defer p.Close()
-	s, err := p.GenerateKey(hsm.KeySpec{Type: t, Label: ref.Label, ID: ref.ID, Decrypt: decrypt, AllowedMechanisms: allowed})
+	s, err := p.GenerateKey(hsm.KeySpec{Type: t, Label: ref.Label, ID: ref.ID, Decrypt: decrypt, Derive: derive, DeriveAndSign: deriveSign, AllowedMechanisms: allowed})
 	if err != nil {
 		return err
 	}
@@ -191,6 +191,9 @@ func uses(k hsm.KeyInfo) string {
 	}
 	if k.CanDecrypt {
 		use = append(use, "decrypt")
+	}
+	if k.CanDerive {
+		use = append(use, "derive")
 	}
 	if len(use) == 0 {
 		return "-"

@@ -5,7 +5,7 @@
 //	hsmcheck sign   -uri 'pkcs11:token=prod;object=tls?module-path=...&pin-source=...'
 //	hsmcheck bench  -uri 'pkcs11:token=prod;object=tls?...' -duration 10s -workers 4
 //	hsmcheck soak   -duration 60s -outage-every 2s
-//	hsmcheck keygen -uri 'pkcs11:token=prod?...' -type p256 -label tls [-id 01] [-decrypt] [-mechanisms LIST]
+//	hsmcheck keygen -uri 'pkcs11:token=prod?...' -type p256 -label tls [-id 01] [-decrypt] [-derive] [-mechanisms LIST]
 //	hsmcheck list   -uri 'pkcs11:token=prod?...'
 //	hsmcheck delete -uri 'pkcs11:token=prod?...' -label tls [-id 01]
 //	hsmcheck cert import -uri 'pkcs11:token=prod;object=tls?...' -in tls.pem
@@ -21,7 +21,10 @@
 // rsa4096, p256, p384, p521 or ed25519, in any case, or as the key types
 // print themselves: "RSA-2048", "ECDSA P-256", "Ed25519"...) and prints its
 // label, ID, type and public key (PEM). It refuses a label or an ID that a
-// private key already has. -decrypt makes an RSA key decrypt too.
+// private key already has. -decrypt makes an RSA key decrypt too. -derive
+// makes an EC key a key-agreement key (ECDH: CKA_DERIVE, and CKA_SIGN off),
+// for hsm.Provider.KeyExchanger; -derive-and-sign one that agrees keys and
+// signs.
 // -mechanisms restricts the private key to the mechanisms listed
 // (CKA_ALLOWED_MECHANISMS, where the token enforces it), by name or number,
 // comma-separated: "CKM_SHA256_RSA_PKCS_PSS,CKM_SHA384_RSA_PKCS_PSS" makes
@@ -50,7 +53,10 @@
 // that label is deleted first), and signs with each (RSA PKCS #1 v1.5 and
 // PSS, ECDSA, Ed25519), verifying in Go; decrypts with an RSA-2048 key
 // (PKCS #1 v1.5, with SessionKeyLen, OAEP SHA-1, SHA-256, SHA-256 with a
-// label); stores, reads back and deletes a self-signed certificate of the
+// label); makes P-256, P-384 and P-521 key-agreement keys (KeySpec.Derive)
+// and agrees with each (ECDH) with 20 random peers, compared with
+// crypto/ecdh, and opens an HPKE message sealed to it; stores, reads back
+// and deletes a self-signed certificate of the
 // P-256 key; reads random bytes; re-initializes the library (a Signer must
 // then fail with ErrStaleKey, a DurableSigner must sign); completes a TLS
 // 1.3 handshake with the certificate stored on the token; and finds the
@@ -98,7 +104,7 @@ commands:
                                        chaos soak on a SoftHSM2 token of its own (needs softhsm2, p11-kit, opensc);
                                        with -members N >= 2, on an hsm.Group of N tokens holding the same keys,
                                        members killed at random with one always up: no signature may fail
-  keygen -uri URI -type TYPE [-label L] [-id HEX] [-decrypt] [-mechanisms LIST]
+  keygen -uri URI -type TYPE [-label L] [-id HEX] [-decrypt] [-derive | -derive-and-sign] [-mechanisms LIST]
                                        generate a key pair; print its label, ID, type and public key (PEM)
                                        TYPE: rsa2048, rsa3072, rsa4096, p256, p384, p521, ed25519
                                        LIST: the only mechanisms the key may use, e.g. CKM_SHA256_RSA_PKCS_PSS,0x44
@@ -158,6 +164,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		workers, members      int
 		typ, label, id, mechs string
 		decrypt, chain        bool
+		derive, deriveSign    bool
 		all, keep, noLogin    bool
 		in, out               string
 	)
@@ -177,6 +184,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		keyFlags()
 		fs.Lookup("id").Usage = "ID of the key in hex (default: id= of the URI, else derived from the public key)"
 		fs.BoolVar(&decrypt, "decrypt", false, "an RSA key decrypts too")
+		fs.BoolVar(&derive, "derive", false, "an EC key agrees keys (ECDH, CKA_DERIVE) and does not sign")
+		fs.BoolVar(&deriveSign, "derive-and-sign", false, "an EC key agrees keys (ECDH) and signs")
 		fs.StringVar(&mechs, "mechanisms", "", "restrict the private key to these mechanisms (CKA_ALLOWED_MECHANISMS), comma-separated names or numbers, e.g. CKM_SHA256_RSA_PKCS_PSS,0x44")
 	case "list":
 	case "delete":
@@ -220,7 +229,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		case "soak":
 			err = runSoak(duration, outageEvery, workers, members, stdout)
 		case "keygen":
-			err = keygen(*uri, typ, label, id, decrypt, mechs, stdout)
+			err = keygen(*uri, typ, label, id, decrypt, derive, deriveSign, mechs, stdout)
 		case "list":
 			err = list(*uri, stdout)
 		case "delete":
@@ -274,6 +283,9 @@ func probe(uri string, w io.Writer) error {
 		}
 		if k.CanDecrypt {
 			use = append(use, "decrypt")
+		}
+		if k.CanDerive {
+			use = append(use, "derive")
 		}
 		fmt.Fprintf(w, "  %-40s %-14s %s\n", k.Ref, k.Type, strings.Join(use, ","))
 	}

@@ -407,3 +407,23 @@ func TestKeygenMechanisms(t *testing.T) {
 		t.Fatalf("Sign of a digest: %v, want ErrUnsupportedKey", err)
 	}
 }
+
+// TestKeygenDerive: keygen -derive makes a key-agreement key, which list
+// shows as "derive" only; -derive on an RSA key is refused.
+func TestKeygenDerive(t *testing.T) {
+	tok := softhsmtest.NewToken(t, "hsmcheck-derive")
+	u := "pkcs11:token=" + tok.Label + "?module-path=" + softhsmtest.SoftHSMModule + "&pin-value=" + tok.PIN
+	expect(t, 0, []string{`label: "kx"`, "type:  ECDSA P-256", "-----BEGIN PUBLIC KEY-----"}, nil,
+		"keygen", "-uri", u, "-type", "p256", "-label", "kx", "-derive")
+	expect(t, 0, []string{`label: "both"`}, nil,
+		"keygen", "-uri", u, "-type", "p384", "-label", "both", "-derive-and-sign")
+	out := expect(t, 0, []string{"private keys: 2\n"}, nil, "list", "-uri", u)
+	if l := keyLine(out, "private keys", `label "kx"`); !strings.Contains(l, " derive") || strings.Contains(l, "sign") {
+		t.Errorf("list shows the key-agreement key as %q, want derive only", l)
+	}
+	if l := keyLine(out, "private keys", `label "both"`); !strings.Contains(l, "sign,derive") {
+		t.Errorf("list shows the derive-and-sign key as %q", l)
+	}
+	expect(t, 1, nil, []string{"hsmcheck keygen: ", "only EC keys"},
+		"keygen", "-uri", u, "-type", "rsa2048", "-label", "r", "-derive")
+}
