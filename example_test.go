@@ -166,7 +166,7 @@ func Example_tlsServer() {
 	if err := tok.Generate(softhsmtest.P256, []byte{1}, "tls"); err != nil {
 		log.Fatal(err)
 	}
-	hsmServer, err := softhsmtest.ServeOwn(tok)
+	hsmServer, err := softhsmtest.Serve(tok)
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -466,7 +466,10 @@ func ExampleProvider_GenerateKey() {
 
 // One key on two HSMs: the group signs while either is up. Here two
 // SoftHSM2 tokens holding the same imported key, each behind a p11-kit
-// server of its own, stand for two network HSMs.
+// server of its own, stand for two network HSMs, each reached through a
+// client library of its own (softhsmtest.ServeOwn's copy of p11-kit's
+// client). Two tokens of one module can be members too, but a loss of the
+// module takes them down together.
 func ExampleOpenGroup() {
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	var members []hsm.Config

@@ -79,6 +79,27 @@ var (
 	spyEpochCall = map[string]bool{"C_Initialize": true, "C_Finalize": true}
 )
 
+// spyMark returns where the spy's log ends now, for checkHandles.
+func spyMark(t *testing.T) int64 {
+	t.Helper()
+	fi, err := os.Stat(spyLog)
+	if err != nil {
+		return 0 // not written yet
+	}
+	return fi.Size()
+}
+
+// checkHandles runs noHandleCrossesFinalize on what the spy logged since
+// mark: deferred, it checks the calls of a test that failed too.
+func checkHandles(t *testing.T, mark int64) {
+	t.Helper()
+	log, err := os.ReadFile(spyLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("checked %d handle uses", noHandleCrossesFinalize(t, log[mark:]))
+}
+
 // noHandleCrossesFinalize checks invariant 1 on a spy log that starts
 // before the module's C_Initialize: every session and object handle a call
 // uses was handed out (C_OpenSession, C_FindObjects, C_CreateObject,
@@ -132,13 +153,8 @@ func TestTokensOfOneModule(t *testing.T) {
 	useSpy(t)
 	toks := moduleTokens(t, 2)
 	var a1, a2, b *Provider
-	var log []byte
-	defer func() {
-		if log != nil {
-			t.Logf("checked %d handle uses", noHandleCrossesFinalize(t, log))
-		}
-	}()
-	log = spyWindow(t, func() {
+	defer checkHandles(t, spyMark(t))
+	func() {
 		opens := callsByName(t, func() {
 			a1 = openOn(t, spyModule, toks[0])
 			a2 = openOn(t, spyModule, toks[0])
@@ -213,7 +229,7 @@ func TestTokensOfOneModule(t *testing.T) {
 		if b.mod.initialized {
 			t.Error("the module is initialized after its last Provider closed")
 		}
-	})
+	}()
 }
 
 // TestModuleReinitializedOnce: a Reinitialize asked of one Provider
@@ -227,13 +243,8 @@ func TestModuleReinitializedOnce(t *testing.T) {
 	useSpy(t)
 	toks := moduleTokens(t, 2)
 	var provs []*Provider
-	var log []byte
-	defer func() {
-		if log != nil {
-			t.Logf("checked %d handle uses", noHandleCrossesFinalize(t, log))
-		}
-	}()
-	log = spyWindow(t, func() {
+	defer checkHandles(t, spyMark(t))
+	func() {
 		for _, tok := range []*softhsmtest.Token{toks[0], toks[0], toks[1]} {
 			provs = append(provs, openOn(t, spyModule, tok))
 		}
@@ -309,7 +320,7 @@ func TestModuleReinitializedOnce(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-	})
+	}()
 }
 
 // TestSharedLoginPIN: Providers of one token share its login. One with
