@@ -126,10 +126,44 @@
 // [Provider.Stats], [Provider.ReadyHandler] and Config.OnStateChange watch
 // it.
 //
+// # Several Providers of one module
+//
+// [Open] a module already open in the process (another token of it, or
+// the same token again) and the Providers share it: each keeps its own
+// configuration, session pool, stats, state and callbacks. The module is
+// the unit of C_Initialize and C_Finalize, as the standard makes it, so a
+// re-initialization, asked for on any Provider of the module or started
+// by any one's recovery, is one re-initialization of the module: it
+// drains the calls of every Provider, makes one C_Finalize and one
+// C_Initialize, logs every token in again and moves every Provider to its
+// next generation; keys of before, whichever Provider they came from, are
+// stale (generation-bound) or re-bind (durable, group). Each Provider's
+// probe decides its own state, and the first that sees a module-wide loss
+// re-initializes the module for all; concurrent callers across the
+// Providers share one re-initialization. A loss that is one token's alone
+// as far as the calls tell (C_GetTokenInfo of its slot fails while
+// C_GetSlotList answers, the token is not present or logged out) while
+// another Provider of the module, on another token, answers a probe, is
+// recovered for that token alone, without C_Finalize: the module stays up
+// for the others. (A module that cannot find a token again without being
+// initialized, as SoftHSM, then needs a Reinitialize.)
+//
+// Login is the application's, per token: the first Provider of a token
+// logs in, others with the same PIN and user type share the login, one
+// with another PIN fails with [ErrPIN] without sending it (it would not
+// be checked, and checking it would log the others out), and a PIN the
+// token refused is not sent again until the module is re-initialized.
+// [Provider.Close] closes the Provider's sessions, logs the token out when
+// no other Provider uses it, and the last Close of the module finalizes
+// it. A token created after the module was initialized may not be listed
+// until it is re-initialized (SoftHSM lists tokens at C_Initialize).
+//
 // # Groups
 //
 // [OpenGroup] opens one provider per HSM holding the same key (HSMs
-// without vendor high availability, separate partitions) as a [Group]. Its
+// without vendor high availability, separate partitions) as a [Group].
+// Members may be tokens of one module; a loss of the module takes them
+// down together (see above), so independent HSMs need a module each. Its
 // keys spread operations over the healthy members and repeat an operation
 // that failed because of its HSM (lost, unavailable, busy, not answering)
 // on another member, so the caller sees an error only when no member could
@@ -196,8 +230,7 @@
 // C_Finalize or C_Initialize enters the module until it has. At most
 // Config.MaxSessions goroutines are inside the library at once.
 //
-// A Provider must be the only user of its PKCS#11 module in the process:
-// Open refuses a module that another live Provider, or other code, has
-// initialized ([ErrModuleInUse]). Modules are loaded once and never
-// unloaded.
+// The Providers of a module must be its only users in the process: Open
+// refuses a module that other code has initialized ([ErrModuleInUse]).
+// Modules are loaded once and never unloaded.
 package hsm

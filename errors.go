@@ -68,13 +68,18 @@ var (
 	ErrTokenChanged = newSentinel("a different token answers to the configured selector")
 
 	// ErrPIN matches every PIN failure of the token (incorrect, locked,
-	// expired, invalid). A PIN error never triggers a retry or a
+	// expired, invalid), and an Open with another PIN or user type than the
+	// Provider of this process that logged the same token in (refused
+	// without sending it). A PIN error never triggers a retry or a
 	// re-initialization: retrying would lock the token.
 	ErrPIN = newSentinel("PIN rejected")
 
-	// ErrModuleInUse is returned by Open when the PKCS#11 module is already
-	// owned by a live Provider of this process, or was initialized by other
-	// code in this process.
+	// ErrModuleInUse is returned by Open when the PKCS#11 module was
+	// initialized by other code in this process (C_Initialize answered
+	// CKR_CRYPTOKI_ALREADY_INITIALIZED), or, while no Provider of it is
+	// open, when the calls of a closed one have not returned (a frozen
+	// HSM): its end, and the module's C_Finalize, wait for them. Another
+	// Open of a module open in the process shares it (see Open).
 	ErrModuleInUse = newSentinel("PKCS#11 module already in use in this process")
 
 	// ErrConfig is returned by Open for an invalid Config.
