@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the benchmarks (the compare module's bench_test.go and scale_test.go,
+# Runs the benchmarks (the compare module's bench_test.go, ecdh_test.go and scale_test.go,
 # where raw miekg/pkcs11, crypto11 and hsm run side by side, and the core's
 # bench_test.go and scale_test.go, which measure hsm alone), the PKCS#11
 # call count (compare's TestCallsCompared) and the instruction count
@@ -23,7 +23,7 @@ go test -c -o "$bin" .
 : >"$out"
 for i in $(seq "$count"); do
 	echo "bench.sh: round $i of $count" >&2
-	"$cmp" -test.run '^$' -test.bench 'BenchmarkOps$' -test.benchmem -test.timeout 60m | tee -a "$out"
+	"$cmp" -test.run '^$' -test.bench 'Benchmark(Ops|ECDH)$' -test.benchmem -test.timeout 60m | tee -a "$out"
 	"$bin" -test.run '^$' -test.bench 'Benchmark(Refused|SessionKey)$' -test.benchmem -test.timeout 60m | tee -a "$out"
 done
 # The cost of lookups as keys are added (100, 1,000, 5,000 keys on one
@@ -37,7 +37,7 @@ export HSM_SCALE="${HSM_SCALE:-100,1000,5000}"
 echo "bench.sh: scale, $scount runs" >&2
 "$cmp" -test.run '^$' -test.bench 'BenchmarkScale$' -test.benchtime 3x -test.count "$scount" -test.timeout 60m | tee "$scale"
 "$bin" -test.run '^$' -test.bench 'BenchmarkScale$' -test.benchtime 3x -test.count "$scount" -test.timeout 60m | tee -a "$scale"
-calls=$(cd compare && go test -count=1 -run TestCallsCompared -v . | grep -o 'PKCS#11 calls per .*' || true)
+calls=$( { (cd compare && go test -count=1 -run TestCallsCompared -v . | grep -o 'PKCS#11 calls per .*'); go test -count=1 -run TestCallsPerECDH -v . | grep -o 'PKCS#11 calls per ECDH: [0-9.]*' | sed 's/$/ (hsm)/'; } || true)
 benchstat="go run golang.org/x/perf/cmd/benchstat@v0.0.0-20260908200009-22c9c6c9d4da"
 # The comparison (compare's BenchmarkOps) first, then what hsm alone does.
 table=$($benchstat -col /eng -filter 'pkg:github.com/ce46d8f2/hsm/compare' "$out"; echo; $benchstat -col /eng -filter 'pkg:github.com/ce46d8f2/hsm' "$out")
