@@ -465,15 +465,13 @@ func ExampleProvider_GenerateKey() {
 }
 
 // One key on two HSMs: the group signs while either is up. Here two
-// SoftHSM2 tokens holding the same imported key, each behind a p11-kit
-// server of its own, stand for two network HSMs, each reached through a
-// client library of its own (softhsmtest.ServeOwn's copy of p11-kit's
-// client). Two tokens of one module can be members too, but a loss of the
-// module takes them down together.
+// SoftHSM2 tokens hold the same imported key: one in this process, one
+// behind a p11-kit server that stands for a network HSM. Two modules, so
+// that the loss of one leaves the other: two tokens of one module can be
+// members too, but a loss of the module takes them down together.
 func ExampleOpenGroup() {
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	var members []hsm.Config
-	var servers []*softhsmtest.Server
+	var toks []*softhsmtest.Token
 	for range 2 {
 		tok, err := softhsmtest.CreateToken("group-example")
 		if err != nil {
@@ -482,13 +480,16 @@ func ExampleOpenGroup() {
 		if err := tok.Import(key, []byte{1}, "ca"); err != nil {
 			log.Fatal(err)
 		}
-		srv, err := softhsmtest.ServeOwn(tok)
-		if err != nil {
-			log.Fatal(err)
-		}
-		defer srv.Stop()
-		servers = append(servers, srv)
-		members = append(members, hsm.Config{Path: srv.Module(), TokenLabel: tok.Label, PIN: tok.PIN, MaxSessions: 1})
+		toks = append(toks, tok)
+	}
+	networkHSM, err := softhsmtest.Serve(toks[1])
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer networkHSM.Stop()
+	members := []hsm.Config{
+		{Path: softhsmtest.SoftHSMModule, TokenLabel: toks[0].Label, PIN: toks[0].PIN},
+		{Path: networkHSM.Module(), TokenLabel: toks[1].Label, PIN: toks[1].PIN, MaxSessions: 1},
 	}
 
 	g, err := hsm.OpenGroup(members...)
@@ -510,7 +511,7 @@ func ExampleOpenGroup() {
 	}
 	fmt.Println(g.State())
 	sign()
-	if err := servers[1].Kill(); err != nil { // the second HSM is lost
+	if err := networkHSM.Kill(); err != nil { // the second HSM is lost
 		log.Fatal(err)
 	}
 	for range 3 {
