@@ -175,7 +175,7 @@ func (c *conformance) run(uri string, all, keep, noLogin bool) error {
 	var keys []generated
 	defer func() { c.cleanup(keys, keep) }()
 	for _, t := range types {
-		s := c.generate(t, false)
+		s := c.generate(t, useSign)
 		if s == nil {
 			continue
 		}
@@ -184,14 +184,14 @@ func (c *conformance) run(uri string, all, keep, noLogin bool) error {
 	}
 
 	// 3. RSA decryption.
-	if s := c.generate(hsm.RSA2048, true); s != nil {
+	if s := c.generate(hsm.RSA2048, useDecrypt); s != nil {
 		keys = append(keys, generated{hsm.RSA2048, s})
 		c.decryptChecks(s.KeyRef())
 	}
 
 	// 3b. Key agreement (ECDH) with EC keys that only derive.
 	for _, t := range []hsm.KeyType{hsm.ECDSAP256, hsm.ECDSAP384, hsm.ECDSAP521} {
-		if s := c.generateDerive(t); s != nil {
+		if s := c.generate(t, useDerive); s != nil {
 			keys = append(keys, generated{t, s})
 			c.ecdhCheck(t, s.KeyRef())
 		}
@@ -253,16 +253,30 @@ func typeName(t hsm.KeyType) string {
 	return strings.ToLower(t.String())
 }
 
-// generate makes the key of type t (decrypting, with decrypt) after
-// deleting an earlier one with its label, and adds its row. It returns nil
-// when the key was not made.
-func (c *conformance) generate(t hsm.KeyType, decrypt bool) *hsm.Signer {
+// use is what a generated key is for, besides signing: its label's and
+// check's suffix, and its KeySpec.
+type use uint8
+
+const (
+	useSign use = iota
+	useDecrypt
+	useDerive
+)
+
+// generate makes the key of type t for u after deleting an earlier one
+// with its label, and adds its row. It returns nil when the key was not
+// made.
+func (c *conformance) generate(t hsm.KeyType, u use) *hsm.Signer {
 	label := conformPrefix + typeName(t)
 	check := fmt.Sprintf("generate %v", t)
-	if decrypt {
-		label += "-decrypt"
-		check += " (decrypt)"
+	spec := hsm.KeySpec{Type: t}
+	switch u {
+	case useDecrypt:
+		label, check, spec.Decrypt = label+"-decrypt", check+" (decrypt)", true
+	case useDerive:
+		label, check, spec.Derive = label+"-derive", check+" (derive)", true
 	}
+	spec.Label = label
 	replaced := ""
 	switch deleted, err := c.deleteLabelled(label); {
 	case err != nil:
@@ -272,29 +286,7 @@ func (c *conformance) generate(t hsm.KeyType, decrypt bool) *hsm.Signer {
 		replaced = " (replaced an earlier key)"
 	}
 	start := time.Now()
-	s, err := c.p.GenerateKey(hsm.KeySpec{Type: t, Label: label, Decrypt: decrypt})
-	if c.outcome(check, err, "") {
-		c.rows[len(c.rows)-1].detail = fmt.Sprintf("%v, %s%s", since(start), s.KeyRef(), replaced)
-		return s
-	}
-	return nil
-}
-
-// generateDerive makes a key-agreement key of type t (KeySpec.Derive),
-// as generate does, and adds its row.
-func (c *conformance) generateDerive(t hsm.KeyType) *hsm.Signer {
-	label := conformPrefix + typeName(t) + "-derive"
-	check := fmt.Sprintf("generate %v (derive)", t)
-	replaced := ""
-	switch deleted, err := c.deleteLabelled(label); {
-	case err != nil:
-		c.fail(check, "deleting the earlier key %q: %v", label, err)
-		return nil
-	case deleted:
-		replaced = " (replaced an earlier key)"
-	}
-	start := time.Now()
-	s, err := c.p.GenerateKey(hsm.KeySpec{Type: t, Label: label, Derive: true})
+	s, err := c.p.GenerateKey(spec)
 	if c.outcome(check, err, "") {
 		c.rows[len(c.rows)-1].detail = fmt.Sprintf("%v, %s%s", since(start), s.KeyRef(), replaced)
 		return s
