@@ -41,14 +41,15 @@
 //
 // Operations:
 //
-//	hsm_operations_total                   counter: operations admitted (signatures, decryptions, lookups, writes; not probes)
+//	hsm_operations_total                   counter: operations admitted (signatures, decryptions, key agreements, lookups, writes; not probes)
 //	hsm_operations_refused_total           counter: operations refused without a PKCS#11 call (ErrStaleKey, ErrUnavailable, ErrClosed)
 //	hsm_operations_failed_total            counter: admitted operations (and probes) that failed with a PKCS#11 error
 //	hsm_pkcs11_errors_total{code}          counter: those errors by return value, e.g. code="CKR_DEVICE_ERROR (0x30)" (hsm.CodeName)
 //	hsm_operations_in_flight               gauge: operations inside the PKCS#11 library now
 //	hsm_operation_duration_seconds{op}     histogram: time from admission (the wait for a session included) to the
 //	                                       end of the PKCS#11 calls, by op: sign, decrypt, lookup, write,
-//	                                       check (health probes, URI checks)
+//	                                       check (health probes, URI checks, proofs of possession), derive
+//	                                       (ECDH key agreements)
 //
 // Recovery:
 //
@@ -137,7 +138,7 @@ func NewCollector(p *hsm.Provider) prometheus.Collector {
 			"token", "serial", "model", "manufacturer"),
 
 		operations: desc("operations_total",
-			"Operations admitted to the PKCS#11 library: signatures, decryptions, key and certificate lookups, writes (health probes are counted in hsm_probes_total)."),
+			"Operations admitted to the PKCS#11 library: signatures, decryptions, key agreements, key and certificate lookups, writes (health probes are counted in hsm_probes_total)."),
 		refused: desc("operations_refused_total",
 			"Operations refused without a PKCS#11 call: stale key, provider unavailable or closed."),
 		failed: desc("operations_failed_total",

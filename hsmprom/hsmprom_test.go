@@ -206,12 +206,13 @@ func TestLint(t *testing.T) {
 			t.Errorf("metric %s has no help", mf.GetName())
 		}
 	}
-	// 5 states, 5 latency histograms, no PKCS#11 error yet, and 19 single
-	// series: state change, generation, token info, 3 operation counters,
-	// in flight, 2 re-initialization, 2 probe counters, events dropped, 4
-	// session gauges, 3 wait counters.
-	if n := testutil.CollectAndCount(hsmprom.NewCollector(p)); n != 5+5+19 {
-		t.Errorf("CollectAndCount = %d, want 29", n)
+	// 5 states, 6 latency histograms (sign, decrypt, lookup, write, check,
+	// derive), no PKCS#11 error yet, and 19 single series: state change,
+	// generation, token info, 3 operation counters, in flight, 2
+	// re-initialization, 2 probe counters, events dropped, 4 session
+	// gauges, 3 wait counters.
+	if n := testutil.CollectAndCount(hsmprom.NewCollector(p)); n != 5+6+19 {
+		t.Errorf("CollectAndCount = %d, want 30", n)
 	}
 	tok := p.TokenInfo()
 	if got := value(t, reg, "hsm_token_info", "token", tok.Label, "serial", tok.Serial); got != 1 {
