@@ -32,10 +32,12 @@ func waitFinished(t *testing.T, p *Provider) {
 }
 
 // wantModuleInUse checks that the module of r is still claimed: Open fails
-// with ErrModuleInUse.
+// with ErrModuleInUse, after waiting its DrainTimeout plus ProbeTimeout
+// for the end of the closed Provider.
 func wantModuleInUse(t *testing.T, r *remote) {
 	t.Helper()
-	p, err := Open(Config{Path: r.srv.Module(), TokenLabel: r.tok.Label, PIN: r.tok.PIN})
+	p, err := Open(Config{Path: r.srv.Module(), TokenLabel: r.tok.Label, PIN: r.tok.PIN,
+		DrainTimeout: 200 * time.Millisecond, ProbeTimeout: 300 * time.Millisecond})
 	if err == nil {
 		p.Close()
 		t.Fatal("Open succeeded while a call was still inside the module")

@@ -119,13 +119,27 @@ func claimModule(cfg Config, p *Provider) (*module, error) {
 	if !fi.Mode().IsRegular() {
 		return nil, wrapf(ErrConfig, "module %q is not a regular file", path)
 	}
+	// The last Providers of the module are closing: wait, up to
+	// DrainTimeout plus ProbeTimeout (a Close's own bound), for their end
+	// (their drain, C_Logout, C_Finalize), as a new Open must not
+	// initialize a module they are finalizing.
+	deadline := time.Now().Add(cfg.DrainTimeout + cfg.ProbeTimeout)
 	modules.Lock()
 	defer modules.Unlock()
 	m := modules.m[abs]
-	switch {
-	case m != nil && m.open == 0 && len(m.provs) > 0:
-		return nil, wrapf(ErrModuleInUse, "%s is still held by a closed Provider: PKCS#11 calls of it have not returned (a frozen HSM); it is finalized and released when they do", abs)
-	case m != nil && len(m.provs) > 0 && m.initText != cfg.InitArgs:
+	for m != nil && m.open == 0 && len(m.provs) > 0 {
+		ends := make([]<-chan struct{}, 0, len(m.provs))
+		for _, q := range m.provs {
+			ends = append(ends, q.finished)
+		}
+		modules.Unlock()
+		ended := waitAll(ends, deadline)
+		modules.Lock()
+		if !ended {
+			return nil, wrapf(ErrModuleInUse, "%s is still held by a closed Provider: %s has not returned (a frozen HSM?); it is finalized and released when it does", abs, m.stuckCall("its end"))
+		}
+	}
+	if m != nil && len(m.provs) > 0 && m.initText != cfg.InitArgs {
 		return nil, wrapf(ErrConfig, "%s is initialized for other Providers with InitArgs %q, and this Config gives %q: the module takes one C_Initialize for all of them", abs, m.initText, cfg.InitArgs)
 	}
 	if m == nil {
@@ -144,6 +158,21 @@ func claimModule(cfg Config, p *Provider) (*module, error) {
 	m.provs = append(m.provs, p)
 	m.open++
 	return m, nil
+}
+
+// waitAll waits until every channel of chs is closed, or deadline passes
+// (false).
+func waitAll(chs []<-chan struct{}, deadline time.Time) bool {
+	t := time.NewTimer(time.Until(deadline))
+	defer t.Stop()
+	for _, ch := range chs {
+		select {
+		case <-ch:
+		case <-t.C:
+			return false
+		}
+	}
+	return true
 }
 
 // closed records that p, attached, no longer needs the module: Close has

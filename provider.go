@@ -45,10 +45,17 @@ type Provider struct {
 	// closed, the token logged out when no other Provider uses it, the
 	// library finalized when no other Provider uses the module.
 	drained, finished chan struct{}
-	// closedFrom is the state Close found: Close ends the Provider's
-	// sessions by their numbers only when it was healthy (see finish).
-	// Written before finish starts.
+	// closedFrom and closedGen are the state and generation Close found:
+	// Close ends the Provider's sessions by their numbers only when it was
+	// healthy, or when a re-initialization set them up after it (see
+	// finish). Written before finish starts.
 	closedFrom State
+	closedGen  uint64
+	// joined is set once Open has set the Provider up (or, for a group
+	// member, let it start unavailable), with its state and monitor: from
+	// then on a re-initialization of the module takes it in. Guarded by
+	// the module's life.
+	joined bool
 
 	// cutShort holds the GenerateKey calls, by label, whose outcome a loss
 	// left unknown, for their retry to finish (lifecycle.go). Guarded by
@@ -73,8 +80,9 @@ type Provider struct {
 // Config.ProbeTimeout: when they do not return in time, Open fails with
 // ErrHung, and nothing else enters the module until they return (when no
 // other Provider is open on it, Open of it fails with ErrModuleInUse until
-// then). It waits for a re-initialization of the module in progress up to
-// DrainTimeout plus ProbeTimeout (ErrUnavailable).
+// then). It waits for a re-initialization of the module in progress, and
+// for the end of the module's last Providers when they are closing, up to
+// DrainTimeout plus ProbeTimeout each (ErrUnavailable, ErrModuleInUse).
 //
 // Two Providers of one token share its login, which PKCS#11 makes the
 // application's: one with another PIN or user type than the Provider that
@@ -101,6 +109,7 @@ func open(cfg Config, late bool) (*Provider, error) {
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
 	}
+	p.health.init()
 	m, err := claimModule(cfg, p)
 	if err != nil {
 		return nil, &Error{Op: "open", Err: err}
@@ -109,33 +118,7 @@ func open(cfg Config, late bool) (*Provider, error) {
 	if p.fast == nil {
 		p.log.Info("hsm: signing and decrypting through miekg/pkcs11 (3 calls per operation, not 2)", "module", m.path, "because", m.slow)
 	}
-	p.health.init()
-	in, err := m.attach(p)
-	if err != nil && late && !errors.Is(err, ErrConfig) && !errors.Is(err, ErrModuleInUse) {
-		// A call that did not return (ErrHung) keeps the module busy:
-		// recovery fails at once until it returns.
-		st := StateUnavailable
-		if errors.Is(err, ErrPIN) || errors.Is(err, ErrTokenChanged) {
-			st = StateFailed
-		}
-		p.openErr = err
-		p.startBackground(1, st, err)
-		p.log.Warn("hsm: the HSM could not be opened; it is used once it answers", "module", m.path, "state", st, "err", err)
-		return p, nil
-	}
-	if err != nil {
-		p.closedFrom = StateUnavailable // p's sessions, if any, are the module's to reclaim
-		m.closed()
-		if errors.Is(err, ErrHung) {
-			go p.finish() // ends p's use of the module when the call returns
-		} else {
-			m.detach(p) // attach left nothing of p in the module
-		}
-		return nil, err
-	}
-	p.serial = in.token.SerialNumber
-	p.startBackground(1, StateHealthy, nil)
-	return p, nil
+	return m.attach(p, late)
 }
 
 // startBackground puts the new provider, not yet shared, in generation gen
@@ -150,12 +133,24 @@ func (p *Provider) startBackground(gen uint64, st State, cause error) {
 }
 
 // attach sets up generation 1 of p, a Provider attached to the module:
-// C_Initialize unless another Provider has, then set-up. On failure p
-// leaves nothing in the module, and the library is left finalized when no
-// other Provider is attached.
-func (m *module) attach(p *Provider) (*instance, error) {
+// C_Initialize unless another Provider has, then set-up; then p joins the
+// module (its state, monitor and notifier start, and re-initializations of
+// the module take it in), all under the module's life, so that no
+// re-initialization sees p half set up. With late (a Group's member), a
+// failure that a later attempt may not repeat, that is anything but
+// ErrConfig and ErrModuleInUse, does not fail it: p joins in generation 1,
+// unavailable, with the failure in p.openErr. Automatic recovery then
+// brings it up when the HSM answers, as after a loss (the token's serial
+// number is learnt then). A failure that retrying cannot cure (ErrPIN)
+// leaves it in StateFailed instead, as recovery would. Otherwise a
+// failure leaves nothing of p in the module, and the library finalized
+// when no other Provider is attached.
+func (m *module) attach(p *Provider, late bool) (*Provider, error) {
 	const op = "open"
 	if err := m.lock(time.Now().Add(p.cfg.DrainTimeout+p.cfg.ProbeTimeout), nil); err != nil {
+		p.closedFrom = StateUnavailable
+		m.closed()
+		m.detach(p)
 		return nil, &Error{Op: op, Generation: 1, Err: causedBy(ErrUnavailable, err)}
 	}
 	defer m.unlock()
@@ -175,10 +170,33 @@ func (m *module) attach(p *Provider) (*instance, error) {
 		p.inst.Store(in) // before open returns: a call that outlived its bound leaves in to finish
 		return nil
 	})
-	if err != nil {
-		return nil, err // in is the module goroutine's until it returns
+	switch {
+	case err == nil:
+		p.serial = in.token.SerialNumber
+		p.startBackground(1, StateHealthy, nil)
+		p.joined = true
+		return p, nil
+	case late && !errors.Is(err, ErrConfig) && !errors.Is(err, ErrModuleInUse):
+		// A call that did not return (ErrHung) keeps the module busy:
+		// recovery fails at once until it returns.
+		st := StateUnavailable
+		if errors.Is(err, ErrPIN) || errors.Is(err, ErrTokenChanged) {
+			st = StateFailed
+		}
+		p.openErr = err
+		p.startBackground(1, st, err)
+		p.joined = true
+		p.log.Warn("hsm: the HSM could not be opened; it is used once it answers", "module", m.path, "state", st, "err", err)
+		return p, nil
 	}
-	return in, nil
+	p.closedFrom = StateUnavailable // p's sessions, if any, are the module's to reclaim
+	m.closed()
+	if errors.Is(err, ErrHung) {
+		go p.finish() // ends p's use of the module when the call returns
+	} else {
+		m.detach(p) // nothing of p is in the module; under life, so that a finish deciding who is last sees it gone
+	}
+	return nil, err
 }
 
 // only reports whether p is the one Provider attached to the module.
@@ -376,12 +394,14 @@ func (p *Provider) TokenInfo() TokenInfo {
 // the HSM does: up to DrainTimeout for the calls in flight, then up to
 // ProbeTimeout for C_CloseSession, C_Logout and C_Finalize (and for a
 // re-initialization of the module, for other Providers, in progress).
-// When calls are still inside the library after DrainTimeout, it returns
-// an error wrapping ErrDrainTimeout; when those calls, or a
+// When calls are still inside the library after DrainTimeout (or the
+// module is still busy with a re-initialization for other Providers), it
+// returns an error wrapping ErrDrainTimeout; when those calls, or a
 // re-initialization's C_Initialize or C_Finalize, have not returned, one
 // wrapping ErrHung. Either says what was left behind: the Provider's end
-// is done when those calls return, and until then Open of the module
-// fails with ErrModuleInUse if no other Provider is open on it. Calling
+// is done when those calls return; until then an Open of the module, when
+// no other Provider is open on it, waits for that end within its own
+// DrainTimeout plus ProbeTimeout, then fails with ErrModuleInUse. Calling
 // Close again waits once more, and returns nil once all is done; after
 // Close has returned nil, it always does.
 //
@@ -398,7 +418,7 @@ func (p *Provider) Close() error {
 	p.stopBackground() // stops the monitor
 	gen, from, first := p.closeState()
 	if first {
-		p.closedFrom = from
+		p.closedFrom, p.closedGen = from, gen
 		if in := p.inst.Load(); in != nil {
 			in.stop()
 		}
@@ -444,8 +464,14 @@ func (p *Provider) closeResult(gen uint64) error {
 		return &Error{Op: "close", Generation: gen,
 			Err: wrapf(ErrDrainTimeout, "%d calls still inside the PKCS#11 library after %v; %s", p.gate.inFlight(), p.cfg.DrainTimeout, released)}
 	}
+	if p.mod.call.Load() == nil {
+		// Nothing hangs: the module's life is held, by a re-initialization
+		// for other Providers (draining them) or an Open.
+		return &Error{Op: "close", Generation: gen,
+			Err: wrapf(ErrDrainTimeout, "the module is busy with a re-initialization or an Open for other Providers; %s", strings.Replace(released, "they return", "it ends", 1))}
+	}
 	return &Error{Op: "close", Generation: gen,
-		Err: wrapf(ErrHung, "%s has not returned; %s", p.mod.stuckCall("a re-initialization of the module for other Providers"), strings.Replace(released, "they return", "it does", 1))}
+		Err: wrapf(ErrHung, "%s has not returned; %s", p.mod.stuckCall("a life cycle call"), strings.Replace(released, "they return", "it does", 1))}
 }
 
 // finish ends the provider's use of the module once nothing is inside it:
@@ -460,9 +486,10 @@ func (p *Provider) closeResult(gen uint64) error {
 // calls.
 //
 // Sessions are closed by their numbers only when Close found the Provider
-// healthy: a token that went away took its sessions with it, and the
-// library may have given the same numbers to sessions of other Providers
-// since. Those of an unhealthy Provider are left to the next C_Finalize.
+// healthy, or a re-initialization of the module set them up after Close:
+// a token that went away took its sessions with it, and the library may
+// have given the same numbers to sessions of other Providers since. Those
+// of an unhealthy Provider are left to the next C_Finalize.
 func (p *Provider) finish() {
 	m := p.mod
 	_ = p.gate.drain(context.Background(), nil)
@@ -472,9 +499,11 @@ func (p *Provider) finish() {
 	m.call.Store(&moduleCall{what: "C_Logout and C_Finalize of Close", since: time.Now()})
 	last := m.only(p)
 	if in := p.inst.Load(); in != nil && m.initialized && in.epoch == m.epoch {
-		healthy := p.closedFrom == StateHealthy
-		m.unuse(p, in.login, in.token.SerialNumber, healthy)
-		if healthy && !last {
+		// Its sessions are known good when Close found it healthy, or
+		// when a re-initialization set them up after Close.
+		good := p.closedFrom == StateHealthy || in.gen > p.closedGen
+		m.unuse(p, in.login, in.token.SerialNumber, good)
+		if good && !last {
 			in.closeSessions()
 		}
 	}

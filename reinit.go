@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/miekg/pkcs11"
@@ -42,8 +43,10 @@ import (
 // returns the error. In each case the provider stays unavailable and a later
 // call may succeed. It never waits longer than DrainTimeout plus twice
 // ProbeTimeout (the wait for another Provider's Open or Close of the module
-// counts in DrainTimeout), and the Close of the module's last open Provider
-// interrupts it (ErrClosed).
+// counts in DrainTimeout; a caller that joins a re-initialization another
+// Provider began with longer bounds stops waiting at its own, with
+// ErrUnavailable, and the re-initialization goes on), and the Close of the
+// module's last open Provider interrupts it (ErrClosed).
 //
 // It may be called from inside Config.OnStateChange.
 //
@@ -71,6 +74,11 @@ type outcome map[*Provider]error
 // without C_Finalize (see module.reinitialize).
 func (p *Provider) reinitFrom(ctx context.Context, failed uint64, auto bool) error {
 	m := p.mod
+	// This caller's bound, whatever flight of the module it joins (one
+	// that another Provider began, with a longer DrainTimeout, say).
+	bound := p.cfg.DrainTimeout + 2*p.cfg.ProbeTimeout
+	t := time.NewTimer(bound)
+	defer t.Stop()
 	// A flight for another Provider's token moves only that Provider: try
 	// again, a few times.
 	for range 4 {
@@ -93,6 +101,9 @@ func (p *Provider) reinitFrom(ctx context.Context, failed uint64, auto bool) err
 			}
 		case <-ctx.Done():
 			return &Error{Op: "reinitialize", Generation: p.Generation(), Err: ctx.Err()}
+		case <-t.C:
+			return &Error{Op: "reinitialize", Generation: p.Generation(),
+				Err: wrapf(ErrUnavailable, "the module's re-initialization, shared with other Providers of it, did not end within this Provider's bound (%v: DrainTimeout plus twice ProbeTimeout); it goes on", bound)}
 		}
 	}
 	if gen, _ := p.gate.load(); gen > failed {
@@ -140,12 +151,14 @@ func (m *module) answersElsewhere(p *Provider, provs []*Provider) bool {
 			close(done)
 		}()
 		t := time.NewTimer(q.cfg.ProbeTimeout)
+		answered := false
 		select {
 		case <-done:
-		case <-t.C:
+			answered = true
+		case <-t.C: // no answer: not proof that the module lives
 		}
 		t.Stop()
-		if q.State() == StateHealthy {
+		if answered && q.State() == StateHealthy {
 			return true
 		}
 	}
@@ -189,6 +202,9 @@ func (m *module) reinitialize(p *Provider, failed uint64, tokenOnly bool) outcom
 	case gen > failed:
 		return outcome{p: nil}
 	}
+	// Providers that have not joined (an Open waiting for the module's
+	// life, or one that failed) have no operation and no generation yet.
+	provs = slices.DeleteFunc(provs, func(q *Provider) bool { return !q.joined })
 	tokenOnly = tokenOnly && m.initialized && m.answersElsewhere(p, provs)
 	// part: the Providers whose generation moves on; drain: those whose
 	// calls must end first.
@@ -241,9 +257,19 @@ func (m *module) reinitialize(p *Provider, failed uint64, tokenOnly bool) outcom
 		// logged in and set up again.
 		old := p.inst.Swap(nil)
 		var in *instance
+		loggedOut := false
+		if code, _ := codeOf(p.LastError()); code == pkcs11.CKR_USER_NOT_LOGGED_IN {
+			loggedOut = true // the token is there, its login gone: its sessions are good
+		}
 		err := m.inModule(op, gen, fmt.Sprintf("C_OpenSession to C_Login of generation %d (the token alone)", gen+1), p.cfg.ProbeTimeout, stop, func() (err error) {
+			if p.State() == StateClosed {
+				return errStopped
+			}
 			if old != nil && old.epoch == m.epoch {
 				m.unuse(p, old.login, old.token.SerialNumber, false)
+				if loggedOut {
+					old.closeSessions()
+				}
 			}
 			if in, err = p.setup(op, gen+1); err == nil {
 				p.inst.Store(in)
@@ -252,6 +278,9 @@ func (m *module) reinitialize(p *Provider, failed uint64, tokenOnly bool) outcom
 		})
 		if err != nil {
 			return failAll(err)
+		}
+		if p.serial == "" {
+			p.serial = in.token.SerialNumber // a member that joined late (open): its first generation
 		}
 		p.moveOn(gen, in, start)
 		return outcome{p: nil}
@@ -283,6 +312,10 @@ func (m *module) reinitialize(p *Provider, failed uint64, tokenOnly bool) outcom
 			return err
 		}
 		for i, q := range part {
+			if q.State() == StateClosed {
+				errs[i] = errStopped // closed since: nothing to set up
+				continue
+			}
 			if ins[i], errs[i] = q.setup(op, gens[q]+1); errs[i] == nil {
 				q.inst.Store(ins[i]) // a call that outlives the bound leaves it to finish
 			}
@@ -310,6 +343,9 @@ func (m *module) reinitialize(p *Provider, failed uint64, tokenOnly bool) outcom
 
 // moveOn makes in, set up, the provider's generation gen+1.
 func (p *Provider) moveOn(gen uint64, in *instance, start time.Time) {
+	if p.State() == StateClosed {
+		return // closed since: its end (finish) gives the instance back
+	}
 	p.reinits.Add(1)
 	p.setState(gen+1, StateHealthy, nil)
 	p.log.Info("hsm: re-initialized", "generation", gen+1, "took", time.Since(start))
