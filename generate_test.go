@@ -242,8 +242,11 @@ func cutShortOnce(t *testing.T, spec KeySpec, at int) (privs, pubs int) {
 	if err != nil {
 		t.Fatalf("the retry: %v", err)
 	}
-	if privs, pubs := labelled(toolObjects(t, r.tok), "cut"); privs != 1 || pubs != 1 {
-		t.Fatalf("after the retry: %d private and %d public halves labelled cut, want one pair", privs, pubs)
+	if objs := toolObjects(t, r.tok); func() bool { privs, pubs := labelled(objs, "cut"); return privs != 1 || pubs != 1 }() {
+		privs, pubs := labelled(objs, "cut")
+		keys, kerr := r.p.Keys()
+		t.Fatalf("after the retry: %d private and %d public halves labelled cut, want one pair; pkcs11-tool lists %+v; Keys: %+v, %v",
+			privs, pubs, objs, keys, kerr)
 	}
 	digest := hashOf(crypto.SHA256, []byte("cut short"))
 	sig, err := s.Sign(nil, digest, crypto.SHA256)
