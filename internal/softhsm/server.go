@@ -214,15 +214,21 @@ func (s *Server) Kill() error {
 }
 
 // kill signals the session and reaps the server; it returns the session
-// id. It signals until no process of the session is left: a server
-// continued (SIGCONT) before it dies may fork a child for a client's
-// connection between two looks at the session.
+// id. Every process is continued, then killed, as the session is at each
+// step (a stopped process would not die until continued; one continued
+// finishes the write it was stopped in, which tests that stop the server
+// at an object file rely on: see StopAtObject). Then it signals again
+// until no process of the session is left: a server continued before it
+// dies may fork a child for a client's connection between two looks at
+// the session.
 func (s *Server) kill() int {
 	sid := s.cmd.Process.Pid
+	s.signal(syscall.SIGCONT)
+	s.signal(syscall.SIGKILL)
 	deadline := time.Now().Add(5 * time.Second)
 	for pids := sessionPids(sid); len(pids) > 0 && time.Now().Before(deadline); pids = sessionPids(sid) {
 		for _, pid := range pids {
-			_ = syscall.Kill(pid, syscall.SIGCONT) // a stopped process would not die until continued
+			_ = syscall.Kill(pid, syscall.SIGCONT)
 			_ = syscall.Kill(pid, syscall.SIGKILL)
 		}
 		time.Sleep(time.Millisecond)
