@@ -70,7 +70,8 @@ func (g *gate) exit() {
 }
 
 // drain waits until no operation is in flight. The gate must already refuse
-// new ones (state not healthy). It returns ctx's error if ctx ends first,
+// new ones (state not healthy). Several may wait at once: each passes the
+// last exit's wake-up on. It returns ctx's error if ctx ends first,
 // and errStopped if stop is closed first (nil stop: never).
 func (g *gate) drain(ctx context.Context, stop <-chan struct{}) error {
 	select {
@@ -86,6 +87,12 @@ func (g *gate) drain(ctx context.Context, stop <-chan struct{}) error {
 		case <-stop:
 			return errStopped
 		}
+	}
+	// Pass the wake-up on: another drain of this gate (a Close's, beside a
+	// re-initialization's) may be waiting for the same last exit.
+	select {
+	case g.wake <- struct{}{}:
+	default:
 	}
 	return nil
 }

@@ -189,7 +189,9 @@ func (m *module) attach(p *Provider, late bool) (*Provider, error) {
 		p.log.Warn("hsm: the HSM could not be opened; it is used once it answers", "module", m.path, "state", st, "err", err)
 		return p, nil
 	}
-	p.closedFrom = StateUnavailable // p's sessions, if any, are the module's to reclaim
+	// p's sessions, if any (a set-up that outlived its bound and returns
+	// later), are the module's to reclaim: not "set up after Close".
+	p.closedFrom, p.closedGen = StateUnavailable, 1
 	m.closed()
 	if errors.Is(err, ErrHung) {
 		go p.finish() // ends p's use of the module when the call returns

@@ -262,14 +262,16 @@ func (m *module) reinitialize(p *Provider, failed uint64, tokenOnly bool) outcom
 			loggedOut = true // the token is there, its login gone: its sessions are good
 		}
 		err := m.inModule(op, gen, fmt.Sprintf("C_OpenSession to C_Login of generation %d (the token alone)", gen+1), p.cfg.ProbeTimeout, stop, func() (err error) {
-			if p.State() == StateClosed {
-				return errStopped
-			}
+			// The old instance is given back first, also when p has closed
+			// meanwhile: its end (finish) finds no instance then.
 			if old != nil && old.epoch == m.epoch {
 				m.unuse(p, old.login, old.token.SerialNumber, false)
 				if loggedOut {
 					old.closeSessions()
 				}
+			}
+			if p.State() == StateClosed {
+				return errStopped
 			}
 			if in, err = p.setup(op, gen+1); err == nil {
 				p.inst.Store(in)
