@@ -56,6 +56,11 @@ func openOn(t *testing.T, path string, tok *softhsmtest.Token, mod ...func(*Conf
 	return p
 }
 
+// fastRecovery makes automatic recovery retry every 10 to 50ms.
+func fastRecovery(c *Config) {
+	c.RecoveryBackoffMin, c.RecoveryBackoffMax = 10*time.Millisecond, 50*time.Millisecond
+}
+
 // signs checks that s signs, and that the signature verifies.
 func signs(t *testing.T, s crypto.Signer, what string) {
 	t.Helper()
@@ -389,11 +394,8 @@ func TestSharedLoginPIN(t *testing.T) {
 func TestTokenRemovedFromOneSlot(t *testing.T) {
 	useSpy(t)
 	toks := moduleTokens(t, 2)
-	fast := func(c *Config) {
-		c.RecoveryBackoffMin, c.RecoveryBackoffMax = 10*time.Millisecond, 50*time.Millisecond
-	}
-	a := openOn(t, spyModule, toks[0], fast)
-	b := openOn(t, spyModule, toks[1], fast)
+	a := openOn(t, spyModule, toks[0], fastRecovery)
+	b := openOn(t, spyModule, toks[1], fastRecovery)
 	sb := mustSigner(t, b, "ec")
 	dir, err := toks[0].Dir()
 	if err != nil {

@@ -124,18 +124,7 @@ func TestReview2CloseDuringTokenOnlyRecovery(t *testing.T) {
 	}()
 
 	// Token A loses its login (not its sessions); A's probe sees it.
-	s, err := b.ctx.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.ctx.Logout(s); err != nil {
-		t.Fatal(err)
-	}
-	b.ctx.CloseSession(s)
-	a.probe()
-	if !a.tokenScoped() {
-		t.Fatalf("a lost login is not taken for the token's own loss: %v", a.LastError())
-	}
+	loseLogin(t, b, a, slot)
 
 	recovered := make(chan error, 1)
 	go func() { recovered <- a.reinitFrom(t.Context(), a.Generation(), true) }() // the monitor's call

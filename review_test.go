@@ -274,10 +274,7 @@ func TestReviewOpenDuringModuleReinit(t *testing.T) {
 func TestReviewLateMemberTokenOnlySerial(t *testing.T) {
 	useSpy(t)
 	toks := moduleTokens(t, 1)
-	fast := func(c *Config) {
-		c.RecoveryBackoffMin, c.RecoveryBackoffMax = 10*time.Millisecond, 50*time.Millisecond
-	}
-	b := openOn(t, spyModule, toks[0], fast)
+	b := openOn(t, spyModule, toks[0], fastRecovery)
 	late := &softhsmtest.Token{Label: fmt.Sprintf("rvlate-%d", os.Getpid()), PIN: "1234", SOPIN: "5678"}
 	// Recovery is run by the test (reinitFrom with auto, as the monitor
 	// runs it), so that no attempt meets the token half initialized.
@@ -352,6 +349,26 @@ func TestReviewLateMemberTokenOnlySerial(t *testing.T) {
 	}
 }
 
+// loseLogin logs the token in slot out (not its sessions) through a
+// session of q's module context, as a reader reset or another library of
+// the process would, and has p, a Provider of that token, probe: its loss
+// must be taken for its token's own.
+func loseLogin(t *testing.T, q, p *Provider, slot uint) {
+	t.Helper()
+	s, err := q.ctx.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := q.ctx.Logout(s); err != nil {
+		t.Fatal(err)
+	}
+	q.ctx.CloseSession(s)
+	p.probe()
+	if !p.tokenScoped() {
+		t.Fatalf("a lost login is not taken for the token's own loss: %v", p.LastError())
+	}
+}
+
 // softhsmRun runs softhsm2-util with args, logging failures.
 func softhsmRun(t *testing.T, args ...string) {
 	t.Helper()
@@ -409,19 +426,7 @@ func TestReviewTokenOnlyRecoveryLeaksSessions(t *testing.T) {
 	base := sessionsOn(t, a, slot)
 	t.Logf("sessions of A on its slot: %d", base)
 	for i := range 3 {
-		// The token loses its login (not its sessions).
-		s, err := b.ctx.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := b.ctx.Logout(s); err != nil {
-			t.Fatal(err)
-		}
-		b.ctx.CloseSession(s)
-		a.probe()
-		if !a.tokenScoped() {
-			t.Fatalf("a lost login is not taken for the token's own loss: %v", a.LastError())
-		}
+		loseLogin(t, b, a, slot)
 		calls := callsByName(t, func() {
 			if err := a.reinitFrom(t.Context(), a.Generation(), true); err != nil { // the monitor's call
 				t.Fatal(err)
