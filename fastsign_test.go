@@ -24,7 +24,7 @@ func TestFastPathLayout(t *testing.T) {
 	}
 	p := openShared(t)
 	if p.fast == nil {
-		_, why := fastList(p.ctx, p.modPath)
+		_, why := fastList(p.ctx, p.mod.path)
 		t.Fatalf("the two-call path is off for SoftHSM: %s", why)
 	}
 }

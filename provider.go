@@ -19,11 +19,10 @@ import (
 // all of them, and re-initialized for all of them at once (see
 // Reinitialize). All methods are safe for concurrent use.
 type Provider struct {
-	cfg     Config
-	mod     *module
-	modPath string
-	ctx     *pkcs11.Ctx
-	log     *slog.Logger
+	cfg Config
+	mod *module
+	ctx *pkcs11.Ctx
+	log *slog.Logger
 
 	gate *gate
 	inst atomic.Pointer[instance]
@@ -114,7 +113,7 @@ func open(cfg Config, late bool) (*Provider, error) {
 	if err != nil {
 		return nil, &Error{Op: "open", Err: err}
 	}
-	p.mod, p.modPath, p.ctx, p.fast = m, m.path, m.ctx, m.fast
+	p.mod, p.ctx, p.fast = m, m.ctx, m.fast
 	if p.fast == nil {
 		p.log.Info("hsm: signing and decrypting through miekg/pkcs11 (3 calls per operation, not 2)", "module", m.path, "because", m.slow)
 	}

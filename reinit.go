@@ -281,9 +281,6 @@ func (m *module) reinitialize(p *Provider, failed uint64, tokenOnly bool) outcom
 		if err != nil {
 			return failAll(err)
 		}
-		if p.serial == "" {
-			p.serial = in.token.SerialNumber // a member that joined late (open): its first generation
-		}
 		p.moveOn(gen, in, start)
 		return outcome{p: nil}
 	}
@@ -333,9 +330,6 @@ func (m *module) reinitialize(p *Provider, failed uint64, tokenOnly bool) outcom
 			out[q] = q.reinitFailed(gens[q], errs[i])
 			continue
 		}
-		if q.serial == "" {
-			q.serial = ins[i].token.SerialNumber // a member that joined late (open): its first generation
-		}
 		q.moveOn(gens[q], ins[i], start)
 		out[q] = nil
 	}
@@ -343,8 +337,12 @@ func (m *module) reinitialize(p *Provider, failed uint64, tokenOnly bool) outcom
 	return out
 }
 
-// moveOn makes in, set up, the provider's generation gen+1.
+// moveOn makes in, set up, the provider's generation gen+1 (and learns
+// the token's serial number of a late member from it).
 func (p *Provider) moveOn(gen uint64, in *instance, start time.Time) {
+	if p.serial == "" {
+		p.serial = in.token.SerialNumber // a member that joined late (open): its first generation
+	}
 	if p.State() == StateClosed {
 		return // closed since: its end (finish) gives the instance back
 	}
